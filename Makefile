@@ -1,0 +1,100 @@
+# deqlm: every command a user needs. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build to install first. CPU wheel by default; a GPU user sets e.g.
+#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.deqlm-installed
+NPROC ?= 1
+EXP ?= experiments/wt103/transformer_deq_medium_adaptive.yaml
+ARGS ?=
+RUN ?=
+RUNS ?=
+OUT ?= results/bench
+
+ifeq ($(NPROC),1)
+  LAUNCH := $(PY) -m deqlm.train
+else
+  LAUNCH := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m deqlm.train
+endif
+
+.PHONY: help venv test test-slow lint demo data-ptb data-wt103 data-wt2 train-wt103 train-ptb train-copy \
+        eval compare bench-solver bench-memory bench-speed clean
+
+help:
+	@echo "make venv         create .venv ($(TORCH_SPEC) first, then deqlm with test extras)"
+	@echo "make test         run the CPU test-suite (creates .venv when needed)"
+	@echo "make lint         ruff"
+	@echo "make demo         DEQ-Transformer vs explicit twin on the embedded corpus (offline, CPU, minutes)"
+	@echo "make data-ptb | data-wt103 | data-wt2   prepare corpora under data/"
+	@echo "make train-wt103 [EXP=...] [NPROC=N] [ARGS='k=v ...']   train a WikiText-103 row"
+	@echo "make train-ptb | train-copy [ARGS=...]"
+	@echo "make eval [RUN=dir]    evaluate runs (writes eval.json)"
+	@echo "make compare [RUNS=...] summary tables + plots under results/<corpus>/"
+	@echo "make bench-solver | bench-memory | bench-speed"
+
+venv: $(STAMP)
+
+# Reinstalls only when the package metadata changes (the source itself is installed editable).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests scripts
+
+demo: $(STAMP)
+	$(PY) -m deqlm.demo
+
+data-ptb: $(STAMP)
+	$(PY) scripts/prepare_data.py --dataset ptb
+
+data-wt103: $(STAMP)
+	$(PY) scripts/prepare_data.py --dataset wt103
+
+data-wt2: $(STAMP)
+	$(PY) scripts/prepare_data.py --dataset wt2
+
+data/wikitext-103/wiki.train.tokens:
+	$(MAKE) data-wt103
+
+data/ptb/ptb.train.txt:
+	$(MAKE) data-ptb
+
+train-wt103: $(STAMP) data/wikitext-103/wiki.train.tokens
+	$(LAUNCH) $(EXP) $(ARGS)
+
+train-ptb: $(STAMP) data/ptb/ptb.train.txt
+	$(LAUNCH) experiments/ptb/trellisnet_deq.yaml $(ARGS)
+
+train-copy: $(STAMP)
+	$(LAUNCH) experiments/copy/transformer_deq.yaml $(ARGS)
+
+eval: $(STAMP)
+	$(PY) -m deqlm.eval $(if $(RUN),$(RUN),results/runs) $(ARGS)
+
+compare: $(STAMP)
+	$(PY) -m deqlm.eval.report $(if $(RUNS),$(RUNS),results/runs)
+
+bench-solver: $(STAMP)
+	$(PY) -m deqlm.bench solver --json
+
+bench-memory: $(STAMP)
+	$(PY) -m deqlm.bench memory --paper --out $(OUT) $(ARGS)
+
+bench-speed: $(STAMP)
+	$(PY) -m deqlm.bench speed --out $(OUT) $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,307 @@
+"""Every configuration of deqlm: structured dataclasses, YAML loading with `base:` inheritance, dotlist overrides.
+
+This is the only module that imports OmegaConf. Components take their own sub-config (`cfg.model`, `cfg.deq`,
+`cfg.data`, ...) or plain arguments; only entry points see `ExperimentConfig`.
+
+An experiment YAML holds only its differences from a base file:
+
+    base: ../base/wt103.yaml      # path relative to this file; bases may chain
+    name: transformer_deq_small
+    model: {d_model: 410}
+
+Unknown keys and values of the wrong type raise `ConfigError` with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (unknown key, bad value, missing file)."""
+
+
+@dataclass
+class DEQConfig:
+    """The implicit layer and its solvers (deqlm.deq.DEQFixedPoint)."""
+
+    f_solver: str = "broyden"  # forward root solver: broyden | anderson | fixed_point
+    b_solver: str = "broyden"  # backward (adjoint) solver: broyden | anderson | fixed_point
+    f_max_iter: int = 30  # forward solver step cap ("f_thres" in the official scripts)
+    b_max_iter: int = 40  # backward solver step cap ("b_thres" in the official scripts)
+    f_tol: float = 1e-3  # forward stopping tolerance, per sample, in stop_mode units
+    b_tol: float = 1e-3  # backward stopping tolerance
+    stop_mode: str = "rel"  # rel: ||f(z)-z||/||f(z)||, abs: ||f(z)-z||
+    grad: str = "implicit"  # implicit (IFT adjoint solve) or an integer K as a string: K unrolled phantom steps
+    eval_f_max_iter: int | None = None  # forward step cap in eval mode (None: f_max_iter)
+    broyden_rank: int = 30  # low-rank updates Broyden keeps (bounded memory; oldest are dropped)
+    anderson_m: int = 6  # Anderson history size
+    anderson_beta: float = 1.0  # Anderson mixing
+    anderson_lam: float = 1e-4  # Anderson Tikhonov regularisation, relative to the residual Gram matrix's scale
+
+
+@dataclass
+class ModelConfig:
+    """A SequenceLM: embedding -> core(cell) -> softmax (deqlm.models.build_model)."""
+
+    arch: str = "transformer"  # cell: transformer | trellisnet
+    core: str = "deq"  # deq: equilibrium solve | unrolled: explicit depth (see weight_tied)
+    n_layer: int = 16  # depth of an unrolled core (ignored by deq)
+    weight_tied: bool = False  # unrolled core: one cell applied n_layer times (True) or n_layer distinct cells
+    grad_checkpoint: bool = False  # unrolled core: recompute each layer in backward (gradient checkpointing)
+    pretrain_steps: int = 0  # deq core: train as an unrolled weight-tied stack for steps < this
+    pretrain_depth: int = 2  # deq core: depth of that pretraining stack
+    # sizes shared by both cells
+    d_embed: int = 410  # word embedding size (TrellisNet: emsize / ninp)
+    d_model: int = 410  # hidden size (Transformer d_model; TrellisNet nhid)
+    init_std: float = 0.01  # normal init std of weights (official DEQ-Transformer: 0.01)
+    weight_norm: bool = True  # weight normalisation on attention/FFN/conv weights
+    dropout: float = 0.1  # variational dropout on hidden states (mask fixed across solver steps)
+    dropouti: float = 0.0  # dropout on the embedded input
+    dropout_out: float = 0.0  # dropout before the softmax
+    emb_dropout: float = 0.0  # word-level embedding dropout (whole rows), TrellisNet PTB recipe
+    # Transformer cell
+    n_head: int = 10  # attention heads
+    d_head: int = 41  # size of one head
+    d_inner: int = 2100  # FFN inner size
+    dropatt: float = 0.0  # attention-probability dropout
+    pre_ln: bool = False  # pre-LayerNorm instead of the paper's post-LN
+    clamp_len: int = -1  # relative positions beyond this share one embedding (-1: no clamp)
+    same_length: bool = False  # every query attends to the same number of keys
+    # TrellisNet cell
+    d_out: int = 410  # TrellisNet nout: the part of h fed to the softmax
+    dropouth: float = 0.0  # dropout between TrellisNet levels (variational)
+    wdrop: float = 0.0  # DropConnect on the TrellisNet conv weight
+    aux_weight: float = 0.0  # untied TrellisNet: weight of auxiliary losses
+    aux_every: int = 0  # untied TrellisNet: an auxiliary loss every k levels (0: none)
+    # softmax
+    adaptive: bool = False  # adaptive embedding + projected adaptive log-softmax
+    cutoffs: list[int] = field(default_factory=list)  # adaptive cluster boundaries (vocab ids)
+    div_val: int = 1  # embedding size divisor per cluster
+    tie_weight: bool = True  # tie input and output embeddings
+    tie_projs: bool = True  # tie adaptive projections (except the head's, as in the official configs)
+    n_classes: int = 0  # >0: classifier head with this many classes (copy memory) instead of an LM softmax
+    # Jacobian regularisation (Bai et al. 2021)
+    jac_weight: float = 0.0  # weight of the Hutchinson ||J_f||_F^2 / numel term in the loss
+    jac_freq: float = 0.0  # probability of computing that term in a training step
+    jac_samples: int = 1  # Hutchinson probe vectors
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from and how they are batched (deqlm.data.build_dataset)."""
+
+    dataset: str = "synthetic"  # ptb | wt103 | wt2 | synthetic | copy
+    data_dir: str = "data"  # root holding data/<name>/ (a corpus folder of its own when it has the files)
+    tokenizer: str = "word"  # word | sentencepiece
+    sp_vocab_size: int = 16000  # sentencepiece vocabulary size
+    batch_size: int = 16  # global training batch (split over DDP ranks)
+    tgt_len: int = 150  # training segment length
+    mem_len: int = 150  # training memory length (Transformer)
+    seq_splits: int = 1  # TrellisNet: a seq_len segment is trained as this many subsequences
+    # synthetic corpus (make demo / tests)
+    synth_seed: int = 1234  # seed of the embedded stochastic language
+    synth_vocab: int = 200  # its vocabulary size (without <eos>)
+    synth_train_tokens: int = 200000  # words in its train split
+    # copy memory (REFERENCE.md §1)
+    copy_T: int = 400  # blank length T (sequence length T+20)
+    copy_n_train: int = 20000  # training samples
+    copy_n_test: int = 2000  # test samples (also used as validation)
+    copy_seed: int = 1111  # data seed
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: str = "adam"  # adam | sgd
+    lr: float = 2.5e-4  # peak learning rate
+    weight_decay: float = 0.0  # L2 / decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas
+    schedule: str = "cosine"  # cosine | constant | step
+    warmup_steps: int = 0  # linear warm-up steps
+    min_lr: float = 0.0  # cosine floor
+    decay_steps: list[int] = field(default_factory=list)  # step schedule: divide lr by 10 at these steps
+    clip: float = 0.25  # gradient-norm clip (<=0: none)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (deqlm.train.Trainer)."""
+
+    max_steps: int = 1000  # optimizer steps
+    log_every: int = 50  # steps between train/* log events
+    eval_every: int = 500  # steps between validations (0: only at the end)
+    eval_max_tokens: int = 0  # cap validation during training at this many tokens (0: whole split)
+    ckpt_every: int = 500  # steps between checkpoints (0: only at the end)
+    seed: int = 1111  # global seed
+    run_dir: str = "results/runs"  # run directories go under <run_dir>/<corpus>/<name>/<stamp>/
+    device: str = "auto"  # auto | cpu | cuda
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    compile: bool = False  # torch.compile the cell
+    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
+    threads: int = 0  # torch.set_num_threads (0: leave PyTorch's default)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings (training-time validation and deqlm.eval)."""
+
+    batch_size: int = 10  # evaluation batch columns
+    tgt_len: int = 150  # evaluation segment length
+    mem_len: int = 150  # evaluation memory length
+    clamp_len: int = -1  # evaluation clamp_len (-1: the model's)
+    f_max_iter: int = 0  # forward solver cap in evaluation (0: deq.eval_f_max_iter or deq.f_max_iter)
+    f_tol: float = 0.0  # forward tolerance in evaluation (0: deq.f_tol)
+
+
+@dataclass
+class LogConfig:
+    """Where metrics go (deqlm.metrics.MetricLogger)."""
+
+    wandb_mode: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "deqlm"  # wandb project
+    progress: bool = True  # progress bar on a terminal (plain lines when not a TTY)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"  # experiment name (run directories and reports)
+    pair: str = ""  # name shared by a DEQ run and its explicit twin in comparisons
+    paper_row: str = ""  # the row of REFERENCE.md this experiment reproduces ("" if none)
+    paper_test: float | None = None  # the paper's test figure for that row (ppl, or loss for copy memory)
+    note: str = ""  # free text: where sizes come from, deviations from the paper
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deq: DEQConfig = field(default_factory=DEQConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("transformer", "trellisnet"),
+    "model.core": ("deq", "unrolled"),
+    "deq.f_solver": ("broyden", "anderson", "fixed_point"),
+    "deq.b_solver": ("broyden", "anderson", "fixed_point"),
+    "deq.stop_mode": ("rel", "abs"),
+    "data.dataset": ("ptb", "wt103", "wt2", "synthetic", "copy"),
+    "data.tokenizer": ("word", "sentencepiece"),
+    "optim.name": ("adam", "sgd"),
+    "optim.schedule": ("cosine", "constant", "step"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "log.wandb_mode": ("disabled", "offline", "online"),
+}
+
+
+def _validate(cfg: ExperimentConfig) -> None:
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    grad = cfg.deq.grad
+    if grad != "implicit" and not (str(grad).isdigit() and int(grad) > 0):
+        raise ConfigError(f"deq.grad={grad!r} must be 'implicit' or a positive integer")
+    positive = ["data.batch_size", "data.tgt_len", "train.max_steps", "eval.batch_size", "eval.tgt_len",
+                "model.d_model", "model.d_embed", "deq.f_max_iter", "deq.b_max_iter", "model.n_layer"]
+    for key in positive:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)!r} must be positive")
+    for key in ["model.dropout", "model.dropatt", "model.dropouti", "model.dropouth", "model.dropout_out"]:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key}={value!r} must lie in [0, 1)")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr={cfg.optim.lr!r} must be positive")
+    if cfg.model.arch == "transformer" and cfg.model.n_head * cfg.model.d_head <= 0:
+        raise ConfigError("model.n_head and model.d_head must be positive")
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'base:' chain")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors come in many types
+        raise ConfigError(f"{path}: cannot parse YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = node.pop("base", None)
+    if base is None:
+        return node
+    parent = _read_yaml_chain((path.parent / str(base)), seen + (path,))
+    return OmegaConf.merge(parent, node)
+
+
+def _merge(schema: DictConfig, *layers: Any) -> ExperimentConfig:
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"bad config key {key!r}: {msg}" if key else f"bad config: {msg}") from None
+    assert isinstance(cfg, ExperimentConfig)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load an experiment: defaults <- YAML chain (``base:``) <- dotlist overrides (``key=value``)."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    layers: list[Any] = []
+    if path is not None:
+        layers.append(_read_yaml_chain(Path(path)))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    if overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"bad override: {str(exc).splitlines()[0]}") from None
+    return _merge(schema, *layers)
+
+
+def config_from_dict(data: dict) -> ExperimentConfig:
+    """Rebuild a config from a plain dict (as stored in checkpoints and config.yaml)."""
+    return _merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(data))
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, YAML-safe dict of a config dataclass (or DictConfig)."""
+    if dataclasses.is_dataclass(cfg):
+        cfg = OmegaConf.structured(cfg)
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    raise TypeError(f"cannot convert {type(cfg).__name__} to a dict")
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".yaml")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(to_yaml(cfg))
+    os.replace(tmp, path)
