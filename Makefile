@@ -58,13 +58,13 @@ demo: $(STAMP)
 	$(PY) -m deqlm.demo
 
 data-ptb: $(STAMP)
-	$(PY) scripts/prepare_data.py --dataset ptb
+	$(PY) scripts/prepare_data.py --dataset ptb $(ARGS)
 
 data-wt103: $(STAMP)
-	$(PY) scripts/prepare_data.py --dataset wt103
+	$(PY) scripts/prepare_data.py --dataset wt103 $(ARGS)
 
 data-wt2: $(STAMP)
-	$(PY) scripts/prepare_data.py --dataset wt2
+	$(PY) scripts/prepare_data.py --dataset wt2 $(ARGS)
 
 data/wikitext-103/wiki.train.tokens:
 	$(MAKE) data-wt103

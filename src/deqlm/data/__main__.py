@@ -1,0 +1,42 @@
+"""``python -m deqlm.data inspect --dataset NAME [--data-dir DIR] [--tokenizer word] --json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from deqlm.config import DataConfig
+from deqlm.data import DATASETS, DataError, build_dataset
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deqlm.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ins = sub.add_parser("inspect", help="vocabulary size, split token counts and OOV counts of a corpus")
+    ins.add_argument("--dataset", required=True, choices=DATASETS)
+    ins.add_argument("--data-dir", default="data")
+    ins.add_argument("--tokenizer", default="word", choices=("word", "sentencepiece"))
+    ins.add_argument("--json", action="store_true", help="one JSON line instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        ds = build_dataset(DataConfig(dataset=args.dataset, data_dir=args.data_dir, tokenizer=args.tokenizer))
+        if args.dataset == "copy":
+            info = {"dataset": "copy", "vocab_size": ds.vocab_size,
+                    **{f"{s}_tokens": ds.split_tokens(s) for s in ("train", "valid", "test")},
+                    "oov_valid": 0, "oov_test": 0}
+        else:
+            info = ds.summary()
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, value in info.items():
+            print(f"{key:>14}  {value:,}" if isinstance(value, int) else f"{key:>14}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Word-level corpora on disk -> cached token ids -> a language-modelling ``LMDataset``.
+
+Layout of a corpus folder (written by ``scripts/prepare_data.py``)::
+
+    data/<folder>/{train,valid,test} files   SOURCE.json
+    data/<folder>/cache/<tokenizer>-<key>/   meta.json, vocab.tsv or spm.model, {train,valid,test}.bin
+
+``<key>`` hashes the sha256 of the three source files and the tokenizer settings, so editing a file or a
+setting builds a new cache (the stale one of that tokenizer is removed). Token ids are raw ``uint16`` (vocab
+up to 65,536) or ``uint32`` arrays opened as read-only numpy memmaps: loading WikiText-103 takes a second.
+Files are hashed once; the digests are remembered in ``cache/fingerprints.json`` by (size, mtime).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from deqlm.data.errors import DataError
+from deqlm.data.iterators import LMOrderedIterator
+from deqlm.data.tokenizers import SentencePieceVocab, WordVocab
+
+SPLITS = ("train", "valid", "test")
+CACHE_VERSION = 1  # bump when the cache layout or tokenisation changes
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    name: str  # dataset key in DataConfig.dataset
+    folder: str  # folder under data_dir
+    files: dict  # split -> file name
+
+
+CORPORA = {
+    "ptb": CorpusSpec("ptb", "ptb", {s: f"ptb.{s}.txt" for s in SPLITS}),
+    "wt103": CorpusSpec("wt103", "wikitext-103", {s: f"wiki.{s}.tokens" for s in SPLITS}),
+    "wt2": CorpusSpec("wt2", "wikitext-2", {s: f"wiki.{s}.tokens" for s in SPLITS}),
+}
+WIKITEXT_FILES = {s: f"wiki.{s}.tokens" for s in SPLITS}
+
+
+def locate_corpus(data_dir: str | os.PathLike, spec: CorpusSpec) -> Path:
+    """``data_dir/<folder>``, or ``data_dir`` itself when it holds the corpus files."""
+    for cand in (Path(data_dir) / spec.folder, Path(data_dir)):
+        if (cand / spec.files["train"]).is_file():
+            return cand
+    raise DataError(f"no {spec.name} corpus in {Path(data_dir) / spec.folder} (no {spec.files['train']}); "
+                    f"run `python scripts/prepare_data.py --dataset {spec.name} --data-dir {data_dir}` "
+                    f"[--source-dir DIR]")
+
+
+def split_files(corpus_dir: Path, names: dict) -> dict[str, Path]:
+    """The three split files, each present and non-empty."""
+    files = {}
+    for split in SPLITS:
+        path = Path(corpus_dir) / names[split]
+        if not path.is_file():
+            raise DataError(f"missing {split} file {path}")
+        if path.stat().st_size == 0:
+            raise DataError(f"empty {split} file {path}")
+        files[split] = path
+    return files
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fingerprints(files: dict[str, Path], cache_root: Path) -> dict[str, str]:
+    """sha256 of each file, re-hashed only when its size or mtime changed since the last call."""
+    memo_path = cache_root / "fingerprints.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    out, changed = {}, False
+    for split, path in files.items():
+        st = path.stat()
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        entry = memo.get(path.name)
+        if not entry or entry.get("stamp") != stamp:
+            entry, changed = {"stamp": stamp, "sha256": sha256_file(path)}, True
+            memo[path.name] = entry
+        out[split] = entry["sha256"]
+    if changed:
+        _write_json(memo_path, memo)
+    return out
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+@dataclass
+class TokenizedCorpus:
+    """Token ids of the three splits (read-only memmaps) and the vocabulary that produced them."""
+
+    corpus_dir: Path
+    cache_dir: Path
+    vocab: WordVocab | SentencePieceVocab
+    ids: dict[str, np.ndarray]
+    stats: dict[str, dict]  # split -> {tokens, words, lines, oov}
+
+
+def _tokenizer_settings(tokenizer: str, sp_vocab_size: int) -> dict:
+    if tokenizer == "word":
+        return {"kind": "word"}
+    if tokenizer == "sentencepiece":
+        return {"kind": "sentencepiece", "vocab_size": int(sp_vocab_size), "model_type": "unigram"}
+    raise DataError(f"data.tokenizer={tokenizer!r} is not one of word, sentencepiece")
+
+
+def load_corpus(corpus_dir: str | os.PathLike, names: dict, tokenizer: str = "word",
+                sp_vocab_size: int = 16000) -> TokenizedCorpus:
+    """Load the cached ids of a corpus folder, building the cache first when it is missing or stale."""
+    corpus_dir = Path(corpus_dir)
+    files = split_files(corpus_dir, names)
+    settings = _tokenizer_settings(tokenizer, sp_vocab_size)
+    cache_root = corpus_dir / "cache"
+    try:
+        cache_root.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the token cache {cache_root} ({exc.strerror}); "
+                        f"copy the corpus with scripts/prepare_data.py --source-dir") from None
+    digests = _fingerprints(files, cache_root)
+    key_src = json.dumps({"version": CACHE_VERSION, "files": digests, "tokenizer": settings}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()
+    prefix = "word" if tokenizer == "word" else f"sp{sp_vocab_size}"
+    cache_dir = cache_root / f"{prefix}-{key[:16]}"
+    if not (cache_dir / "meta.json").is_file():
+        _build_cache(files, settings, key, cache_dir)
+        for stale in cache_root.glob(f"{prefix}-*"):
+            if stale != cache_dir and stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+    return _load_cache(corpus_dir, cache_dir, key)
+
+
+def _build_cache(files: dict[str, Path], settings: dict, key: str, cache_dir: Path) -> None:
+    """Tokenize into a temporary folder, then rename it into place (a killed build leaves no cache)."""
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f".build-{cache_dir.name}-"))
+    os.chmod(tmp, 0o755)
+    try:
+        if settings["kind"] == "word":
+            vocab: WordVocab | SentencePieceVocab = WordVocab.build(files["train"])
+            vocab.save(tmp / "vocab.tsv")
+        else:
+            vocab = SentencePieceVocab.train(files["train"], tmp, settings["vocab_size"])
+        stats = {split: vocab.encode_file(path, tmp / f"{split}.bin") for split, path in files.items()}
+        meta = {"key": key, "tokenizer": settings, "vocab_size": vocab.vocab_size, "vocab_hash": vocab.hash,
+                "dtype": vocab.dtype.name, "splits": stats,
+                "files": {split: path.name for split, path in files.items()}}
+        _write_json(tmp / "meta.json", meta)
+        try:
+            os.rename(tmp, cache_dir)
+        except OSError:
+            if not (cache_dir / "meta.json").is_file():  # not a concurrent builder that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_cache(corpus_dir: Path, cache_dir: Path, key: str) -> TokenizedCorpus:
+    def mismatch(what: str) -> DataError:
+        return DataError(f"token cache {cache_dir} does not match: {what}; delete that folder to rebuild it")
+
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text())
+    except ValueError:
+        raise mismatch("unreadable meta.json") from None
+    if meta.get("key") != key:
+        raise mismatch("its key differs from the source files and tokenizer settings")
+    if meta["tokenizer"]["kind"] == "word":
+        if not (cache_dir / "vocab.tsv").is_file():
+            raise mismatch("vocab.tsv is missing")
+        vocab: WordVocab | SentencePieceVocab = WordVocab.load(cache_dir / "vocab.tsv")
+    else:
+        vocab = SentencePieceVocab(cache_dir / SentencePieceVocab.model_name)
+    if vocab.hash != meta["vocab_hash"] or vocab.vocab_size != meta["vocab_size"]:
+        raise mismatch(f"vocabulary hash {vocab.hash} != {meta['vocab_hash']}")
+    dtype = np.dtype(meta["dtype"])
+    ids = {}
+    for split in SPLITS:
+        path, n = cache_dir / f"{split}.bin", meta["splits"][split]["tokens"]
+        if not path.is_file() or path.stat().st_size != n * dtype.itemsize:
+            raise mismatch(f"{split}.bin should hold {n} ids")
+        arr = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+        if int(arr.max()) >= vocab.vocab_size:
+            raise mismatch(f"{split}.bin has ids beyond the vocabulary of {vocab.vocab_size}")
+        ids[split] = arr
+    return TokenizedCorpus(corpus_dir, cache_dir, vocab, ids, meta["splits"])
+
+
+class LMDataset:
+    """A language-modelling corpus: vocabulary, split sizes and ordered batches (see iterators.py)."""
+
+    carry_mems = True
+
+    def __init__(self, name: str, corpus: TokenizedCorpus, entropy_rate: float | None = None):
+        self.name = name
+        self.corpus = corpus
+        self.corpus_dir = corpus.corpus_dir
+        self.vocab = corpus.vocab
+        self.tokenizer = corpus.vocab.kind
+        self.vocab_size = corpus.vocab.vocab_size
+        self.n_classes = self.vocab_size
+        self.vocab_hash = corpus.vocab.hash
+        self.entropy_rate = entropy_rate  # nats/token incl. <eos> of the generating process (synthetic only)
+
+    def _check_split(self, split: str) -> str:
+        if split not in SPLITS:
+            raise DataError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+        return split
+
+    def ids(self, split: str) -> np.ndarray:
+        return self.corpus.ids[self._check_split(split)]
+
+    def split_tokens(self, split: str) -> int:
+        """Tokens of the split in this tokenizer's units (words + one <eos> per line for the word vocab)."""
+        return int(self.corpus.stats[self._check_split(split)]["tokens"])
+
+    def split_words(self, split: str) -> int:
+        """Words incl. one <eos> per line, whatever the tokenizer: the denominator of word-level ppl."""
+        return int(self.corpus.stats[self._check_split(split)]["words"])
+
+    def split_oov(self, split: str) -> int:
+        """Words of the split outside the train vocabulary (mapped to <unk>)."""
+        return int(self.corpus.stats[self._check_split(split)]["oov"])
+
+    def train_iterator(self, batch_size: int, tgt_len: int, rank: int = 0,
+                       world_size: int = 1) -> LMOrderedIterator:
+        """Endless ordered training batches; ``batch_size`` is global, a rank gets batch_size/world_size."""
+        return LMOrderedIterator(self.ids("train"), batch_size, tgt_len, rank, world_size, loop=True)
+
+    def eval_batches(self, split: str, batch_size: int, tgt_len: int) -> Iterator:
+        """One ordered pass over a whole split, last short segment kept."""
+        return LMOrderedIterator(self.ids(split), batch_size, tgt_len, loop=False)
+
+    def check_vocab_hash(self, expected: str) -> None:
+        """Refuse a checkpoint whose vocabulary differs from this corpus's."""
+        if expected != self.vocab_hash:
+            raise DataError(f"vocabulary mismatch: checkpoint has {expected}, corpus {self.corpus_dir} has "
+                            f"{self.vocab_hash} (tokenizer {self.tokenizer})")
+
+    def summary(self) -> dict:
+        """The figures ``python -m deqlm.data inspect`` prints."""
+        return {"dataset": self.name, "vocab_size": self.vocab_size,
+                **{f"{s}_tokens": self.split_tokens(s) for s in SPLITS},
+                "oov_valid": self.split_oov("valid"), "oov_test": self.split_oov("test")}
