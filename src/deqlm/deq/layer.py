@@ -1,0 +1,177 @@
+"""The implicit (deep-equilibrium) layer: z* = f(z*), solved without a graph, differentiated implicitly.
+
+Forward: z* = solve(f, z0) under no_grad. With gradients enabled the layer then applies f once with a graph,
+z1 = f(z*) (z* a fresh leaf), and returns z1 wrapped in `_ImplicitBackward`. Backward (Bai et al. 2019, Thm 1,
+the implicit function theorem): given dL/dz*, solve the adjoint fixed point
+
+    y = y J_f(z*) + dL/dz*
+
+with `b_solver`, each evaluation one vector-Jacobian product through the stored graph of z1 = f(z*), then hand
+y to that same graph, which carries it to the parameters and tensors f captures. A training step therefore
+stores exactly one application of f for backward, whatever the number of solver steps.
+
+grad=K instead applies f K times with a graph from z* (the unrolled "phantom" gradient family): no adjoint
+solve, K stored applications.
+"""
+
+# B: batch (dim 0 of z); z has any shape (B, ...)
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from deqlm.solvers import SOLVERS, SolverResult, get_solver
+from deqlm.solvers.common import STOP_MODES
+
+
+class _ImplicitBackward(torch.autograd.Function):
+    """Identity on f(z*) whose backward replaces dL/dz* by the adjoint solution y = y J_f(z*) + dL/dz*."""
+
+    @staticmethod
+    def forward(ctx, fz: torch.Tensor, z_in: torch.Tensor, solve: Callable, stats: dict) -> torch.Tensor:
+        ctx.save_for_backward(fz, z_in)
+        ctx.solve, ctx.stats = solve, stats
+        return fz.clone()
+
+    @staticmethod
+    def backward(ctx, grad_z: torch.Tensor):
+        fz, z_in = ctx.saved_tensors
+
+        def adjoint_map(y: torch.Tensor) -> torch.Tensor:
+            (yJ,) = torch.autograd.grad(fz, z_in, y, retain_graph=True)
+            return yJ + grad_z
+
+        # y0 = dL/dz* (the first plain step from 0) saves one vector-Jacobian product
+        res: SolverResult = ctx.solve(adjoint_map, grad_z)
+        ctx.stats.update(
+            b_nstep=float(res.nstep),
+            b_abs_res=res.abs_res,
+            b_rel_res=res.rel_res,
+            b_converged_frac=res.converged_frac,
+        )
+        return res.z.to(grad_z.dtype), None, None, None
+
+
+def parse_grad(grad: str | int) -> str | int:
+    """'implicit', or a positive number of unrolled steps (an int or a digit string from a config)."""
+    if grad == "implicit":
+        return grad
+    if isinstance(grad, int) and not isinstance(grad, bool) and grad > 0:
+        return grad
+    if isinstance(grad, str) and grad.isdigit() and int(grad) > 0:
+        return int(grad)
+    raise ValueError(f"grad={grad!r} must be 'implicit' or a positive integer")
+
+
+class DEQFixedPoint(nn.Module):
+    """z_star, stats = deq(f, z0): the fixed point of the closure f, differentiable w.r.t. all that f
+    captures.
+
+    No parameters of its own; a module so that `model.eval()` reaches it. In eval mode or without grad the
+    forward solve uses `eval_f_max_iter` / `eval_f_tol` when set (plain attributes, settable at any time, as
+    are `f_max_iter`, `f_tol`, `b_max_iter`, `b_tol`). `solver_kwargs` maps a solver name to its extra keyword
+    arguments, e.g. {"broyden": {"rank": 30}, "anderson": {"m": 6, "beta": 1.0, "lam": 1e-4}}.
+
+    stats (Python floats): f_nstep, f_evals, f_abs_res, f_rel_res, converged_frac; after backward of an
+    implicit layer the same dict also holds b_nstep, b_abs_res, b_rel_res, b_converged_frac.
+    Without grad the layer returns the solver's z*; with grad it returns f(z*) carrying the gradient.
+    """
+
+    def __init__(
+        self,
+        f_solver: str = "broyden",
+        b_solver: str = "broyden",
+        f_max_iter: int = 30,
+        b_max_iter: int = 40,
+        f_tol: float = 1e-3,
+        b_tol: float = 1e-3,
+        stop_mode: str = "rel",
+        grad: str | int = "implicit",
+        eval_f_max_iter: int | None = None,
+        eval_f_tol: float | None = None,
+        solver_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
+        super().__init__()
+        get_solver(f_solver), get_solver(b_solver)  # validate early
+        if stop_mode not in STOP_MODES:
+            raise ValueError(f"stop_mode={stop_mode!r} is not one of {', '.join(STOP_MODES)}")
+        solver_kwargs = {k: dict(v) for k, v in (solver_kwargs or {}).items()}
+        for name in solver_kwargs:
+            if name not in SOLVERS:
+                raise ValueError(f"solver_kwargs key {name!r} is not a solver; valid: {', '.join(SOLVERS)}")
+        self.f_solver, self.b_solver = f_solver, b_solver
+        self.f_max_iter, self.b_max_iter = int(f_max_iter), int(b_max_iter)
+        self.f_tol, self.b_tol = float(f_tol), float(b_tol)
+        self.stop_mode = stop_mode
+        self.grad = parse_grad(grad)
+        self.eval_f_max_iter = eval_f_max_iter
+        self.eval_f_tol = eval_f_tol
+        self.solver_kwargs = solver_kwargs
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> DEQFixedPoint:
+        """Build from a `deqlm.config.DEQConfig` (or anything with its fields)."""
+        return cls(
+            f_solver=cfg.f_solver,
+            b_solver=cfg.b_solver,
+            f_max_iter=cfg.f_max_iter,
+            b_max_iter=cfg.b_max_iter,
+            f_tol=cfg.f_tol,
+            b_tol=cfg.b_tol,
+            stop_mode=cfg.stop_mode,
+            grad=cfg.grad,
+            eval_f_max_iter=cfg.eval_f_max_iter,
+            solver_kwargs={
+                "broyden": {"rank": cfg.broyden_rank},
+                "anderson": {"m": cfg.anderson_m, "beta": cfg.anderson_beta, "lam": cfg.anderson_lam},
+            },
+        )
+
+    def _solve(self, name: str, f: Callable, z0: torch.Tensor, max_iter: int, tol: float) -> SolverResult:
+        kwargs = self.solver_kwargs.get(name, {})
+        return get_solver(name)(f, z0, max_iter=max_iter, tol=tol, stop_mode=self.stop_mode, **kwargs)
+
+    def forward(
+        self, f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor
+    ) -> tuple[torch.Tensor, dict]:
+        grad_on = torch.is_grad_enabled()
+        eval_like = not (self.training and grad_on)
+        max_iter = self.eval_f_max_iter if eval_like and self.eval_f_max_iter is not None else self.f_max_iter
+        tol = self.eval_f_tol if eval_like and self.eval_f_tol is not None else self.f_tol
+        with torch.no_grad():
+            res = self._solve(self.f_solver, f, z0.detach(), max_iter, tol)
+        stats = {
+            "f_nstep": float(res.nstep),
+            "f_evals": float(res.f_evals),
+            "f_abs_res": res.abs_res,
+            "f_rel_res": res.rel_res,
+            "converged_frac": res.converged_frac,
+        }
+        z_star = res.z
+        if not grad_on:
+            return z_star, stats
+        if self.grad == "implicit":
+            z_in = z_star.detach().requires_grad_()
+            fz = f(z_in)
+            b_name, b_max_iter, b_tol = self.b_solver, self.b_max_iter, self.b_tol
+
+            def solve(adjoint_map: Callable, y0: torch.Tensor) -> SolverResult:
+                return self._solve(b_name, adjoint_map, y0, b_max_iter, b_tol)
+
+            return _ImplicitBackward.apply(fz, z_in, solve, stats), stats
+        z = z_star.detach()
+        for _ in range(self.grad):
+            z = f(z)
+        return z, stats
+
+    def extra_repr(self) -> str:
+        return (
+            f"f_solver={self.f_solver}, b_solver={self.b_solver}, f_max_iter={self.f_max_iter}, "
+            f"b_max_iter={self.b_max_iter}, f_tol={self.f_tol}, b_tol={self.b_tol}, "
+            f"stop_mode={self.stop_mode}, "
+            f"grad={self.grad}, eval_f_max_iter={self.eval_f_max_iter}"
+        )

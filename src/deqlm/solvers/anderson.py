@@ -1,0 +1,99 @@
+"""Anderson acceleration (type II) with per-sample history and scale-free regularisation.
+
+Each sample keeps its last m pairs (f(z_i), g_i = f(z_i) - z_i). A step mixes them,
+
+    alpha = argmin ||sum_i alpha_i g_i||^2 + lam_eff ||alpha||^2   subject to sum_i alpha_i = 1,
+    z_new = sum_i alpha_i (f(z_i) - (1 - beta) g_i),
+
+solved through the Gram matrix G G^T (kept up to date one row per step) as (G G^T + lam_eff I) a = 1,
+alpha = a / sum(a), by a Cholesky factorisation in float64. lam_eff = lam * trace(G G^T) / n scales with the
+residuals' own size: the fixed absolute lambda of the common DEQ implementations swamps G G^T once ||g||^2
+falls below it, and the mixing then degrades to averaging the last iterates, which stops accelerating exactly
+near the solution. When the factorisation fails or yields non-finite weights the step falls back to plain
+(damped) iteration for that sample.
+"""
+
+# B: batch, F: flattened state size per sample, M: history slots, N: filled slots
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from deqlm.solvers.common import FlatMap, Tracker, check_common, flatten_start, solver_mode
+from deqlm.solvers.result import SolverResult
+
+
+def mixing_weights(gram_BNN: torch.Tensor, lam: float, newest: int) -> torch.Tensor:
+    """Anderson weights (B, N) from the residual Gram matrix; plain iteration (one-hot newest) on failure."""
+    B, N, _ = gram_BNN.shape
+    eye_NN = torch.eye(N, dtype=gram_BNN.dtype, device=gram_BNN.device)
+    scale_B = gram_BNN.diagonal(dim1=1, dim2=2).mean(dim=1)
+    reg_B = lam * scale_B + torch.finfo(gram_BNN.dtype).tiny
+    L_BNN, info_B = torch.linalg.cholesky_ex(gram_BNN + reg_B[:, None, None] * eye_NN)
+    ones_BN1 = gram_BNN.new_ones(B, N, 1)
+    a_BN = torch.cholesky_solve(ones_BN1, L_BNN)[..., 0]
+    alpha_BN = a_BN / a_BN.sum(dim=1, keepdim=True)
+    ok_B = (info_B == 0) & torch.isfinite(alpha_BN).all(dim=1)
+    plain_BN = eye_NN[newest].expand(B, N)
+    return torch.where(ok_B[:, None], alpha_BN, plain_BN)
+
+
+def anderson(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    z0: torch.Tensor,
+    *,
+    max_iter: int = 30,
+    tol: float = 1e-3,
+    stop_mode: str = "rel",
+    m: int = 6,
+    beta: float = 1.0,
+    lam: float = 1e-4,
+    explode: float = 1e3,
+) -> SolverResult:
+    """Find z = f(z) by Anderson acceleration from z0; at most `max_iter` steps (`max_iter + 1` evaluations).
+
+    `m`: history size; `beta`: mixing (1: undamped); `lam`: Tikhonov regularisation relative to the mean
+    squared residual norm of the history. Stopping, freezing and the returned lowest-residual iterate per
+    sample are as in `deqlm.solvers.common`. Runs without an autograd graph.
+    """
+    check_common(max_iter, tol, stop_mode)
+    if m < 1:
+        raise ValueError(f"m={m!r} must be >= 1")
+    if not 0 < beta <= 2:
+        raise ValueError(f"beta={beta!r} must lie in (0, 2]")
+    if not lam >= 0:
+        raise ValueError(f"lam={lam!r} must be >= 0")
+    with solver_mode(z0.device.type) as caller_autocast:
+        fmap = FlatMap(f, z0, caller_autocast)
+        z_BF = flatten_start(z0)
+        B, F = z_BF.shape
+        track = Tracker(z_BF, tol, stop_mode, explode)
+        fz_BF = fmap(z_BF)
+        g_BF = fz_BF - z_BF
+        track.observe(z_BF, fz_BF, g_BF)
+        M = max(1, min(m, max_iter))
+        f_BMF = g_BMF = gram_BMM = None
+        nstep = 0
+        while nstep < max_iter and track.any_active():
+            if f_BMF is None:  # allocated only once a step is needed
+                f_BMF, g_BMF = z_BF.new_zeros(B, M, F), z_BF.new_zeros(B, M, F)
+                gram_BMM = torch.zeros(B, M, M, dtype=torch.float64, device=z_BF.device)
+            slot = nstep % M
+            f_BMF[:, slot] = fz_BF
+            g_BMF[:, slot] = g_BF
+            row_BM = torch.bmm(g_BF[:, None], g_BMF.mT)[:, 0].double()
+            gram_BMM[:, slot, :] = row_BM
+            gram_BMM[:, :, slot] = row_BM
+            N = min(nstep + 1, M)
+            alpha_BN = mixing_weights(gram_BMM[:, :N, :N], lam, newest=slot).to(z_BF.dtype)
+            z_new_BF = torch.bmm(alpha_BN[:, None], f_BMF[:, :N])[:, 0]
+            if beta != 1.0:
+                z_new_BF = z_new_BF - (1.0 - beta) * torch.bmm(alpha_BN[:, None], g_BMF[:, :N])[:, 0]
+            z_BF = track.freeze(z_new_BF, inplace=True)
+            fz_BF = fmap(z_BF)
+            g_BF = fz_BF - z_BF
+            nstep += 1
+            track.observe(z_BF, fz_BF, g_BF)
+        return track.result(fmap, nstep)

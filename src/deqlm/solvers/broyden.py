@@ -1,0 +1,153 @@
+"""Broyden's ("good") method for g(z) = f(z) - z = 0, per sample, with bounded memory and no line search.
+
+Inverse-Jacobian estimate H_k of g'(z), H_0 = -I (so the first step is plain iteration), steps s_k = -H_k g_k,
+and the good-Broyden update H_{k+1} = H_k + (s_k - H_k y_k) s_k^T H_k / (s_k^T H_k y_k), y_k = g_{k+1} - g_k.
+With full steps (no line search) this update collapses to a product of rank-one factors built from the steps
+alone (Kelley, "Iterative Methods for Linear and Nonlinear Equations", SIAM 1995, sec. 7.3):
+
+    H_{k+1} = (I + s_{k+1} s_k^T / ||s_k||^2) H_k,   s_{k+1} = -w / (1 + s_k.w / ||s_k||^2),  w = H_k g_{k+1}
+
+So each sample stores one vector per step (the official code stores two, u and v, and preallocates one pair
+per allowed step). Only the last `rank` factors are kept (a circular buffer of rank + 1 steps); older ones are
+dropped, i.e. treated as H_0.
+
+Applying the product to g is a sequential recursion, c_j = s_j.w_j / ||s_j||^2, w_{j+1} = w_j + c_j s_{j+1}.
+Written with the Gram matrix Q = S S^T of the stored steps it becomes a small lower-triangular system,
+(diag(||s_j||^2) - [Q_{j,i+1}]_{i<j}) c = -S g, followed by w = -g + sum_j c_j s_{j+1}. Q is updated from
+quantities already at hand (s_j.s_{k+1} = -s_j.w / den), so a step reads the stored steps exactly twice, in
+two batched matrix products, and does the rest on (rank x rank) float64 matrices.
+
+A sample whose update breaks down (denominator near zero, non-finite step) restarts from H_0: its older
+factors are masked out and it takes a plain step.
+"""
+
+# B: batch, F: flattened state size per sample, K: stored steps (rank + 1 slots), N: steps in use, C: chunk
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from deqlm.solvers.common import FlatMap, Tracker, check_common, flatten_start, solver_mode
+from deqlm.solvers.result import SolverResult
+
+_CHUNK = 8  # step buffers grow in chunks of this many slots, so memory follows the steps actually taken
+_MIN_DEN = 1e-3  # |1 + s_k.w / ||s_k||^2| below this: the secant update is ill-posed, restart the sample
+
+
+class _StepBuffer:
+    """Circular store of the last K steps per sample, allocated chunk by chunk as steps arrive."""
+
+    def __init__(self, B: int, F: int, K: int, like: torch.Tensor):
+        self.B, self.F, self.K, self.like = B, F, K, like
+        self.chunks: list[torch.Tensor] = []  # each (B, C, F)
+
+    def put(self, slot: int, s_BF: torch.Tensor) -> None:
+        while slot >= len(self.chunks) * _CHUNK:
+            C = min(_CHUNK, self.K - len(self.chunks) * _CHUNK)
+            self.chunks.append(self.like.new_zeros(self.B, C, self.F))
+        self.chunks[slot // _CHUNK][:, slot % _CHUNK] = s_BF
+
+    def allocated(self) -> int:
+        return sum(c_BCF.shape[1] for c_BCF in self.chunks)
+
+    def dots(self, v_BF: torch.Tensor) -> torch.Tensor:
+        """(B, slots allocated): s_slot . v for every slot."""
+        return torch.cat([torch.bmm(v_BF[:, None], c_BCF.mT)[:, 0] for c_BCF in self.chunks], dim=1)
+
+    def combine(self, base_BF: torch.Tensor, coef_BK: torch.Tensor) -> torch.Tensor:
+        """base + sum over slots of coef[slot] * s_slot, accumulated into `base` (which must be a fresh
+        tensor)."""
+        out_B1F = base_BF[:, None]
+        for i, c_BCF in enumerate(self.chunks):
+            out_B1F.baddbmm_(coef_BK[:, None, i * _CHUNK : i * _CHUNK + c_BCF.shape[1]], c_BCF)
+        return out_B1F[:, 0]
+
+
+def broyden(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    z0: torch.Tensor,
+    *,
+    max_iter: int = 30,
+    tol: float = 1e-3,
+    stop_mode: str = "rel",
+    rank: int = 30,
+    explode: float = 1e3,
+) -> SolverResult:
+    """Find z = f(z) by good Broyden from z0; at most `max_iter` steps (`max_iter + 1` evaluations of f).
+
+    `rank`: how many low-rank factors of the inverse Jacobian each sample keeps (memory: rank + 1 vectors of
+    the sample's size, allocated only as steps are taken). Stopping, freezing and the returned lowest-residual
+    iterate per sample are as in `deqlm.solvers.common`. Runs without an autograd graph.
+    """
+    check_common(max_iter, tol, stop_mode)
+    if rank < 0:
+        raise ValueError(f"rank={rank!r} must be >= 0")
+    with solver_mode(z0.device.type) as caller_autocast:
+        fmap = FlatMap(f, z0, caller_autocast)
+        z_BF = flatten_start(z0)
+        B, F = z_BF.shape
+        dev = z_BF.device
+        track = Tracker(z_BF, tol, stop_mode, explode)
+        fz_BF = fmap(z_BF)
+        g_BF = fz_BF - z_BF
+        track.observe(z_BF, fz_BF, g_BF)
+        K = max(1, min(rank + 1, max_iter))
+        steps = _StepBuffer(B, F, K, z_BF)
+        gram_BKK = torch.zeros(B, K, K, dtype=torch.float64, device=dev)
+        start_B = torch.zeros(B, dtype=torch.long, device=dev)  # first step of each sample's current run
+        nstep = 0
+        while nstep < max_iter and track.any_active():
+            # s_0 = -H_0 g_0 = g_0; later steps from the stored ones
+            s_BF = g_BF if nstep == 0 else _next_step(steps, gram_BKK, start_B, g_BF, nstep, K)
+            if nstep == 0:
+                gram_BKK[:, 0, 0] = torch.linalg.vector_norm(s_BF, dim=1).double() ** 2
+            steps.put(nstep % K, s_BF)
+            z_BF = track.freeze(
+                z_BF.add_(s_BF), inplace=True
+            )  # z_BF is the solver's own buffer (see flatten_start)
+            fz_BF = fmap(z_BF)
+            g_BF = torch.sub(fz_BF, z_BF, out=g_BF if nstep > 0 else None)
+            nstep += 1
+            track.observe(z_BF, fz_BF, g_BF)
+        return track.result(fmap, nstep)
+
+
+def _next_step(
+    steps: _StepBuffer, gram_BKK: torch.Tensor, start_B: torch.Tensor, g_BF: torch.Tensor, k1: int, K: int
+) -> torch.Tensor:
+    """The step s_{k+1} from g_{k+1} (k1 = k + 1 steps stored); updates gram and start in place."""
+    lo = max(0, k1 - K)
+    chrono = [t % K for t in range(lo, k1)]  # slots of steps lo..k, oldest first
+    idx_N = torch.tensor(chrono, device=g_BF.device)
+    d_BN = -steps.dots(g_BF).double()[:, idx_N]  # -s_j . g
+    Q_BNN = gram_BKK[:, idx_N][:, :, idx_N]
+    sq_BN = Q_BNN.diagonal(dim1=1, dim2=2)
+    t_N = torch.arange(lo, k1, device=g_BF.device)
+    valid_BN = (t_N[None] >= start_B[:, None]) & (sq_BN > 0)
+    # triangular system over the factors j = lo..k-1; invalid rows become c_j = 0
+    fac_BN = valid_BN[:, :-1]
+    shifted_BNN = Q_BNN[:, :-1, 1:]  # [j, i] = s_j . s_{i+1}
+    tri_BNN = torch.where(fac_BN[:, :, None], -torch.tril(shifted_BNN, diagonal=-1), 0.0)
+    tri_BNN = tri_BNN + torch.diag_embed(torch.where(fac_BN, sq_BN[:, :-1], 1.0))
+    rhs_BN1 = torch.where(fac_BN, d_BN[:, :-1], 0.0)[..., None]
+    c_BN = torch.linalg.solve_triangular(tri_BNN, rhs_BN1, upper=False)[..., 0]
+    sw_BN = d_BN + (Q_BNN[:, :, 1:] @ c_BN[..., None])[..., 0]  # s_j . w for every stored step
+    den_B = 1.0 + sw_BN[:, -1] / sq_BN[:, -1]
+    ok_B = (
+        torch.isfinite(den_B) & (den_B.abs() >= _MIN_DEN) & valid_BN[:, -1] & torch.isfinite(c_BN).all(dim=1)
+    )
+    # s = -w / den = (g - sum_j c_j s_{j+1}) / den; a restarting sample takes the plain step s = g
+    inv_B = torch.where(ok_B, 1.0 / den_B, 1.0)
+    coef_BK = g_BF.new_zeros(g_BF.shape[0], steps.allocated())
+    coef_BK[:, idx_N[1:]] = torch.where(ok_B[:, None], -c_BN * inv_B[:, None], 0.0).to(g_BF.dtype)
+    s_BF = steps.combine(g_BF * inv_B.to(g_BF.dtype)[:, None], coef_BK)
+    start_B.copy_(torch.where(ok_B, start_B, k1))
+    # Gram entries of the new step with the stored ones (slot `new` may overwrite the oldest, steps[lo])
+    new = k1 % K
+    col_BN = torch.where(ok_B[:, None], -sw_BN * inv_B[:, None], -d_BN)
+    gram_BKK[:, new, idx_N] = col_BN
+    gram_BKK[:, idx_N, new] = col_BN
+    gram_BKK[:, new, new] = torch.linalg.vector_norm(s_BF, dim=1).double() ** 2
+    return s_BF

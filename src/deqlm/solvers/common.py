@@ -1,0 +1,160 @@
+"""Helpers shared by the solvers: the flattened map, per-sample bookkeeping, precision handling.
+
+Every solver works on g(z) = f(z) - z with each sample flattened to one row of a (B, F) matrix. Per sample it
+keeps the lowest-residual iterate, decides convergence (residual <= tol) and divergence (non-finite residual,
+or a residual that explodes past `explode` times the first one), and after that the sample is frozen: its
+iterate never changes again, so a hard sample cannot move an easy one off its fixed point. f itself is still
+called on the whole batch (a Transformer block needs the full tensor); frozen rows are passed their final
+iterate, and only active rows are updated.
+"""
+
+# B: batch, F: flattened state size per sample, T: recorded f-evaluations
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from deqlm.solvers.result import SolverResult
+
+STOP_MODES = ("abs", "rel")
+_TINY = 1e-30  # keeps ||f(z)|| = 0 from dividing by zero in the relative residual
+
+
+def check_common(max_iter: int, tol: float, stop_mode: str) -> None:
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"stop_mode={stop_mode!r} is not one of {', '.join(STOP_MODES)}")
+    if max_iter < 0:
+        raise ValueError(f"max_iter={max_iter!r} must be >= 0")
+    if not tol >= 0:
+        raise ValueError(f"tol={tol!r} must be >= 0")
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Solver arithmetic runs in float64 for float64 inputs and float32 otherwise (never in half
+    precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def solver_mode(device_type: str) -> Iterator[Callable[[], contextlib.AbstractContextManager]]:
+    """No autograd graph and no autocast for the solver's own arithmetic.
+
+    Yields a factory of context managers that restore the caller's autocast state around calls of f, so f runs
+    in mixed precision when the caller asked for it while the quasi-Newton algebra stays in float32 or better.
+    """
+    enabled = torch.is_autocast_enabled(device_type)
+    amp_dtype = torch.get_autocast_dtype(device_type)
+
+    def caller_autocast() -> contextlib.AbstractContextManager:
+        if not enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=amp_dtype, enabled=True)
+
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        yield caller_autocast
+
+
+class FlatMap:
+    """f on (B, F) rows in the working dtype; counts evaluations."""
+
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, caller_autocast):
+        self.f, self.shape, self.in_dtype = f, z0.shape, z0.dtype
+        self.caller_autocast = caller_autocast
+        self.evals = 0
+
+    def __call__(self, z_BF: torch.Tensor) -> torch.Tensor:
+        self.evals += 1
+        with self.caller_autocast():
+            fz = self.f(z_BF.to(self.in_dtype).view(self.shape))
+        if fz.shape != self.shape:
+            raise ValueError(f"f changed the shape of z: {tuple(self.shape)} -> {tuple(fz.shape)}")
+        fz_BF = fz.reshape(z_BF.shape).to(z_BF.dtype)
+        if fz_BF.data_ptr() == z_BF.data_ptr():  # f returned its input: solvers update z in place
+            fz_BF = fz_BF.clone()
+        return fz_BF
+
+
+class Tracker:
+    """Per-sample residuals, lowest-residual iterate, convergence and divergence (see module docstring)."""
+
+    def __init__(self, z0_BF: torch.Tensor, tol: float, stop_mode: str, explode: float):
+        B = z0_BF.shape[0]
+        dev = z0_BF.device
+        self.tol, self.stop_mode, self.explode = tol, stop_mode, explode
+        self.best_z_BF = z0_BF.clone()
+        # per sample, at the kept iterate: [stop-mode residual, abs residual, rel residual, ||f(z)||]
+        self.best_B4 = torch.full((B, 4), float("inf"), dtype=z0_BF.dtype, device=dev)
+        self.first_abs_B: torch.Tensor | None = None
+        self.converged_B = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.active_B = torch.ones(B, dtype=torch.bool, device=dev)
+        self.all_active = False  # host copy of active_B.all(), refreshed by any_active()
+        self.abs_trace: list[torch.Tensor] = []
+        self.rel_trace: list[torch.Tensor] = []
+
+    def observe(self, z_BF: torch.Tensor, fz_BF: torch.Tensor, g_BF: torch.Tensor) -> torch.Tensor:
+        """Record the iterate z with f(z) and g = f(z) - z; returns the (B,) mask of samples still
+        iterating."""
+        abs_B = torch.linalg.vector_norm(g_BF, dim=1)
+        fnorm_B = torch.linalg.vector_norm(fz_BF, dim=1)
+        rel_B = abs_B / (fnorm_B + _TINY)
+        self.abs_trace.append(abs_B)
+        self.rel_trace.append(rel_B)
+        res_B = rel_B if self.stop_mode == "rel" else abs_B
+        finite_B = torch.isfinite(res_B) & torch.isfinite(fnorm_B)
+        res_B = torch.where(finite_B, res_B, torch.inf)
+        # frozen rows are re-evaluated at their kept iterate; only active rows may change the record
+        better_B = self.active_B & (res_B < self.best_B4[:, 0])
+        torch.where(better_B[:, None], z_BF, self.best_z_BF, out=self.best_z_BF)
+        self.best_B4 = torch.where(
+            better_B[:, None], torch.stack([res_B, abs_B, rel_B, fnorm_B], 1), self.best_B4
+        )
+        if self.first_abs_B is None:
+            self.first_abs_B = torch.where(finite_B, abs_B, torch.inf)
+        done_B = self.active_B & (self.best_B4[:, 0] <= self.tol)
+        self.converged_B = self.converged_B | done_B
+        blown_B = ~finite_B | (abs_B > self.explode * self.first_abs_B)
+        self.active_B = self.active_B & ~done_B & ~blown_B
+        return self.active_B
+
+    def freeze(self, z_new_BF: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Next iterate: z_new on active rows, the kept iterate (final or lowest-residual) on the others.
+
+        `inplace`: z_new is the solver's own buffer and may be overwritten.
+        """
+        if self.all_active:
+            return z_new_BF
+        return torch.where(
+            self.active_B[:, None], z_new_BF, self.best_z_BF, out=z_new_BF if inplace else None
+        )
+
+    def any_active(self) -> bool:
+        n_active = int(self.active_B.sum())  # the one host sync per step
+        self.all_active = n_active == self.active_B.shape[0]
+        return n_active > 0
+
+    def result(self, fmap: FlatMap, nstep: int) -> SolverResult:
+        abs_tot = float(torch.linalg.vector_norm(self.best_B4[:, 1]))
+        f_tot = float(torch.linalg.vector_norm(self.best_B4[:, 3]))
+        return SolverResult(
+            z=self.best_z_BF.to(fmap.in_dtype).view(fmap.shape),
+            nstep=nstep,
+            f_evals=fmap.evals,
+            abs_res=abs_tot,
+            rel_res=abs_tot / f_tot if f_tot > 0 else float("inf") if abs_tot > 0 else 0.0,
+            abs_res_B=self.best_B4[:, 1].clone(),
+            rel_res_B=self.best_B4[:, 2].clone(),
+            converged=bool(self.converged_B.all()),
+            converged_B=self.converged_B,
+            abs_trace=torch.stack(self.abs_trace),
+            rel_trace=torch.stack(self.rel_trace),
+        )
+
+
+def flatten_start(z0: torch.Tensor) -> torch.Tensor:
+    """z0 as a (B, F) matrix in the working dtype (a copy: solvers never write into the caller's tensor)."""
+    if z0.dim() == 0:
+        raise ValueError("z0 must have a batch dimension (dim 0)")
+    return z0.detach().reshape(z0.shape[0], -1).to(working_dtype(z0.dtype), copy=True)
