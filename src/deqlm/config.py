@@ -59,6 +59,7 @@ class ModelConfig:
     grad_checkpoint: bool = False  # unrolled core: recompute each layer in backward (gradient checkpointing)
     pretrain_steps: int = 0  # deq core: train as an unrolled weight-tied stack for steps < this
     pretrain_depth: int = 2  # deq core: depth of that pretraining stack
+    mem_len: int = 150  # Transformer memory kept across segments in training (base YAMLs set ${data.mem_len})
     # sizes shared by both cells
     d_embed: int = 410  # word embedding size (TrellisNet: emsize / ninp)
     d_model: int = 410  # hidden size (Transformer d_model; TrellisNet nhid)
@@ -149,6 +150,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the cell
     max_bad_steps: int = 10  # stop after this many non-finite steps in a row
     threads: int = 0  # torch.set_num_threads (0: leave PyTorch's default)
+    grad_sync: str = "ddp"  # multi-process gradient sync: ddp (DistributedDataParallel) | allreduce (manual)
 
 
 @dataclass

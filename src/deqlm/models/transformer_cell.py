@@ -1,0 +1,175 @@
+"""A Transformer-XL layer written as a map z -> f(z; ctx), the DEQ-Transformer cell (Bai et al. 2019, §4).
+
+f(z) = LN2(h + FFN(h)), h = LN1(z + Attn(z; mem)) (post-LN, the paper's) or the pre-LN variant. Attention is
+Transformer-XL's relative positional attention (Dai et al. 2019, eq. in §3.3): over keys [mem ; z],
+score(i, j) = (q_i + u)·k_j + (q_i + v)·W_R R_{i-j}, with the learned biases u = r_w_bias, v = r_r_bias and
+sinusoids R of the relative distance (clamped at clamp_len).
+
+Input injection (DEQ cells only, `inject=True`): a learned projection of the embedded tokens is added to the
+query/key/value of the current positions, so f depends on the input x at every solver step. Explicit
+Transformer-XL layers use `inject=False` and take the embedding as their first input instead.
+
+Everything that is constant across solver steps lives in `ctx`, built once per forward by `context()`: the
+injection, the memory's keys and values, the projected positional embeddings, the causal mask and all dropout
+masks. `forward(z, ctx)` then is one fixed, deterministic map.
+
+Legend: B batch, L segment length, M memory length, R = M + L key positions, D d_model, H heads, K d_head,
+I d_inner.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deqlm.models.dropout import VariationalDropout, add_weight_norm, apply_mask
+
+
+def sinusoid_BRD(pos_R: torch.Tensor, d_model: int) -> torch.Tensor:
+    """Sinusoidal embedding of (float) positions, [sin | cos] halves as in Transformer-XL."""
+    half = (d_model + 1) // 2
+    inv_freq = 1.0 / (
+        10000 ** (torch.arange(0, half, device=pos_R.device, dtype=pos_R.dtype) * 2.0 / d_model)
+    )
+    angles_RH = pos_R[:, None] * inv_freq[None, :]
+    return torch.cat([angles_RH.sin(), angles_RH.cos()], dim=-1)[:, :d_model]
+
+
+class TransformerCell(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        d_head: int,
+        d_inner: int,
+        dropout: float = 0.0,
+        dropatt: float = 0.0,
+        pre_ln: bool = False,
+        inject: bool = True,
+        same_length: bool = False,
+        init_std: float = 0.01,
+        weight_norm: bool = True,
+    ):
+        super().__init__()
+        self.d_model, self.n_head, self.d_head, self.d_inner = d_model, n_head, d_head, d_inner
+        self.pre_ln, self.same_length = pre_ln, same_length
+        hk = n_head * d_head
+        self.qkv = nn.Linear(d_model, 3 * hk, bias=False)
+        self.r_net = nn.Linear(d_model, hk, bias=False)
+        self.o_net = nn.Linear(hk, d_model, bias=False)
+        self.r_w_bias = nn.Parameter(torch.empty(n_head, d_head).normal_(0.0, init_std))
+        self.r_r_bias = nn.Parameter(torch.empty(n_head, d_head).normal_(0.0, init_std))
+        self.ff1 = nn.Linear(d_model, d_inner)
+        self.ff2 = nn.Linear(d_inner, d_model)
+        self.ln1 = nn.LayerNorm(d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.inject = nn.Linear(d_model, 3 * hk) if inject else None
+        self.drop = VariationalDropout(dropout)
+        self.dropatt = VariationalDropout(dropatt)
+        linears = [self.qkv, self.r_net, self.o_net, self.ff1, self.ff2] + ([self.inject] if inject else [])
+        for lin in linears:
+            nn.init.normal_(lin.weight, 0.0, init_std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+            if weight_norm:
+                add_weight_norm(lin)
+
+    # --- state and memory -----------------------------------------------------------------------------------
+    def empty_mem(self, batch_size: int, like: torch.Tensor) -> torch.Tensor:
+        width = 2 * self.d_model if self.inject is not None else self.d_model
+        return like.new_zeros(batch_size, 0, width)
+
+    def init_state(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        """z0: zeros for an injected (DEQ / weight-tied) cell, the embedding for an explicit first layer."""
+        return torch.zeros_like(x_BLD) if self.inject is not None else x_BLD
+
+    def readout(self, z_BLD: torch.Tensor) -> torch.Tensor:
+        return z_BLD
+
+    def update_mem(
+        self, mem_BMW: torch.Tensor, z_BLD: torch.Tensor, x_BLD: torch.Tensor, mem_len: int
+    ) -> torch.Tensor:
+        """Transformer-XL memory: the last mem_len steps of [mem ; new], detached (no grad across segments).
+
+        An injected cell also keeps the embedded tokens next to the states (W = 2D), so the memory's keys and
+        values carry the same injection they had when they were computed (as in the official DEQ-Transformer).
+        """
+        if mem_len <= 0:
+            return mem_BMW[:, :0].detach()
+        new_BLW = torch.cat([z_BLD, x_BLD], dim=-1) if self.inject is not None else z_BLD
+        return torch.cat([mem_BMW, new_BLW], dim=1)[:, -mem_len:].detach()
+
+    # --- the map f ------------------------------------------------------------------------------------------
+    def context(self, x_BLD: torch.Tensor, mem_BMW: torch.Tensor, clamp_len: int = -1) -> dict:
+        """Everything f needs that does not change across solver steps (computed once, with autograd on)."""
+        B, L, _ = x_BLD.shape
+        M = mem_BMW.size(1)
+        R = M + L
+        H, K = self.n_head, self.d_head
+        dev = x_BLD.device
+        ctx: dict = {}
+        ctx["u_BL3"] = self.inject(x_BLD) if self.inject is not None else None
+        if M > 0:
+            z_mem_BMD = mem_BMW[..., : self.d_model]
+            w_mem_BM3 = self.qkv(self.ln1(z_mem_BMD) if self.pre_ln else z_mem_BMD)
+            if self.inject is not None:
+                w_mem_BM3 = w_mem_BM3 + self.inject(mem_BMW[..., self.d_model :])
+            _, k_mem, v_mem = w_mem_BM3.chunk(3, dim=-1)
+            ctx["k_mem_BMHK"] = k_mem.view(B, M, H, K)
+            ctx["v_mem_BMHK"] = v_mem.view(B, M, H, K)
+        else:
+            ctx["k_mem_BMHK"] = ctx["v_mem_BMHK"] = None
+        dist_R = torch.arange(R - 1, -1, -1, device=dev, dtype=x_BLD.dtype)
+        if clamp_len > 0:
+            dist_R = dist_R.clamp(max=clamp_len)
+        ctx["r_k_RHK"] = self.r_net(sinusoid_BRD(dist_R, self.d_model)).view(R, H, K)
+        # query i sits at absolute position M + i; key j is at distance d = M + i - j
+        i_L1 = torch.arange(L, device=dev)[:, None]
+        j_1R = torch.arange(R, device=dev)[None, :]
+        dist_LR = M + i_L1 - j_1R
+        allowed_LR = dist_LR >= 0
+        if self.same_length and M > 0:
+            allowed_LR = allowed_LR & (dist_LR < M)
+        ctx["allowed_LR"] = allowed_LR
+        # relative scores are computed against every distance in dist_R (index r holds distance R-1-r)
+        ctx["rel_index_LR"] = (R - 1 - dist_LR).clamp(0, R - 1)
+        ctx["m_attn"] = self.drop.mask((B, 1, self.d_model), x_BLD)
+        ctx["m_inner"] = self.drop.mask((B, 1, self.d_inner), x_BLD)
+        ctx["m_ff"] = self.drop.mask((B, 1, self.d_model), x_BLD)
+        ctx["m_prob"] = self.dropatt.mask((B, H, L, R), x_BLD)
+        return ctx
+
+    def _attention(self, z_BLD: torch.Tensor, ctx: dict) -> torch.Tensor:
+        B, L, _ = z_BLD.shape
+        H, K = self.n_head, self.d_head
+        w_BL3 = self.qkv(self.ln1(z_BLD) if self.pre_ln else z_BLD)
+        if ctx["u_BL3"] is not None:
+            w_BL3 = w_BL3 + ctx["u_BL3"]
+        q, k, v = (t.reshape(B, L, H, K) for t in w_BL3.chunk(3, dim=-1))
+        if ctx["k_mem_BMHK"] is not None:
+            k = torch.cat([ctx["k_mem_BMHK"], k], dim=1)
+            v = torch.cat([ctx["v_mem_BMHK"], v], dim=1)
+        content_BHLR = torch.einsum("blhk,brhk->bhlr", q + self.r_w_bias, k)
+        position_BHLR = torch.einsum("blhk,rhk->bhlr", q + self.r_r_bias, ctx["r_k_RHK"])
+        R = position_BHLR.size(-1)
+        position_BHLR = position_BHLR.gather(-1, ctx["rel_index_LR"].expand(B, H, L, R))
+        score_BHLR = (content_BHLR + position_BHLR) * (1.0 / math.sqrt(K))
+        score_BHLR = score_BHLR.masked_fill(~ctx["allowed_LR"], float("-inf"))
+        prob_BHLR = apply_mask(torch.softmax(score_BHLR.float(), dim=-1).to(v.dtype), ctx["m_prob"])
+        attn_BLHK = torch.einsum("bhlr,brhk->blhk", prob_BHLR, v)
+        return apply_mask(self.o_net(attn_BLHK.reshape(B, L, H * K)), ctx["m_attn"])
+
+    def _ffn(self, h_BLD: torch.Tensor, ctx: dict) -> torch.Tensor:
+        inner_BLI = apply_mask(F.relu(self.ff1(h_BLD)), ctx["m_inner"])
+        return apply_mask(self.ff2(inner_BLI), ctx["m_ff"])
+
+    def forward(self, z_BLD: torch.Tensor, ctx: dict) -> torch.Tensor:
+        a_BLD = self._attention(z_BLD, ctx)
+        if self.pre_ln:
+            h_BLD = z_BLD + a_BLD
+            return h_BLD + self._ffn(self.ln2(h_BLD), ctx)
+        h_BLD = self.ln1(z_BLD + a_BLD)
+        return self.ln2(h_BLD + self._ffn(h_BLD, ctx))

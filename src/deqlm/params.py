@@ -1,0 +1,55 @@
+"""Parameter counts of an experiment without data or memory: `python -m deqlm.params CONFIG [key=value ...]`.
+
+Prints one JSON line {"name", "params_total", "params_nonembedding", "vocab_size"}. The model is built on the
+meta device (no storage is allocated, so a 1e8-parameter model counts in a second); the vocabulary size comes
+from the table below, i.e. the published sizes of each corpus, so no corpus has to be downloaded.
+Non-embedding = everything except the input embedding and softmax head (word tables, adaptive projections,
+cluster weights, output biases), the Transformer-XL convention.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from deqlm.config import ConfigError, load_config
+
+# word-level vocabulary sizes (REFERENCE.md §4); copy memory has 10 input symbols
+VOCAB_SIZES = {"ptb": 10000, "wt103": 267735, "wt2": 33278, "copy": 10}
+
+
+def vocab_size_of(cfg_data) -> int:
+    if cfg_data.tokenizer == "sentencepiece" and cfg_data.dataset in ("ptb", "wt103", "wt2"):
+        return int(cfg_data.sp_vocab_size)
+    if cfg_data.dataset == "synthetic":
+        return int(cfg_data.synth_vocab) + 1  # + <eos>
+    return VOCAB_SIZES[cfg_data.dataset]
+
+
+def count_experiment(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    from deqlm.models import build_model, count_params
+
+    cfg = load_config(path, overrides)
+    vocab = vocab_size_of(cfg.data)
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.deq, vocab_size=vocab)
+    return {"name": cfg.name, **count_params(model), "vocab_size": vocab}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m deqlm.params CONFIG [key=value ...]", file=sys.stderr)
+        return 0 if argv else 2
+    try:
+        print(json.dumps(count_experiment(argv[0], argv[1:])))
+    except (ConfigError, ValueError) as exc:
+        print(f"deqlm.params: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""DEQ cores: fixed point, agreement with the unrolled weight-tied core, shared parameters, stabilisers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from _model_helpers import VOCAB, core_readout, tiny_model
+
+TIGHT = ["deq.f_solver=broyden", "deq.f_tol=1e-6", "deq.f_max_iter=80", "deq.b_tol=1e-6", "deq.b_max_iter=80"]
+# A post-LN cell LN(z + g(z)) contracts by about 1/std(z + g(z)). At small init the map is close to the
+# projection LN(z), whose eigenvalues are near 1, so tiny widths need larger weights to converge to 1e-6.
+STABLE = {"transformer": ["model.init_std=0.25"], "trellisnet": []}
+
+
+def _solve(model, x, mems=None):
+    mems = model.init_mems(x.size(0)) if mems is None else mems
+    return model.core(model.layers, model.embed(x), mems, mem_len=model.mem_len)
+
+
+def _tokens(seed: int, length: int = 7):
+    return torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ["transformer", "trellisnet"])
+def test_deq_output_is_a_fixed_point_of_its_cell(arch):
+    model = tiny_model(arch, "model.core=deq", *TIGHT, *STABLE[arch]).eval()
+    x = _tokens(0)
+    with torch.no_grad():
+        out = _solve(model, x)
+        cell = model.layers[0]
+        fz = cell(out.z, cell.context(model.embed(x), model.init_mems(2)[0]))
+    assert float((fz - out.z).norm() / fz.norm()) < 1e-5
+    assert out.stats["converged_frac"] == 1.0
+
+
+@pytest.mark.parametrize("arch", ["transformer", "trellisnet"])
+def test_weight_tied_unrolled_core_with_many_layers_approaches_the_deq_fixed_point(arch):
+    deq = tiny_model(arch, "model.core=deq", *TIGHT, *STABLE[arch]).eval()
+    tied = tiny_model(arch, "model.core=unrolled", "model.weight_tied=true", "model.n_layer=60").eval()
+    tied.load_state_dict(deq.state_dict())
+    with torch.no_grad():
+        mems = _solve(deq, _tokens(1)).mems  # a second segment: both must treat the memory alike
+        x2 = _tokens(2)
+        z_deq = _solve(deq, x2, mems).z
+        z_tied = tied.core(tied.layers, tied.embed(x2), mems, mem_len=tied.mem_len).z
+    assert float((z_tied - z_deq).norm() / z_deq.norm()) < 1e-3
+
+
+def test_deq_checkpoint_loads_into_the_weight_tied_core_and_back():
+    deq = tiny_model("transformer", "model.core=deq", "model.pretrain_steps=10", "model.pretrain_depth=3")
+    kw = ["model.core=unrolled", "model.weight_tied=true", "model.n_layer=3"]
+    tied = tiny_model("transformer", *kw, seed=5)
+    assert deq.state_dict().keys() == tied.state_dict().keys()
+    tied.load_state_dict(deq.state_dict())
+    deq.eval(), tied.eval()
+    x = torch.randint(0, VOCAB, (2, 6))
+    # pretraining mode is the weight-tied stack of depth pretrain_depth
+    torch.testing.assert_close(deq(x, x, step=0).nll_sum, tied(x, x).nll_sum)
+    deq.load_state_dict(tied.state_dict())
+
+
+def test_pretraining_runs_unrolled_then_switches_to_the_equilibrium_solve():
+    model = tiny_model("transformer", "model.core=deq", "model.pretrain_steps=5", "model.pretrain_depth=2")
+    assert [model.mode(s) for s in (0, 4, 5, None)] == ["pretrain", "pretrain", "deq", "deq"]
+    x = torch.randint(0, VOCAB, (2, 6))
+    out = model(x, x, step=0)
+    assert out.stats == {}
+    out2 = model(x, x, out.mems, step=5)  # mems hand over from the pretraining stack to the solve
+    out2.loss.backward()
+    assert out2.stats["f_nstep"] >= 1 and "b_nstep" in out2.stats
+
+
+@pytest.mark.parametrize("arch", ["transformer", "trellisnet"])
+def test_weight_norm_gradients_reach_g_and_v_through_the_implicit_backward(arch):
+    model = tiny_model(arch, "model.core=deq", "model.weight_norm=true")
+    x = torch.randint(0, VOCAB, (2, 6))
+    model(x, x).loss.backward()
+    names = [n for n, _ in model.named_parameters() if "parametrizations" in n]
+    assert names and all(n.endswith(("original0", "original1")) for n in names)
+    for name, p in model.named_parameters():
+        if "parametrizations" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _count_parametrization_calls(model) -> list:
+    calls: list = []
+    for mod in model.modules():
+        if isinstance(mod, parametrize.ParametrizationList):
+            for p in mod:
+                p.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_weight_norm_is_computed_once_per_forward_not_once_per_solver_step():
+    kw = ["model.core=deq", "model.weight_norm=true", "model.wdrop=0.2"]
+    model = tiny_model("trellisnet", *kw, "deq.f_tol=1e-8", "deq.f_max_iter=12", "deq.b_max_iter=5")
+    lists = [m for m in model.modules() if isinstance(m, parametrize.ParametrizationList)]
+    calls = _count_parametrization_calls(model)
+    x = torch.randint(0, VOCAB, (2, 6))
+    out = model(x, x)
+    out.loss.backward()
+    assert out.stats["f_evals"] >= 10
+    assert len(calls) == sum(len(m) for m in lists)  # weight norm on 2 convs + DropConnect: once each
+
+
+def test_dropout_and_dropconnect_are_fixed_across_solver_steps_in_training():
+    kw = ["model.core=deq", "model.dropouth=0.3", "model.wdrop=0.3", "deq.f_tol=1e-6", "deq.f_max_iter=60"]
+    model = tiny_model("trellisnet", *kw).train()
+    x = torch.randint(0, VOCAB, (2, 6))
+    with parametrize.cached():
+        cell = model.layers[0]
+        ctx = cell.context(model.embed(x), model.init_mems(2)[0])
+        z = torch.randn(2, cell.d_state, 6)
+        torch.testing.assert_close(cell(z, ctx), cell(z, ctx))
+    out = model(x, x)
+    assert out.stats["f_rel_res"] < 1e-4  # a map redrawn at every step would not converge
+
+
+def test_changing_token_t_never_changes_deq_outputs_before_t_beyond_solver_tolerance():
+    model = tiny_model("transformer", "model.core=deq", *TIGHT, *STABLE["transformer"]).eval()
+    x = _tokens(3, length=8)
+    x2 = x.clone()
+    x2[:, 4] = (x[:, 4] + 1) % VOCAB
+    with torch.no_grad():
+        h1, _ = core_readout(model, x)
+        h2, _ = core_readout(model, x2)
+    torch.testing.assert_close(h1[:, :4], h2[:, :4], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(h1[:, 4:], h2[:, 4:], atol=1e-3)
+
+
+def test_jacobian_term_is_added_to_the_training_loss_only():
+    model = tiny_model("transformer", "model.core=deq", "model.jac_weight=1.0", "model.jac_freq=1.0")
+    x = torch.randint(0, VOCAB, (2, 6))
+    out = model(x, x)
+    assert out.stats["jac_loss"] > 0
+    torch.testing.assert_close(out.loss.detach(), out.nll_sum / 12 + out.stats["jac_loss"])
+    out.loss.backward()
+    model.eval()
+    assert "jac_loss" not in model(x, x).stats
+
+
+def test_set_eval_solver_overrides_only_evaluation():
+    model = tiny_model("transformer", "model.core=deq", "deq.f_tol=1e-9", "deq.f_max_iter=20")
+    model.set_eval_solver(f_max_iter=2, mem_len=3)
+    x = torch.randint(0, VOCAB, (2, 6))
+    model.eval()
+    with torch.no_grad():
+        out = model(x, x)
+    assert out.stats["f_nstep"] <= 2 and out.mems[0].shape[1] == 3
+    model.train()
+    out = model(x, x)
+    assert out.stats["f_nstep"] > 2 and out.mems[0].shape[1] == 6
+    model.set_eval_solver()
+    assert model.core.deq.eval_f_max_iter is None and model.eval_mem_len == model.mem_len

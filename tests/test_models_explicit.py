@@ -1,0 +1,99 @@
+"""Explicit (unrolled) cores: causality, memory equivalence, losses, checkpointing, modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _model_helpers import VOCAB, core_readout, tiny_model
+
+ARCH_CORES = [(arch, tied) for arch in ("transformer", "trellisnet") for tied in ("true", "false")]
+
+
+@pytest.mark.parametrize("arch,tied", ARCH_CORES)
+def test_changing_token_t_never_changes_outputs_before_t(arch, tied):
+    model = tiny_model(arch, "model.core=unrolled", f"model.weight_tied={tied}", "model.n_layer=3").eval()
+    torch.manual_seed(1)
+    x = torch.randint(0, VOCAB, (2, 9))
+    x2 = x.clone()
+    x2[:, 5] = (x[:, 5] + 1) % VOCAB
+    with torch.no_grad():
+        h1, _ = core_readout(model, x)
+        h2, _ = core_readout(model, x2)
+    assert torch.equal(h1[:, :5], h2[:, :5])
+    assert not torch.allclose(h1[:, 5:], h2[:, 5:])
+
+
+@pytest.mark.parametrize("arch", ["transformer", "trellisnet"])
+def test_two_segments_with_memory_equal_one_long_segment(arch):
+    kw = ["model.core=unrolled", "model.weight_tied=false", "model.n_layer=3", "model.mem_len=6"]
+    model = tiny_model(arch, *kw).eval()
+    torch.manual_seed(2)
+    x = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        h_long, _ = core_readout(model, x)
+        h_a, out_a = core_readout(model, x[:, :6])
+        h_b, _ = core_readout(model, x[:, 6:], out_a.mems)
+    torch.testing.assert_close(torch.cat([h_a, h_b], 1), h_long, atol=1e-6, rtol=1e-5)
+
+
+def test_transformer_mems_keep_last_mem_len_steps_detached():
+    model = tiny_model("transformer", "model.core=unrolled", "model.n_layer=2", "model.mem_len=4")
+    x = torch.randint(0, VOCAB, (3, 7))
+    out = model(x, x, model.init_mems(3))
+    assert [tuple(m.shape) for m in out.mems] == [(3, 4, 16), (3, 4, 16)]
+    assert all(not m.requires_grad for m in out.mems)
+    assert out.stats == {} and out.n_tokens == 21 and model.mode(0) == "unrolled"
+
+
+def test_loss_is_mean_nll_and_nll_sum_is_exact_sum():
+    model = tiny_model("transformer", "model.core=unrolled", "model.n_layer=2").eval()
+    x, y = torch.randint(0, VOCAB, (2, 5)), torch.randint(0, VOCAB, (2, 5))
+    out = model(x, y)
+    h, _ = core_readout(model, x)
+    logp = torch.log_softmax(h @ model.embed.weights[0].t() + model.head.biases[0], -1)
+    nll = -logp.gather(-1, y[..., None]).sum().detach()
+    torch.testing.assert_close(out.nll_sum, nll)
+    torch.testing.assert_close(out.loss.detach(), nll / 10)
+
+
+def test_aux_losses_add_to_the_loss_but_not_to_nll_sum():
+    kw = ["model.core=unrolled", "model.weight_tied=true", "model.n_layer=4", "model.aux_every=2"]
+    plain = tiny_model("trellisnet", *kw, "model.aux_weight=0.0").eval()
+    aux = tiny_model("trellisnet", *kw, "model.aux_weight=0.5").eval()
+    x = torch.randint(0, VOCAB, (2, 5))
+    a, b = plain(x, x), aux(x, x)
+    torch.testing.assert_close(a.nll_sum, b.nll_sum)
+    assert float(b.loss.detach()) > float(a.loss.detach())
+
+
+@pytest.mark.parametrize("arch", ["transformer", "trellisnet"])
+def test_gradient_checkpointing_gives_the_same_gradients(arch):
+    grads = []
+    for ckpt in ("false", "true"):
+        kw = ["model.core=unrolled", "model.weight_tied=false", "model.n_layer=2", "model.weight_norm=true"]
+        model = tiny_model(arch, *kw, f"model.grad_checkpoint={ckpt}")
+        x = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
+        model(x, x).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_copy_memory_classifier_scores_every_position():
+    kw = ["model.core=unrolled", "model.n_layer=2", "model.n_classes=10", "model.mem_len=0"]
+    model = tiny_model("transformer", *kw, "model.tie_weight=false")
+    x = torch.randint(0, 10, (2, 30))
+    out = model(x, x, model.init_mems(2))
+    assert out.n_tokens == 60 and out.mems[0].shape[1] == 0
+    out.loss.backward()
+
+
+def test_pre_ln_and_same_length_and_clamp_len_run():
+    kw = ["model.core=unrolled", "model.n_layer=2", "model.pre_ln=true", "model.same_length=true"]
+    model = tiny_model("transformer", *kw, "model.clamp_len=3")
+    x = torch.randint(0, VOCAB, (2, 5))
+    out = model(x, x)
+    out2 = model(x, x, out.mems)
+    assert torch.isfinite(out2.loss)
