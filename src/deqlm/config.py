@@ -45,7 +45,7 @@ class DEQConfig:
     broyden_rank: int = 30  # low-rank updates Broyden keeps (bounded memory; oldest are dropped)
     anderson_m: int = 6  # Anderson history size
     anderson_beta: float = 1.0  # Anderson mixing
-    anderson_lam: float = 1e-4  # Anderson Tikhonov regularisation, relative to the residual Gram matrix's scale
+    anderson_lam: float = 1e-2  # Anderson Tikhonov regularisation, relative to the residual Gram matrix's scale
 
 
 @dataclass

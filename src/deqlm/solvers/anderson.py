@@ -49,7 +49,7 @@ def anderson(
     stop_mode: str = "rel",
     m: int = 6,
     beta: float = 1.0,
-    lam: float = 1e-4,
+    lam: float = 1e-2,
     explode: float = 1e3,
 ) -> SolverResult:
     """Find z = f(z) by Anderson acceleration from z0; at most `max_iter` steps (`max_iter + 1` evaluations).
