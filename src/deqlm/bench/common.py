@@ -451,13 +451,8 @@ class CoreStep:
 
     def forward(self, train: bool = True):
         """The core's forward on u with the current memory; returns (loss, CoreOut)."""
-        from torch.nn.utils import parametrize
-
-        from deqlm.models.dropout import fill_parametrization_cache
-
         model = self.model
-        with parametrize.cached():
-            fill_parametrization_cache(model)
+        with model.weight_cache(model.core):
             out = model.core(model.layers, self.u_BLE, self.mems, mem_len=self.mem_len,
                              clamp_len=model.clamp_len)
             read = model.layers[-1].readout

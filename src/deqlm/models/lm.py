@@ -24,6 +24,13 @@ from deqlm.models.transformer_cell import TransformerCell
 from deqlm.models.trellisnet_cell import TrellisNetCell
 
 
+@contextlib.contextmanager
+def _filled_cache(model: nn.Module):
+    with parametrize.cached():
+        fill_parametrization_cache(model)
+        yield
+
+
 class SequenceLM(nn.Module):
     """`model(x_BL, y_BL, mems, step=None) -> LMOutput`; `init_mems(B)`; `mode(step)`; `set_eval_solver(...)`.
 
@@ -98,6 +105,15 @@ class SequenceLM(nn.Module):
             deq.eval_f_max_iter = self._deq_eval_defaults[0] if f_max_iter is None else int(f_max_iter)
             deq.eval_f_tol = self._deq_eval_defaults[1] if f_tol is None else float(f_tol)
 
+    def weight_cache(self, core: nn.Module) -> contextlib.AbstractContextManager:
+        """Weight norm / DropConnect computed once per forward, not once per solver step.
+
+        A gradient-checkpointed core recomputes its layers in backward outside any cache, so it must also
+        compute the weights inside each layer in forward (otherwise the recomputed tensors differ)."""
+        if getattr(core, "grad_checkpoint", False):
+            return contextlib.nullcontext()
+        return _filled_cache(self)
+
     def forward(
         self,
         x_BL: torch.Tensor,
@@ -114,13 +130,7 @@ class SequenceLM(nn.Module):
         mem_len = self.mem_len if self.training else self.eval_mem_len
         clamp_len = self.clamp_len if self.training else self.eval_clamp_len
         jac_samples = self.jac_samples if self._jac_this_step(core) else 0
-        # Weight norm / DropConnect once per forward, not per solver step. A checkpointed core recomputes
-        # layers in backward outside any cache, so it recomputes the weights inside each layer in forward too
-        # (they match).
-        caching = not getattr(core, "grad_checkpoint", False)
-        with parametrize.cached() if caching else contextlib.nullcontext():
-            if caching:
-                fill_parametrization_cache(self)
+        with self.weight_cache(core):
             x_BLE = self.embed(x_BL)
             x_BLE = apply_mask(x_BLE, self.drop_in.mask((B, 1, x_BLE.size(-1)), x_BLE))
             out: CoreOut = core(
