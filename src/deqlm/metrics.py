@@ -1,0 +1,192 @@
+"""MetricLogger: one flat dict per event, the same keys in metrics.jsonl, wandb and the console.
+
+Keys are namespaced (`train/loss`, `valid/ppl`, `solver/f_nstep`, `mem/peak_gib`, ...); docs/training.md lists
+the schema. JSONL is always written (rank 0); wandb is opt-in (`log.wandb_mode`: disabled | offline | online)
+and imported only when enabled; its run id is kept in the run directory so a resumed run continues the same
+wandb run. On a terminal a tqdm bar shows loss, ppl, tokens/s and solver steps; otherwise plain lines.
+
+Memory meters: on CUDA the allocator peak of the logging window (reset after each read); on CPU the process's
+RSS high-water mark, which cannot be reset, so it is reported as the maximum so far with
+`mem/peak_kind = "cpu_rss_max"`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deqlm.io import atomic_write_text
+
+GIB = float(2**30)
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """All events of a metrics.jsonl (a torn last line from a kill is ignored)."""
+    events = []
+    path = Path(path)
+    if not path.exists():
+        return events
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
+
+
+def truncate_jsonl(path: str | os.PathLike, max_step: int) -> None:
+    """Drop events logged after `max_step` (a resumed run repeats them from its checkpoint)."""
+    path = Path(path)
+    if path.exists():
+        kept = [e for e in read_jsonl(path) if int(e.get("step", 0)) <= max_step]
+        atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe scalars: tensors -> python numbers, non-finite floats -> None (strict JSON has no NaN)."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MemoryMeter:
+    """Peak memory of a logging window: CUDA allocator peak, or the process RSS high-water mark on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_alloc_peak" if device.type == "cuda" else "cpu_rss_max"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gib(self) -> float:
+        """Peak since the last reset (CUDA) or since the process started (CPU)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / GIB
+        return cpu_rss_max_bytes() / GIB
+
+
+def cpu_rss_max_bytes() -> int:
+    """Max resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class MetricLogger:
+    """Writes events on the main rank; other ranks hold a silent logger so call sites need no branches."""
+
+    def __init__(self, run_dir: str | os.PathLike | None, *, wandb_mode: str = "disabled",
+                 wandb_project: str = "deqlm", run_name: str = "", config: dict | None = None,
+                 progress: bool = True, total_steps: int = 0, start_step: int = 0, enabled: bool = True,
+                 stream=None):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.stream = stream if stream is not None else sys.stdout
+        self._jsonl = None
+        self._wandb = None
+        self._bar = None
+        self.wandb_id: str | None = None
+        if not enabled:
+            return
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        if wandb_mode != "disabled":
+            self._start_wandb(wandb_mode, wandb_project, run_name, config or {})
+        if progress and total_steps > 0 and hasattr(self.stream, "isatty") and self.stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, file=self.stream, dynamic_ncols=True,
+                             desc=run_name or "train")
+
+    def _start_wandb(self, mode: str, project: str, name: str, config: dict) -> None:
+        import wandb  # only when enabled: importing wandb is slow and it is optional
+
+        id_path = self.run_dir / WANDB_ID_FILE if self.run_dir is not None else None
+        if id_path is not None and id_path.exists():
+            self.wandb_id = id_path.read_text().strip()
+        else:
+            self.wandb_id = uuid.uuid4().hex[:12]
+            if id_path is not None:
+                atomic_write_text(id_path, self.wandb_id + "\n")
+        self._wandb = wandb.init(project=project, name=name or None, id=self.wandb_id, resume="allow",
+                                 mode=mode, config=config,
+                                 dir=str(self.run_dir) if self.run_dir is not None else None)
+
+    def log(self, event: dict) -> dict:
+        """Record one flat event; returns its JSON-safe form."""
+        event = {k: _clean(v) for k, v in event.items()}
+        if not self.enabled:
+            return event
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(event) + "\n")
+            self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in event.items() if v is not None and k != "step"},
+                            step=int(event["step"]))
+        self._console(event)
+        return event
+
+    def _console(self, event: dict) -> None:
+        step = event.get("step")
+        if "valid/ppl" in event:
+            text = (f"step {step} valid ppl {_fmt(event['valid/ppl'])} loss {_fmt(event.get('valid/loss'))} "
+                    f"(tgt_len {event.get('valid/tgt_len')}, mem_len {event.get('valid/mem_len')}, "
+                    f"f_max_iter {event.get('valid/f_max_iter')})")
+            self.write(text)
+        elif "train/loss" in event:
+            if self._bar is not None:
+                self._bar.n = int(step)
+                post = {"loss": _fmt(event["train/loss"]), "ppl": _fmt(event.get("train/ppl")),
+                        "tok/s": _fmt(event.get("speed/tokens_per_s"), 0)}
+                if event.get("solver/f_nstep") is not None:
+                    post["f_nstep"] = _fmt(event["solver/f_nstep"], 1)
+                self._bar.set_postfix(post, refresh=True)
+            else:
+                text = (f"step {step} {event.get('mode')} loss {_fmt(event['train/loss'])} "
+                        f"ppl {_fmt(event.get('train/ppl'))} lr {_fmt(event.get('optim/lr'), 6)} "
+                        f"tok/s {_fmt(event.get('speed/tokens_per_s'), 0)}")
+                if event.get("solver/f_nstep") is not None:
+                    text += (f" f_nstep {_fmt(event['solver/f_nstep'], 1)}"
+                             f" f_res {_fmt(event.get('solver/f_rel_res'), 6)}")
+                self.write(text)
+
+    def write(self, text: str) -> None:
+        """A console line that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if digits else f"{value:.0f}"
+    return str(value)

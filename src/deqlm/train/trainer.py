@@ -1,0 +1,417 @@
+"""The one training loop for every model (DEQ or explicit, Transformer or TrellisNet) and `evaluate`.
+
+The trainer never asks what kind of model it holds: `model(x, y, mems, step=step) -> LMOutput`, and
+`model.mode(step)` says whether this step is unrolled pretraining, DEQ, or an explicit stack. Solver
+statistics come from `LMOutput.stats` (`b_*` filled in by the implicit backward) and are logged when present.
+
+One step:  batch -> forward (bytes saved for backward counted on the last step of each log window) ->
+           finite-loss check agreed by all ranks -> backward -> grad sync -> unscale, clip -> finite-norm
+           check -> optimizer / scheduler step.  A non-finite loss or gradient skips the update (counted in
+           `train/skipped_steps`); `train.max_bad_steps` of them in a row stop the run (TrainingDiverged).
+Per step order: train, log, validate, checkpoint -- so a checkpoint at step k holds the state after all of
+them and a resumed run repeats exactly what the uninterrupted one did from step k+1 on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from deqlm.activation import SavedTensorMeter
+from deqlm.config import ConfigError, ExperimentConfig, save_config, to_dict
+from deqlm.metrics import MemoryMeter, MetricLogger, truncate_jsonl
+from deqlm.runtime import make_run_dir, pick_device, seed_everything, set_threads, write_env
+from deqlm.train import checkpoint as ckpt_lib
+from deqlm.train import distributed as dist_lib
+from deqlm.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+
+SOLVER_KEYS = ("f_nstep", "f_rel_res", "b_nstep", "b_rel_res", "converged_frac")
+NAN_ENV = "DEQLM_INJECT_NAN_STEPS"  # testing hook: comma-separated steps whose loss is replaced by NaN
+GRAD_SYNC = ("ddp", "allreduce")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the message names the step and the solver residuals."""
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def autocast_context(amp: str, device: torch.device):
+    """bf16/fp16 autocast on CUDA; a no-op elsewhere (solvers keep their linear algebra in float32)."""
+    if amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _solver_means(sums: dict[str, float], counts: dict[str, int]) -> dict[str, float | None]:
+    return {k: (sums[k] / counts[k] if counts.get(k) else None) for k in SOLVER_KEYS}
+
+
+def _add_stats(stats: dict | None, sums: dict[str, float], counts: dict[str, int]) -> None:
+    for key in SOLVER_KEYS:
+        value = (stats or {}).get(key)
+        if value is None:
+            continue
+        value = float(value)
+        if math.isfinite(value):
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+
+
+def evaluate(model: torch.nn.Module, dataset, split: str, cfg_eval, step: int | None, device: torch.device,
+             max_tokens: int = 0, *, amp: str = "none", dist: dist_lib.DistInfo | None = None) -> dict:
+    """Transformer-XL protocol over a split: columns of `cfg_eval.batch_size`, segments of `cfg_eval.tgt_len`,
+    memory carried across segments (unless the dataset says otherwise); exact token-weighted NLL.
+
+    The model runs in the mode of `step` (pretraining or DEQ) with the eval solver settings of `cfg_eval`.
+    Under DDP each rank takes its slice of the columns and the sums are all-reduced (same numbers as one
+    process). Returns nll_sum, n_tokens, loss, ppl, tokens_per_s, wall_s and the solver means (None when the
+    model reports none). `max_tokens` > 0 stops after the first segments that reach that many tokens.
+    """
+    dist = dist or dist_lib.DistInfo()
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    model.set_eval_solver(f_max_iter=cfg_eval.f_max_iter or None, f_tol=cfg_eval.f_tol or None,
+                          mem_len=cfg_eval.mem_len,
+                          clamp_len=cfg_eval.clamp_len if cfg_eval.clamp_len >= 0 else None)
+    bs = cfg_eval.batch_size
+    cols = dist_lib.column_slice(bs, dist) if bs % dist.world_size == 0 else slice(0, bs)
+    shard = dist.enabled and bs % dist.world_size == 0
+    local_bs = cols.stop - cols.start
+    carry = getattr(dataset, "carry_mems", True)
+    nll_sum, n_tokens, sums, counts = 0.0, 0, {}, {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        mems = model.init_mems(local_bs)
+        for x_BL, y_BL in dataset.eval_batches(split, bs, cfg_eval.tgt_len):
+            x_BL, y_BL = x_BL[cols].to(device), y_BL[cols].to(device)
+            if not carry:
+                mems = model.init_mems(x_BL.shape[0])
+            with autocast_context(amp, device):
+                out = model(x_BL, y_BL, mems, step=step)
+            mems = out.mems
+            nll_sum += float(out.nll_sum)
+            n_tokens += int(out.n_tokens)
+            _add_stats(out.stats, sums, counts)
+            if max_tokens and n_tokens * (dist.world_size if shard else 1) >= max_tokens:
+                break
+    wall_s = time.perf_counter() - t0
+    solver = _solver_means(sums, counts)
+    if shard:
+        nll_sum, n_tokens = dist_lib.all_reduce_sum([nll_sum, float(n_tokens)], dist, device)
+        n_tokens = int(round(n_tokens))
+        solver = dist_lib.all_reduce_mean_dict(solver, dist, device)
+    model.train(was_training)
+    loss = nll_sum / max(n_tokens, 1)
+    return {"nll_sum": nll_sum, "n_tokens": n_tokens, "loss": loss, "ppl": math.exp(min(loss, 700.0)),
+            "tokens_per_s": n_tokens / max(wall_s, 1e-9), "wall_s": wall_s, **solver}
+
+
+class Trainer:
+    """Builds everything a run needs from the config (or a run directory to resume) and trains it."""
+
+    def __init__(self, cfg: ExperimentConfig, *, resume_dir: str | os.PathLike | None = None,
+                 stream=None):
+        from deqlm.data import build_dataset
+        from deqlm.models import build_model, count_params
+
+        t = cfg.train
+        if t.grad_sync not in GRAD_SYNC:
+            raise ConfigError(f"train.grad_sync={t.grad_sync!r} is not one of {', '.join(GRAD_SYNC)}")
+        self.cfg = cfg
+        self.dist = dist_lib.init_distributed(t.device)
+        set_threads(t.threads)
+        self.device = pick_device(t.device, self.dist.local_rank)
+        self.amp = t.amp if self.device.type == "cuda" else "none"
+        seed_everything(t.seed)
+
+        self.dataset = build_dataset(cfg.data)
+        self.model = build_model(cfg.model, cfg.deq, vocab_size=self.dataset.vocab_size).to(self.device)
+        self.n_params = count_params(self.model)
+        if t.compile:
+            for name, module in self.model.named_modules():  # the cells only: solvers stay eager
+                parts = name.split(".")
+                if parts[-1] == "cell" or (len(parts) > 1 and parts[-2] == "cells"):
+                    module.compile()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+        self.net = dist_lib.wrap_model(self.model, self.dist, self.device, t.grad_sync)
+
+        self.local_bs = cfg.data.batch_size // self.dist.world_size
+        dist_lib.column_slice(cfg.data.batch_size, self.dist)  # raises when the batch does not divide
+        self.train_iter = self.dataset.train_iterator(cfg.data.batch_size, cfg.data.tgt_len,
+                                                      rank=self.dist.rank, world_size=self.dist.world_size)
+        self.mems = self.model.init_mems(self.local_bs)
+        # dropout masks differ per rank (as separate GPUs would draw them); rank 0 keeps the plain seed
+        seed_everything(t.seed + 1000 * self.dist.rank)
+
+        self.step = 0
+        self.tokens = 0
+        self.elapsed_s = 0.0
+        self.skipped = 0
+        self.best_valid_ppl = math.inf
+        self.history: list[tuple[int, float]] = []  # (step, loss) of every applied step, for tests
+        self.wandb_id = None
+
+        if resume_dir is not None:
+            self.run_dir = Path(resume_dir)
+            state = ckpt_lib.load_checkpoint(self.run_dir / "ckpt" / ckpt_lib.LAST)
+            self._restore(state)
+        else:
+            path = None
+            if self.dist.is_main:
+                path = str(make_run_dir(t.run_dir, cfg.data.dataset, cfg.name))
+            self.run_dir = Path(dist_lib.broadcast_object(path, self.dist))
+        if self.dist.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+            env_name = "env.json" if resume_dir is None else f"env-resume-{self.step}.json"
+            write_env(self.run_dir, self.device, self.dist.world_size, name=env_name)
+            truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
+        self.logger = MetricLogger(self.run_dir, wandb_mode=cfg.log.wandb_mode,
+                                   wandb_project=cfg.log.wandb_project, run_name=cfg.name,
+                                   config=to_dict(cfg),
+                                   progress=cfg.log.progress, total_steps=t.max_steps, start_step=self.step,
+                                   enabled=self.dist.is_main, stream=stream)
+        self.wandb_id = self.logger.wandb_id or self.wandb_id
+        self.mem_meter = MemoryMeter(self.device)
+        self._nan_steps = {int(s) for s in os.environ.get(NAN_ENV, "").split(",") if s.strip()}
+
+    # ------------------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _state(self) -> dict:
+        """The checkpoint dict; a collective under DDP (every rank's mems, data position, RNG gathered)."""
+        mine = {"rng": ckpt_lib.rng_state(), "data_state": ckpt_lib.to_cpu(self.train_iter.state_dict()),
+                "mems": ckpt_lib.to_cpu(self.mems)}
+        ranks = [mine]
+        if self.dist.enabled:
+            ranks = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(ranks, mine)
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "data_state": mine["data_state"],
+            "rng": mine["rng"],
+            "mems": mine["mems"],
+            "ranks": ranks,
+            "world_size": self.dist.world_size,
+            "config": to_dict(self.cfg),
+            "vocab_hash": self.dataset.vocab_hash,
+            "best_valid_ppl": self.best_valid_ppl,
+            "wandb_id": self.wandb_id,
+            "train_state": {"tokens": self.tokens, "elapsed_s": self.elapsed_s,
+                            "skipped_steps": self.skipped},
+        }
+
+    def _restore(self, state: dict) -> None:
+        if state.get("vocab_hash") != self.dataset.vocab_hash:
+            raise ConfigError(f"checkpoint vocab_hash {state.get('vocab_hash')!r} does not match the data's "
+                              f"{self.dataset.vocab_hash!r}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.best_valid_ppl = float(state["best_valid_ppl"])
+        self.wandb_id = state.get("wandb_id")
+        ts = state.get("train_state", {})
+        self.tokens, self.elapsed_s = int(ts.get("tokens", 0)), float(ts.get("elapsed_s", 0.0))
+        self.skipped = int(ts.get("skipped_steps", 0))
+        ranks = state.get("ranks") or [state]
+        mine = ranks[self.dist.rank] if state.get("world_size", 1) == self.dist.world_size else None
+        if mine is None:  # another world size: positions and memories are not transferable, restart them
+            self.train_iter.load_state_dict(state["data_state"])
+            return
+        self.train_iter.load_state_dict(mine["data_state"])
+        self.mems = ckpt_lib.to_device(mine["mems"], self.device)
+        ckpt_lib.set_rng_state(mine["rng"])
+
+    def save(self, names: list[str]) -> None:
+        if not names:
+            return
+        state = self._state()
+        if self.dist.is_main:
+            for name in names:
+                ckpt_lib.save_checkpoint(self.run_dir / "ckpt" / name, state)
+        dist_lib.barrier(self.dist)
+
+    # ------------------------------------------------------------------------------------------------------
+    # one step
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x_BL, y_BL = next(self.train_iter)
+        return x_BL.to(self.device, non_blocking=True), y_BL.to(self.device, non_blocking=True)
+
+    def train_step(self, measure_activation: bool) -> dict:
+        """One optimizer step (or a skipped one). Returns the step's local figures."""
+        x_BL, y_BL = self._next_batch()
+        if not getattr(self.dataset, "carry_mems", True):
+            self.mems = self.model.init_mems(x_BL.shape[0])
+        self.net.train()
+        with SavedTensorMeter(exclude=self.params, enabled=measure_activation) as meter, \
+                autocast_context(self.amp, self.device):
+            out = self.net(x_BL, y_BL, self.mems, step=self.step)
+        loss = out.loss.float()
+        if self.step in self._nan_steps:
+            loss = loss * float("nan")
+        loss_value = float(loss.detach())
+        bad = dist_lib.any_flag(not math.isfinite(loss_value), self.dist, self.device)
+        grad_norm = None
+        if not bad:
+            self.scaler.scale(loss).backward()
+            if self.dist.enabled and self.cfg.train.grad_sync == "allreduce":
+                dist_lib.allreduce_grads(self.model, self.dist)
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(clip_grad_norm(self.params, self.cfg.optim.clip))
+            bad = not math.isfinite(grad_norm)  # grads are synced, so every rank agrees
+        if bad:
+            if self.scaler.is_enabled() and grad_norm is not None:
+                self.scaler.update()  # lets fp16 lower its scale after an overflow
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.mems = out.mems
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {"bad": bad, "loss": loss_value, "grad_norm": grad_norm, "nll_sum": float(out.nll_sum),
+                "n_tokens": int(out.n_tokens), "stats": dict(out.stats or {}),
+                "activation_bytes": meter.bytes if measure_activation else None}
+
+    # ------------------------------------------------------------------------------------------------------
+    # the loop
+
+    def _new_window(self) -> dict:
+        self.mem_meter.reset()
+        return {"loss": 0.0, "nll": 0.0, "ntok": 0, "steps": 0, "gnorm": 0.0, "time": 0.0, "bad": 0,
+                "sums": {}, "counts": {}, "act": None}
+
+    def _log_train(self, w: dict, mode: str) -> None:
+        n = max(w["steps"], 1)
+        vals = dist_lib.all_reduce_sum([w["loss"] / n, w["nll"], float(w["ntok"])], self.dist, self.device)
+        loss = vals[0] / self.dist.world_size
+        solver = dist_lib.all_reduce_mean_dict(_solver_means(w["sums"], w["counts"]), self.dist, self.device)
+        ntok_global = vals[2]
+        self.logger.log({
+            "step": self.step,
+            "mode": mode,
+            "train/loss": loss if w["steps"] else None,
+            "train/ppl": math.exp(min(vals[1] / vals[2], 700.0)) if vals[2] else None,
+            "train/tokens": self.tokens,
+            "train/skipped_steps": self.skipped,
+            "optim/lr": self.optimizer.param_groups[0]["lr"],
+            "optim/grad_norm": w["gnorm"] / n if w["steps"] else None,
+            "speed/tokens_per_s": ntok_global / max(w["time"], 1e-9),
+            "speed/step_ms": 1000.0 * w["time"] / max(w["steps"] + w["bad"], 1),
+            "mem/peak_gib": self.mem_meter.peak_gib(),
+            "mem/peak_kind": self.mem_meter.kind,
+            "mem/activation_bytes": w["act"],
+            **{f"solver/{k}": v for k, v in solver.items()},
+            "time/elapsed_s": self.elapsed_s,
+        })
+
+    def validate(self) -> dict:
+        cfg = self.cfg
+        res = evaluate(self.model, self.dataset, "valid", cfg.eval, self.step, self.device,
+                       max_tokens=cfg.train.eval_max_tokens, amp=self.amp, dist=self.dist)
+        is_deq = self.model.mode(self.step) == "deq"
+        f_max_iter = cfg.eval.f_max_iter or cfg.deq.eval_f_max_iter or cfg.deq.f_max_iter
+        f_max_iter = f_max_iter if is_deq else None
+        event = {"step": self.step, "mode": self.model.mode(self.step), "valid/loss": res["loss"],
+                 "valid/ppl": res["ppl"], "valid/tokens": res["n_tokens"], "valid/tgt_len": cfg.eval.tgt_len,
+                 "valid/mem_len": cfg.eval.mem_len, "valid/f_max_iter": f_max_iter,
+                 "valid/tokens_per_s": res["tokens_per_s"],
+                 **{f"valid/{k}": res[k] for k in SOLVER_KEYS if k in res},
+                 "train/tokens": self.tokens, "time/elapsed_s": self.elapsed_s}
+        self.logger.log(event)
+        return res
+
+    def _fail(self, step_out: dict, bad_run: int) -> None:
+        s = step_out["stats"]
+        keys = ("f_abs_res", "f_rel_res", "b_rel_res")
+        res = ", ".join(f"{k} {s[k]:.3g}" for k in keys if s.get(k) is not None)
+        raise TrainingDiverged(
+            f"step {self.step}: {bad_run} non-finite steps in a row (loss {step_out['loss']}, grad_norm "
+            f"{step_out['grad_norm']}; solver residuals: {res or 'none (no solver in this mode)'}); "
+            f"last good checkpoint in {self.run_dir / 'ckpt'}")
+
+    def fit(self) -> dict:
+        """Train to `train.max_steps`; returns the last validation result."""
+        t = self.cfg.train
+        last_valid: dict = {}
+        window = self._new_window()
+        bad_run = 0
+        try:
+            while self.step < t.max_steps:
+                self.step += 1
+                # measured on the step that is logged, so the figure belongs to the event's mode
+                measure = self.step % t.log_every == 0 or self.step == t.max_steps
+                t0 = time.perf_counter()
+                out = self.train_step(measure_activation=measure)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                self.elapsed_s += dt
+                window["time"] += dt
+                if measure:
+                    window["act"] = out["activation_bytes"]
+                if out["bad"]:
+                    self.skipped += 1
+                    bad_run += 1
+                    window["bad"] += 1
+                    self.logger.write(f"step {self.step}: non-finite loss/gradient, update skipped "
+                                      f"({bad_run} in a row)")
+                    if bad_run >= t.max_bad_steps:
+                        self._fail(out, bad_run)
+                else:
+                    bad_run = 0
+                    self.tokens += out["n_tokens"] * self.dist.world_size
+                    self.history.append((self.step, out["loss"]))
+                    window["loss"] += out["loss"]
+                    window["nll"] += out["nll_sum"]
+                    window["ntok"] += out["n_tokens"]
+                    window["gnorm"] += out["grad_norm"]
+                    window["steps"] += 1
+                    _add_stats(out["stats"], window["sums"], window["counts"])
+                last = self.step == t.max_steps
+                if self.step % t.log_every == 0 or last:
+                    self._log_train(window, self.model.mode(self.step))
+                    window = self._new_window()
+                names = []
+                t1 = time.perf_counter()
+                if (t.eval_every and self.step % t.eval_every == 0) or last:
+                    last_valid = self.validate()
+                    if last_valid["ppl"] < self.best_valid_ppl:
+                        self.best_valid_ppl = last_valid["ppl"]
+                        names.append(ckpt_lib.BEST)
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or last:
+                    names.insert(0, ckpt_lib.LAST)
+                self.elapsed_s += time.perf_counter() - t1
+                self.save(names)
+        finally:
+            self.logger.close()
+        return last_valid
+
+
+def train(cfg: ExperimentConfig, *, resume_dir: str | os.PathLike | None = None, stream=None) -> Trainer:
+    """Build a Trainer, print `run_dir: PATH`, train; returns the trainer (run_dir, history, last results)."""
+    trainer = Trainer(cfg, resume_dir=resume_dir, stream=stream)
+    if trainer.dist.is_main:
+        trainer.logger.write(f"run_dir: {trainer.run_dir}")
+        params = ", ".join(f"{k} {v:,}" for k, v in trainer.n_params.items())
+        trainer.logger.write(f"{cfg.name}: {params}; device {trainer.device}, "
+                             f"world size {trainer.dist.world_size}")
+    trainer.fit()
+    return trainer

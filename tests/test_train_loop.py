@@ -1,0 +1,114 @@
+"""The training loop on tiny CPU configs: loss falls, the log schema is complete, bad steps are skipped."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deqlm.config import load_config
+from deqlm.metrics import read_jsonl
+from deqlm.train import TrainingDiverged, train
+from deqlm.train.trainer import NAN_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "experiments" / "debug"
+
+TRAIN_KEYS = {
+    "step", "mode", "train/loss", "train/ppl", "train/tokens", "train/skipped_steps", "optim/lr",
+    "optim/grad_norm", "speed/tokens_per_s", "speed/step_ms", "mem/peak_gib", "mem/peak_kind",
+    "mem/activation_bytes", "solver/f_nstep", "solver/f_rel_res", "solver/b_nstep", "solver/b_rel_res",
+    "solver/converged_frac", "time/elapsed_s",
+}
+VALID_KEYS = {"step", "mode", "valid/loss", "valid/ppl", "valid/tgt_len", "valid/mem_len", "valid/f_max_iter",
+              "train/tokens", "time/elapsed_s"}
+
+
+def tiny(tmp_path: Path, exp: str = "transformer_deq", *overrides: str):
+    return load_config(DEBUG / f"{exp}.yaml", [f"train.run_dir={tmp_path}", "log.wandb_mode=disabled",
+                                               "log.progress=false", "train.threads=1", *overrides])
+
+
+def test_tiny_deq_transformer_trains_and_loss_falls(tmp_path):
+    trainer = train(tiny(tmp_path, "transformer_deq", "train.max_steps=30", "train.log_every=2"))
+    losses = [loss for _, loss in trainer.history]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
+    events = read_jsonl(trainer.run_dir / "metrics.jsonl")
+    train_events = [e for e in events if "train/loss" in e]
+    assert {e["mode"] for e in train_events} == {"pretrain", "deq"}
+    assert all(TRAIN_KEYS <= set(e) for e in train_events)
+    deq = [e for e in train_events if e["mode"] == "deq"]
+    assert all(e["solver/f_nstep"] is not None and e["solver/b_nstep"] is not None for e in deq)
+    assert all(e["mem/activation_bytes"] > 0 for e in train_events)
+    assert all(e["mem/peak_kind"] == "cpu_rss_max" for e in train_events)
+    valid = [e for e in events if "valid/ppl" in e]
+    assert [e["step"] for e in valid] == [15, 30]
+    assert all(VALID_KEYS <= set(e) for e in valid)
+    assert valid[-1]["valid/f_max_iter"] == 8 and valid[-1]["valid/tgt_len"] == 16
+    assert valid[-1]["valid/loss"] < losses[0] - 0.2  # held-out loss fell too (uniform guess: ln 51 = 3.93)
+
+
+def test_run_directory_holds_config_env_metrics_and_weights_only_checkpoints(tmp_path):
+    trainer = train(tiny(tmp_path, "transformer_xl", "train.max_steps=4", "train.eval_every=2",
+                         "train.ckpt_every=2", "train.log_every=2"))
+    run = trainer.run_dir
+    assert run.parent.parent.parent == tmp_path and run.parent.name == "debug_transformer_xl"
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "ckpt/last.pt", "ckpt/best.pt"):
+        assert (run / name).is_file(), name
+    env = (run / "env.json").read_text()
+    for key in ("git_sha", "git_dirty", "torch", "device", "world_size", "threads", "hostname", "start_time"):
+        assert f'"{key}"' in env
+    state = torch.load(run / "ckpt" / "last.pt", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "scaler", "step", "data_state", "rng", "config",
+                "vocab_hash", "best_valid_ppl", "wandb_id", "mems"):
+        assert key in state, key
+    assert state["step"] == 4 and isinstance(state["config"], dict)
+    # explicit core: the solver keys are present and null in every event
+    events = [e for e in read_jsonl(run / "metrics.jsonl") if "train/loss" in e]
+    assert all(e["mode"] == "unrolled" and e["solver/f_nstep"] is None for e in events)
+
+
+def test_nan_loss_is_skipped_and_counted(tmp_path, monkeypatch):
+    monkeypatch.setenv(NAN_ENV, "3,4")
+    trainer = train(tiny(tmp_path, "transformer_xl", "train.max_steps=6", "train.log_every=6"))
+    assert trainer.skipped == 2
+    assert [s for s, _ in trainer.history] == [1, 2, 5, 6]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    last = [e for e in read_jsonl(trainer.run_dir / "metrics.jsonl") if "train/loss" in e][-1]
+    assert last["train/skipped_steps"] == 2 and math.isfinite(last["train/loss"])
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run_naming_the_step(tmp_path, monkeypatch):
+    monkeypatch.setenv(NAN_ENV, "2,3,4,5")
+    with pytest.raises(TrainingDiverged, match=r"step 4: 3 non-finite steps in a row.*solver residuals"):
+        train(tiny(tmp_path, "transformer_xl", "train.max_steps=8", "train.max_bad_steps=3"))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["{debug}/transformer_deq.yaml", "train.nope=1"], "nope"),
+    (["{debug}/transformer_deq.yaml", "optim.schedule=linear"], "optim.schedule"),
+    (["{debug}/transformer_deq.yaml", "train.max_steps=abc"], "max_steps"),
+    (["{debug}/transformer_deq.yaml", "train.grad_sync=nccl_magic"], "train.grad_sync"),
+    (["{debug}/missing.yaml"], "missing.yaml"),
+    (["--resume", "/nonexistent/run"], "/nonexistent/run"),
+])
+def test_bad_config_gives_a_one_line_error(tmp_path, args, needle):
+    args = [a.format(debug=DEBUG) for a in args] + [f"train.run_dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, "-m", "deqlm.train", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("exp", sorted(p.stem for p in DEBUG.glob("*.yaml") if p.stem != "base"))
+def test_every_debug_config_trains_a_few_steps(tmp_path, exp):
+    trainer = train(tiny(tmp_path, exp, "train.max_steps=4", "train.log_every=2", "train.eval_every=4",
+                         "model.pretrain_steps=2"))
+    assert len(trainer.history) == 4 and all(math.isfinite(loss) for _, loss in trainer.history)
+    assert (trainer.run_dir / "ckpt" / "last.pt").is_file()

@@ -1,0 +1,75 @@
+"""A run killed at any moment resumes from its last checkpoint bitwise-equal losses (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deqlm.config import load_config
+from deqlm.metrics import read_jsonl
+from deqlm.train import Trainer, train
+from deqlm.train.cli import main as cli_main
+
+DEBUG = Path(__file__).resolve().parents[1] / "experiments" / "debug"
+
+
+class Killed(Exception):
+    pass
+
+
+def tiny(tmp_path: Path, exp: str, *overrides: str):
+    # dropout on: resuming must restore the RNG that draws the masks
+    return load_config(DEBUG / f"{exp}.yaml", [
+        f"train.run_dir={tmp_path}", "log.wandb_mode=disabled", "log.progress=false", "train.threads=1",
+        "train.max_steps=8", "train.log_every=1", "train.ckpt_every=4", "train.eval_every=3",
+        "model.dropout=0.1", *overrides])
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {e["step"]: e["train/loss"] for e in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in e}
+
+
+@pytest.mark.parametrize("exp", ["transformer_deq", "transformer_xl"])
+def test_kill_and_resume_equals_uninterrupted_bitwise(tmp_path, monkeypatch, exp):
+    # DEQ: pretraining until step 3, then DEQ; the checkpoint at 4 sits after the switch
+    extra = ["model.pretrain_steps=3"] if exp == "transformer_deq" else []
+    full = train(tiny(tmp_path / "a", exp, *extra))
+
+    real_step = Trainer.train_step
+
+    def dying_step(self, measure_activation):
+        if self.step == 6:  # killed mid-run, two steps after the checkpoint at step 4
+            raise Killed
+        return real_step(self, measure_activation)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    cfg = tiny(tmp_path / "b", exp, *extra)
+    trainer = Trainer(cfg)
+    with pytest.raises(Killed):
+        trainer.fit()
+    run_dir = trainer.run_dir
+    assert max(train_losses(run_dir)) == 5  # step 5 was logged after the checkpoint, and will be redone
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+
+    resumed = Trainer(cfg, resume_dir=run_dir)
+    assert resumed.step == 4
+    resumed.fit()
+    assert resumed.history == [h for h in full.history if h[0] > 4]
+    assert train_losses(run_dir) == train_losses(full.run_dir)  # bitwise: float repr round-trips
+    valid = [(e["step"], e["valid/ppl"]) for e in read_jsonl(run_dir / "metrics.jsonl") if "valid/ppl" in e]
+    assert valid == [(e["step"], e["valid/ppl"]) for e in read_jsonl(full.run_dir / "metrics.jsonl")
+                     if "valid/ppl" in e]
+
+
+def test_cli_resume_continues_the_run_directory(tmp_path, capsys):
+    cfg_args = [str(DEBUG / "transformer_xl.yaml"), f"train.run_dir={tmp_path}", "log.wandb_mode=disabled",
+                "log.progress=false", "train.threads=1", "train.max_steps=4", "train.ckpt_every=2",
+                "train.log_every=2", "train.eval_every=0"]
+    assert cli_main(cfg_args) == 0
+    out = capsys.readouterr().out
+    run_dir = Path(next(ln for ln in out.splitlines() if ln.startswith("run_dir: "))[len("run_dir: "):])
+    assert cli_main(["--resume", str(run_dir), "train.max_steps=6"]) == 0
+    steps = sorted(train_losses(run_dir))
+    assert steps == [2, 4, 6]
+    assert (run_dir / "env-resume-4.json").is_file()
