@@ -1,0 +1,183 @@
+"""Figures of the comparison report: validation curves, peak memory, solver statistics over training.
+
+Every figure is titled, has labelled axes with units and a legend naming each run; a run keeps one colour and
+label across figures (a DEQ run and its explicit twin share a colour: DEQ solid, explicit dashed or hatched).
+Each function returns False, writing nothing, when no run has the data it plots.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from deqlm.io import atomic_write_bytes
+
+
+def as_number(value: Any) -> float | None:
+    """A finite float, or None for missing / non-numeric / NaN / inf log values."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def log_series(events: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    """(x, y) of the metrics.jsonl events that carry both keys as finite numbers."""
+    xs, ys = [], []
+    for e in events:
+        xv, yv = as_number(e.get(x)), as_number(e.get(key))
+        if xv is not None and yv is not None:
+            xs.append(xv)
+            ys.append(yv)
+    return xs, ys
+
+
+def log_values(events: list[dict], key: str) -> list[float]:
+    return [v for v in (as_number(e.get(key)) for e in events) if v is not None]
+
+
+def run_styles(runs: list[dict]) -> dict[str, dict]:
+    """One colour per pair (or experiment), solid for DEQ and dashed for explicit; labels name each run."""
+    import matplotlib.pyplot as plt
+
+    keys = sorted({r["row"]["pair"] or r["row"]["experiment"] for r in runs})
+    colours = plt.get_cmap("tab10").colors
+    counts = defaultdict(int)
+    for r in runs:
+        counts[r["row"]["experiment"]] += 1
+    style = {}
+    for r in runs:
+        row = r["row"]
+        label = (
+            row["experiment"] if counts[row["experiment"]] == 1 else f"{row['experiment']} @ {r['dir'].name}"
+        )
+        label += " (DEQ)" if row["core"] == "deq" else " (explicit)"
+        style[row["run"]] = {
+            "color": colours[keys.index(row["pair"] or row["experiment"]) % len(colours)],
+            "linestyle": "-" if row["core"] == "deq" else "--",
+            "label": label,
+        }
+    return style
+
+
+def _time_axis(runs: list[dict]) -> tuple[float, str]:
+    longest = max((max(log_values(r["events"], "time/elapsed_s") or [0.0]) for r in runs), default=0.0)
+    if longest >= 2 * 3600:
+        return 3600.0, "hours"
+    return (60.0, "minutes") if longest >= 120 else (1.0, "seconds")
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_curves(runs: list[dict], path: Path, title: str, style: dict[str, dict]) -> bool:
+    """Validation perplexity (loss for copy memory) vs optimizer step and vs wall-clock time."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
+
+    copy_task = all(r["row"]["corpus"] == "copy" for r in runs)
+    key, ylabel = (
+        ("valid/loss", "validation loss (CE per position, nats, log scale)")
+        if copy_task
+        else ("valid/ppl", "validation perplexity (log scale)")
+    )
+    if not any(log_values(r["events"], key) for r in runs):
+        return False
+    scale, unit = _time_axis(runs)
+    fig, (ax_s, ax_t) = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    for r in runs:
+        st = style[r["row"]["run"]]
+        xs, ys = log_series(r["events"], key)
+        ax_s.plot(xs, ys, marker="o", markersize=3, **st)
+        ts, ys_t = log_series(r["events"], key, x="time/elapsed_s")
+        ax_t.plot([t / scale for t in ts], ys_t, marker="o", markersize=3, **st)
+    # log scale when possible: early perplexities are orders of magnitude above the final ones
+    yscale = "log" if all(v > 0 for r in runs for v in log_values(r["events"], key)) else "linear"
+    if yscale == "linear":
+        ylabel = ylabel.replace(" (log scale)", "")
+    ax_s.set(
+        xlabel="training step (optimizer updates)", ylabel=ylabel, yscale=yscale, title="vs training step"
+    )
+    ax_t.set(xlabel=f"wall-clock training time ({unit})", yscale=yscale, title="vs wall-clock time")
+    for ax in (ax_s, ax_t):
+        ax.grid(True, which="both", alpha=0.3)
+        if yscale == "log":  # plain numbers (35, 40) instead of 3.5x10^1 on short log ranges
+            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    what = "Validation loss" if copy_task else "Validation perplexity"
+    fig.suptitle(f"{title}: {what} during training (training-log figures, not eval.json)")
+    handles, labels = ax_s.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), bbox_to_anchor=(0.5, -0.08))
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_memory(runs: list[dict], path: Path, title: str, style: dict[str, dict]) -> bool:
+    """Peak training memory per run (horizontal bars, value printed on each)."""
+    import matplotlib.pyplot as plt
+
+    have = [r for r in runs if r["row"]["peak_train_mem_gib"] is not None]
+    if not have:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(have) + 1.6))
+    for i, r in enumerate(have):
+        st, gib = style[r["row"]["run"]], r["row"]["peak_train_mem_gib"]
+        ax.barh(i, gib, color=st["color"], hatch="" if r["row"]["core"] == "deq" else "//", edgecolor="black")
+        ax.text(gib, i, f" {gib:.3g} GiB", va="center")
+    ax.set_yticks(range(len(have)), [style[r["row"]["run"]]["label"] for r in have])
+    ax.invert_yaxis()
+    kinds = sorted({r["row"]["peak_mem_kind"] for r in have if r["row"]["peak_mem_kind"]})
+    ax.set_xlabel("peak training memory (GiB)" + (f" [{', '.join(kinds)}]" if kinds else ""))
+    ax.set_xlim(0, max(r["row"]["peak_train_mem_gib"] for r in have) * 1.25)
+    ax.set_title(f"{title}: peak training memory per run (hatched: explicit)")
+    ax.grid(True, axis="x", alpha=0.3)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_solver(runs: list[dict], path: Path, title: str, style: dict[str, dict]) -> bool:
+    """Solver steps and relative residual over training; forward solid, backward (adjoint) dotted."""
+    import matplotlib.pyplot as plt
+
+    have = [r for r in runs if log_values(r["events"], "solver/f_nstep")]
+    if not have:
+        return False
+    fig, (ax_n, ax_r) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for r in have:
+        st = dict(style[r["row"]["run"]])
+        label = st.pop("label")
+        st.pop("linestyle")
+        for ax, fkey, bkey in (
+            (ax_n, "solver/f_nstep", "solver/b_nstep"),
+            (ax_r, "solver/f_rel_res", "solver/b_rel_res"),
+        ):
+            ax.plot(*log_series(r["events"], fkey), linestyle="-", label=f"{label} forward", **st)
+            if log_values(r["events"], bkey):
+                ax.plot(*log_series(r["events"], bkey), linestyle=":", label=f"{label} backward", **st)
+    ax_n.set(
+        xlabel="training step (optimizer updates)",
+        ylabel="solver iterations per solve",
+        title="solver steps",
+    )
+    ax_r.set(
+        xlabel="training step (optimizer updates)",
+        ylabel="relative residual ||f(z)-z||/||f(z)|| (log scale)",
+        yscale="log",
+        title="residual at exit",
+    )
+    for ax in (ax_n, ax_r):
+        ax.grid(True, which="both", alpha=0.3)
+    fig.subplots_adjust(wspace=0.3)
+    fig.suptitle(f"{title}: equilibrium solver over training (DEQ mode only)")
+    handles, labels = ax_n.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(2, len(labels)), bbox_to_anchor=(0.5, -0.1))
+    _save(fig, path)
+    plt.close(fig)
+    return True

@@ -1,0 +1,460 @@
+"""Comparison report: one row per run, DEQ runs paired with their explicit twins, training-curve plots.
+
+Reads each run's ``config.yaml``, ``metrics.jsonl`` and ``eval.json`` (never a checkpoint) and writes
+``summary.md``, ``summary.csv`` and PNG plots. The command line groups runs by corpus:
+
+    python -m deqlm.eval.report [RUNS ...] [--out results] [--title TEXT]  ->  results/<corpus>/summary.md
+
+Test and validation figures come from ``eval.json`` (whole split, Transformer-XL protocol); the training log's
+last validation figure is shown only as ``last_logged_valid_ppl``. Pairing rules are in docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import io
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from deqlm.config import ExperimentConfig
+from deqlm.eval.perplexity import (
+    CKPT_ORDER,
+    RunError,
+    discover_runs,
+    is_run_dir,
+    load_run_config,
+    read_eval_json,
+)
+from deqlm.eval.plots import log_values, plot_curves, plot_memory, plot_solver, run_styles
+from deqlm.io import atomic_write_text
+
+COLUMNS = [
+    "run", "experiment", "corpus", "arch", "core", "pair", "steps", "params_total", "params_nonembedding",
+    "valid_ppl", "test_ppl", "valid_loss", "test_loss", "test_word_ppl", "best_possible_ppl", "paper_test",
+    "paper_row", "last_logged_valid_ppl", "peak_train_mem_gib", "peak_mem_kind", "activation_bytes",
+    "tokens_per_s", "eval_tokens_per_s", "f_nstep_mean", "f_rel_res_mean", "b_nstep_mean",
+    "converged_frac_mean", "train_time_s", "eval_step", "eval_batch_size", "eval_tgt_len", "eval_mem_len",
+    "eval_clamp_len", "eval_f_max_iter", "eval_f_tol", "eval_partial", "twin", "mem_ratio", "ppl_gap",
+]  # fmt: skip
+PAIR_COLUMNS = [
+    "pair", "deq_run", "explicit_run", "deq_test", "explicit_test", "ppl_gap", "deq_mem_gib",
+    "explicit_mem_gib", "mem_ratio", "deq_params_nonembedding", "explicit_params_nonembedding", "speed_ratio",
+    "notes",
+]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# reading one run
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl as a list of flat dicts. A torn final line (no newline: the trainer is mid-write) is
+    dropped; any other unparsable line makes the run bad."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise RunError(run_dir, "missing metrics.jsonl")
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    events: list[dict] = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            if i == len(lines) and not text.endswith("\n"):
+                break
+            raise RunError(run_dir, f"corrupt metrics.jsonl (line {i} is not JSON)") from None
+        if not isinstance(event, dict):
+            raise RunError(run_dir, f"corrupt metrics.jsonl (line {i} is not a JSON object)")
+        events.append(event)
+    return events
+
+
+def _agg(values: list[float], how) -> float | None:
+    return how(values) if values else None
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(round(value))
+
+
+def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: dict | None) -> dict:
+    """One report row (keys: COLUMNS) from the config, the training log and eval.json."""
+    ev = ev or {}
+    settings = ev.get("settings") or {}
+    splits = ev.get("splits") or {}
+    deq_events = [e for e in events if e.get("mode", "deq") == "deq"]
+    row: dict[str, Any] = {c: None for c in COLUMNS}
+    row.update(
+        run="/".join(run_dir.resolve().parts[-3:]),
+        experiment=cfg.name,
+        corpus=cfg.data.dataset,
+        arch=cfg.model.arch,
+        core=cfg.model.core,
+        pair=cfg.pair or None,
+        steps=_int(_agg(log_values(events, "step"), max)),
+        params_total=ev.get("params_total"),
+        params_nonembedding=ev.get("params_nonembedding"),
+        valid_ppl=ev.get("valid_ppl"),
+        test_ppl=ev.get("test_ppl"),
+        valid_loss=ev.get("valid_loss"),
+        test_loss=ev.get("test_loss"),
+        test_word_ppl=ev.get("test_word_ppl"),
+        best_possible_ppl=ev.get("best_possible_ppl"),
+        paper_test=cfg.paper_test,
+        paper_row=cfg.paper_row or None,
+        last_logged_valid_ppl=(log_values(events, "valid/ppl") or [None])[-1],
+        peak_train_mem_gib=_agg(log_values(events, "mem/peak_gib"), max),
+        peak_mem_kind=next((e["mem/peak_kind"] for e in reversed(events) if "mem/peak_kind" in e), None),
+        activation_bytes=_int(_agg(log_values(events, "mem/activation_bytes"), max)),
+        tokens_per_s=_agg(log_values(events, "speed/tokens_per_s"), statistics.median),
+        eval_tokens_per_s=(splits.get("test") or splits.get("valid") or {}).get("tokens_per_s"),
+        f_nstep_mean=_agg(log_values(deq_events, "solver/f_nstep"), statistics.fmean),
+        f_rel_res_mean=_agg(log_values(deq_events, "solver/f_rel_res"), statistics.fmean),
+        b_nstep_mean=_agg(log_values(deq_events, "solver/b_nstep"), statistics.fmean),
+        converged_frac_mean=_agg(log_values(deq_events, "solver/converged_frac"), statistics.fmean),
+        train_time_s=_agg(log_values(events, "time/elapsed_s"), max),
+        eval_step=(ev.get("checkpoint") or {}).get("step"),
+        eval_batch_size=settings.get("batch_size"),
+        eval_tgt_len=settings.get("tgt_len"),
+        eval_mem_len=settings.get("mem_len"),
+        eval_clamp_len=settings.get("clamp_len"),
+        eval_f_max_iter=settings.get("f_max_iter"),
+        eval_f_tol=settings.get("f_tol"),
+        eval_partial=ev.get("partial") if ev else None,
+    )
+    return row
+
+
+def collect_run(run_dir: str | Path) -> dict:
+    """``{"dir", "cfg", "events", "eval", "row", "warnings"}`` of one run; RunError when it is unusable."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(run_dir, "no such directory")
+    cfg = load_run_config(run_dir)
+    events = read_metrics(run_dir)
+    ev = read_eval_json(run_dir)
+    has_ckpt = any((run_dir / "ckpt" / n).is_file() for n in CKPT_ORDER)
+    warnings = []
+    if ev is None and not has_ckpt:
+        raise RunError(run_dir, "no checkpoint and no eval.json")
+    if ev is None:
+        warnings.append(
+            f"warning: {run_dir}: no eval.json, test figures left blank (run `make eval RUN={run_dir}`)"
+        )
+    elif ev.get("partial"):
+        warnings.append(
+            f"warning: {run_dir}: eval.json was made with max_tokens={ev['settings']['max_tokens']}"
+        )
+    return {
+        "dir": run_dir,
+        "cfg": cfg,
+        "events": events,
+        "eval": ev,
+        "row": summarize_run(run_dir, cfg, events, ev),
+        "warnings": warnings,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# pairing
+
+
+def _headline(row: dict) -> float | None:
+    """The figure a pair is compared on: test ppl (test loss for copy memory), else the valid one."""
+    if row["corpus"] == "copy":
+        return row["test_loss"] if row["test_loss"] is not None else row["valid_loss"]
+    return row["test_ppl"] if row["test_ppl"] is not None else row["valid_ppl"]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def pair_runs(runs: list[dict]) -> list[dict]:
+    """DEQ run x explicit twin rows; fills ``twin``, ``mem_ratio`` and ``ppl_gap`` in the runs' own rows.
+
+    Runs pair when they share corpus and a non-empty ``pair`` and one is ``core=deq``, the other ``unrolled``.
+    Of several runs of one experiment, the newest evaluated one (else the newest) represents it.
+    """
+    latest: dict[tuple[str, str, str], dict] = {}
+    for run in sorted(runs, key=lambda r: (r["eval"] is not None, r["dir"].name)):
+        row = run["row"]
+        if row["pair"]:
+            latest[(row["corpus"], row["pair"], row["experiment"])] = run
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for (corpus, pair, _), run in sorted(latest.items()):
+        groups[(corpus, pair)].append(run)
+    pairs = []
+    for (_, pair), members in groups.items():
+        for d in (m for m in members if m["row"]["core"] == "deq"):
+            for x in (m for m in members if m["row"]["core"] == "unrolled"):
+                dr, xr = d["row"], x["row"]
+                gap = (
+                    None if _headline(dr) is None or _headline(xr) is None else _headline(dr) - _headline(xr)
+                )
+                mem_ratio = _ratio(dr["peak_train_mem_gib"], xr["peak_train_mem_gib"])
+                pairs.append({
+                    "pair": pair, "deq_run": dr["run"], "explicit_run": xr["run"],
+                    "deq_test": _headline(dr), "explicit_test": _headline(xr), "ppl_gap": gap,
+                    "deq_mem_gib": dr["peak_train_mem_gib"], "explicit_mem_gib": xr["peak_train_mem_gib"],
+                    "mem_ratio": mem_ratio, "deq_params_nonembedding": dr["params_nonembedding"],
+                    "explicit_params_nonembedding": xr["params_nonembedding"],
+                    "speed_ratio": _ratio(xr["tokens_per_s"], dr["tokens_per_s"]),
+                    "notes": "; ".join(_budget_differences(d["cfg"], x["cfg"], dr, xr)),
+                })  # fmt: skip
+                dr.update(twin=xr["run"], mem_ratio=mem_ratio, ppl_gap=gap)
+                xr["twin"] = xr["twin"] or dr["run"]
+    return pairs
+
+
+def _budget_differences(dc: ExperimentConfig, xc: ExperimentConfig, dr: dict, xr: dict) -> list[str]:
+    """Same data, same budget is the pairing's premise; say so where it does not hold."""
+    checks = {
+        "data": (dc.data.dataset, xc.data.dataset), "tokenizer": (dc.data.tokenizer, xc.data.tokenizer),
+        "batch": (dc.data.batch_size, xc.data.batch_size), "tgt_len": (dc.data.tgt_len, xc.data.tgt_len),
+        "max_steps": (dc.train.max_steps, xc.train.max_steps),
+        "eval settings": ((dr["eval_tgt_len"], dr["eval_mem_len"]), (xr["eval_tgt_len"], xr["eval_mem_len"])),
+    }  # fmt: skip
+    return [f"{k} differs ({a} vs {b})" for k, (a, b) in checks.items() if a != b]
+
+
+# ------------------------------------------------------------------------------------------------
+# tables
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e6):
+            return f"{value:.{digits - 1}e}"
+        return f"{value:.{digits}g}"
+    return str(value).replace("|", "/")
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _csv_text(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+    return buf.getvalue()
+
+
+def render_markdown(
+    title: str, rows: list[dict], pairs: list[dict], plots: list[str], warnings: list[str]
+) -> str:
+    copy_task = bool(rows) and all(r["corpus"] == "copy" for r in rows)
+    metric = "loss" if copy_task else "ppl"
+    mib = [None if r["activation_bytes"] is None else r["activation_bytes"] / 2**20 for r in rows]
+    runs_table = _md_table(
+        ["run", "core", "pair", "params (non-emb)", f"valid {metric}", f"test {metric}"]
+        + ([] if copy_task else ["best possible ppl"])
+        + [
+            "paper test",
+            "peak train mem (GiB)",
+            "activations (MiB)",
+            "train tok/s",
+            "f_nstep (mean)",
+            "eval tgt/mem/f_max_iter",
+        ],
+        [
+            [
+                r["run"],
+                r["core"],
+                r["pair"],
+                r["params_nonembedding"],
+                r[f"valid_{metric}"],
+                r[f"test_{metric}"],
+            ]
+            + ([] if copy_task else [r["best_possible_ppl"]])
+            + [
+                r["paper_test"],
+                r["peak_train_mem_gib"],
+                m,
+                r["tokens_per_s"],
+                r["f_nstep_mean"],
+                "/".join(_fmt(r[k]) for k in ("eval_tgt_len", "eval_mem_len", "eval_f_max_iter")),
+            ]
+            for r, m in zip(rows, mib)
+        ],
+    )
+    out = [
+        f"# {title}",
+        "",
+        f"Generated {_dt.date.today().isoformat()} by `python -m deqlm.eval.report` from {len(rows)} run(s). "
+        f"Valid/test figures come from each run's `eval.json` (whole split, Transformer-XL protocol, memory "
+        f"carried across segments); memory, speed and solver figures from `metrics.jsonl` (training). "
+        f"Columns are described in docs/evaluation.md; every column is in `summary.csv`.",
+        "",
+        "## Runs",
+        "",
+        runs_table,
+        "",
+    ]
+    if pairs:
+        out += [
+            "## DEQ vs explicit twin",
+            "",
+            f"gap = DEQ minus explicit test {metric} (negative: DEQ better); memory ratio = DEQ / explicit "
+            f"peak training memory; speed ratio = explicit / DEQ training tokens/s (>1: DEQ slower).",
+            "",
+            _md_table(
+                [
+                    "pair",
+                    "DEQ run",
+                    "explicit run",
+                    f"DEQ {metric}",
+                    f"explicit {metric}",
+                    "gap",
+                    "DEQ mem (GiB)",
+                    "explicit mem (GiB)",
+                    "memory ratio",
+                    "speed ratio",
+                    "notes",
+                ],
+                [
+                    [
+                        p["pair"],
+                        p["deq_run"],
+                        p["explicit_run"],
+                        p["deq_test"],
+                        p["explicit_test"],
+                        p["ppl_gap"],
+                        p["deq_mem_gib"],
+                        p["explicit_mem_gib"],
+                        p["mem_ratio"],
+                        p["speed_ratio"],
+                        p["notes"],
+                    ]
+                    for p in pairs
+                ],
+            ),
+            "",
+        ]
+    if plots:
+        out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
+    if warnings:
+        out += ["## Warnings", ""] + [f"- {w.removeprefix('warning: ')}" for w in warnings] + [""]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# entry points
+
+
+def write_report(run_dirs, out_dir, title: str, *, skip_bad: bool = False, log=print) -> list[dict]:
+    """Render summary.md, summary.csv and plots for ``run_dirs`` into ``out_dir``; returns the rows.
+
+    A bad run raises RunError, or with ``skip_bad`` is left out with a ``warning:`` line passed to ``log``.
+    """
+    out_dir = Path(out_dir)
+    runs, warnings = [], []
+    for run_dir in run_dirs:
+        try:
+            run = collect_run(run_dir)
+        except RunError as exc:
+            if not skip_bad:
+                raise
+            warnings.append(f"warning: {exc} (skipped)")
+            log(warnings[-1])
+            continue
+        for w in run["warnings"]:
+            log(w)
+        warnings += run["warnings"]
+        runs.append(run)
+    runs.sort(
+        key=lambda r: (r["row"]["pair"] or "~", r["row"]["core"], r["row"]["experiment"], r["dir"].name)
+    )
+    pairs = pair_runs(runs)
+    rows = [r["row"] for r in runs]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = []
+    if runs:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        style = run_styles(runs)  # one colour and label per run across every figure
+        for name, fn in (
+            ("perplexity.png", plot_curves),
+            ("memory.png", plot_memory),
+            ("solver.png", plot_solver),
+        ):
+            if fn(runs, out_dir / name, title, style):
+                plots.append(name)
+    atomic_write_text(out_dir / "summary.csv", _csv_text(rows, COLUMNS))
+    if pairs:
+        atomic_write_text(out_dir / "pairs.csv", _csv_text(pairs, PAIR_COLUMNS))
+    atomic_write_text(out_dir / "summary.md", render_markdown(title, rows, pairs, plots, warnings))
+    log(f"wrote {out_dir / 'summary.md'} ({len(rows)} runs, {len(pairs)} pairs, {len(plots)} plots)")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deqlm.eval.report",
+        description="Summary tables and plots per corpus under OUT/<corpus>/.",
+    )
+    parser.add_argument(
+        "runs", nargs="*", default=["results/runs"], help="run directories or folders of runs"
+    )
+    parser.add_argument("--out", default="results", help="output root (default: results)")
+    parser.add_argument("--title", default="", help="report title (default: '<corpus>: DEQ vs explicit')")
+    args = parser.parse_args(argv)
+
+    paths = [Path(p) for p in args.runs]
+    for p in paths:
+        if not p.exists():
+            print(f"error: {p}: no such directory", file=sys.stderr)
+            return 1
+    single = len(paths) == 1 and is_run_dir(paths[0])
+    run_dirs = [r for p in paths for r in discover_runs(p)]
+    if not run_dirs:
+        print(f"error: {', '.join(map(str, paths))}: no run directories found", file=sys.stderr)
+        return 1
+    by_corpus: dict[str, list[Path]] = defaultdict(list)
+    n_bad = 0
+    for run_dir in run_dirs:
+        try:
+            by_corpus[load_run_config(run_dir).data.dataset].append(run_dir)
+        except RunError as exc:
+            if single:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            n_bad += 1
+            print(f"warning: {exc} (skipped)", file=sys.stderr)
+    for corpus, dirs in sorted(by_corpus.items()):
+        title = args.title or f"{corpus}: DEQ vs explicit"
+
+        def log(msg: str) -> None:
+            print(msg, file=sys.stderr if msg.startswith(("warning", "error")) else sys.stdout)
+
+        try:
+            rows = write_report(dirs, Path(args.out) / corpus, title, skip_bad=not single, log=log)
+        except RunError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        n_bad += len(dirs) - len(rows)
+    return 1 if n_bad == len(run_dirs) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""`python -m deqlm.eval` on tiny fixture runs: it writes the Transformer-XL perplexity computed independently
+here, records and applies eval overrides, detects stale eval.json, and fails on one line for bad runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from deqlm.config import ExperimentConfig, save_config, to_dict
+from deqlm.eval.perplexity import EvalRequest, eval_settings
+from deqlm.eval.perplexity import main as eval_main
+
+
+def tiny_config(tmp_path: Path, core: str) -> ExperimentConfig:
+    cfg = ExperimentConfig(name=f"tiny_{core}", pair="tiny")
+    cfg.data.dataset = "synthetic"
+    cfg.data.data_dir = str(tmp_path / "data")
+    cfg.data.synth_vocab = 30
+    cfg.data.synth_train_tokens = 1000  # valid and test get 2000 tokens each
+    m = cfg.model
+    m.core, m.n_layer, m.d_model, m.d_embed, m.n_head, m.d_head, m.d_inner = core, 2, 16, 16, 2, 8, 32
+    m.dropout, m.weight_norm, m.pretrain_steps, m.init_std = 0.0, False, 0, 0.05
+    cfg.deq.f_max_iter, cfg.deq.b_max_iter = 6, 6
+    cfg.eval.batch_size, cfg.eval.tgt_len, cfg.eval.mem_len = 4, 24, 24
+    cfg.train.device = "cpu"
+    return cfg
+
+
+def make_trained_run(tmp_path: Path, core: str = "unrolled") -> tuple[Path, ExperimentConfig]:
+    """A run directory as the trainer leaves it; the 'trained' model is a seeded random init (step 3)."""
+    from deqlm.data import build_dataset
+    from deqlm.models import build_model
+
+    cfg = tiny_config(tmp_path, core)
+    ds = build_dataset(cfg.data)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.deq, vocab_size=ds.vocab_size)
+    run = tmp_path / "runs" / "synthetic" / cfg.name / "20250101-000000"
+    save_config(cfg, run / "config.yaml")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 3, "valid/ppl": 1.0, "train/loss": 3.0}) + "\n")
+    (run / "env.json").write_text("{}\n")
+    (run / "ckpt").mkdir()
+    torch.save({"model": model.state_dict(), "step": 3, "config": to_dict(cfg), "vocab_hash": ds.vocab_hash},
+               run / "ckpt" / "best.pt")  # fmt: skip
+    return run, cfg
+
+
+def reference_nll(run: Path, cfg: ExperimentConfig, split: str, *, mem_len: int, f_max_iter=None):
+    """Transformer-XL protocol written out by hand: B contiguous columns, segments of tgt_len, memory carried,
+    every target token of the columns counted once (the last, short segment included)."""
+    from deqlm.data import build_dataset
+    from deqlm.models import build_model
+
+    ds = build_dataset(cfg.data)
+    model = build_model(cfg.model, cfg.deq, vocab_size=ds.vocab_size)
+    model.load_state_dict(torch.load(run / "ckpt" / "best.pt", weights_only=True)["model"])
+    model.eval()
+    model.set_eval_solver(f_max_iter=f_max_iter, mem_len=mem_len)
+    B, L = cfg.eval.batch_size, cfg.eval.tgt_len
+    ids = torch.as_tensor(ds.ids(split).astype("int64"))
+    S = len(ids) // B
+    cols_BS = ids[: B * S].view(B, S)
+    nll, n = 0.0, 0
+    mems = model.init_mems(B)
+    with torch.no_grad():
+        for i in range(0, S - 1, L):
+            x_BL = cols_BS[:, i : min(i + L, S - 1)]
+            y_BL = cols_BS[:, i + 1 : min(i + L, S - 1) + 1]
+            out = model(x_BL, y_BL, mems, step=3)
+            mems = out.mems
+            nll += float(out.nll_sum)
+            n += int(out.n_tokens)
+    assert n == B * (S - 1)
+    return nll, n
+
+
+def test_eval_reproduces_independent_transformer_xl_perplexity(tmp_path):
+    run, cfg = make_trained_run(tmp_path, "unrolled")
+    assert eval_main([str(run)]) == 0
+    record = json.loads((run / "eval.json").read_text())
+    for split in ("valid", "test"):
+        nll, n = reference_nll(run, cfg, split, mem_len=24)
+        res = record["splits"][split]
+        assert res["n_tokens"] == n
+        assert res["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+        assert record[f"{split}_ppl"] == res["ppl"]
+    assert record["settings"]["mem_len"] == 24 and record["checkpoint"]["step"] == 3
+    assert record["checkpoint"]["file"] == "ckpt/best.pt"
+    assert record["params_nonembedding"] > 0 and record["partial"] is False
+    assert record["best_possible_ppl"] > 1.0  # synthetic corpus: exp(entropy rate)
+    assert record["splits"]["test"]["tokens_per_s"] > 0 and record["peak_mem_gib"] > 0
+
+
+def test_eval_overrides_are_applied_and_recorded(tmp_path):
+    run, cfg = make_trained_run(tmp_path, "deq")
+    assert eval_main([str(run), "split=valid", "eval.mem_len=8", "eval.f_max_iter=3"]) == 0
+    record = json.loads((run / "eval.json").read_text())
+    assert set(record["splits"]) == {"valid"}
+    assert record["settings"]["mem_len"] == 8 and record["settings"]["f_max_iter"] == 3
+    nll, n = reference_nll(run, cfg, "valid", mem_len=8, f_max_iter=3)
+    assert record["valid_ppl"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert record["splits"]["valid"]["f_nstep"] is not None
+
+
+def test_copy_memory_reports_test_loss_not_perplexity(tmp_path):
+    from deqlm.data import build_dataset
+    from deqlm.models import build_model
+
+    cfg = tiny_config(tmp_path, "unrolled")
+    cfg.name, cfg.data.dataset, cfg.model.n_classes = "tiny_copy", "copy", 10
+    cfg.data.copy_T, cfg.data.copy_n_train, cfg.data.copy_n_test = 10, 8, 6
+    ds = build_dataset(cfg.data)
+    model = build_model(cfg.model, cfg.deq, vocab_size=ds.vocab_size)
+    run = tmp_path / "runs" / "copy" / cfg.name / "s1"
+    save_config(cfg, run / "config.yaml")
+    (run / "ckpt").mkdir()
+    torch.save({"model": model.state_dict(), "step": 1}, run / "ckpt" / "last.pt")
+    assert eval_main([str(run), "split=test"]) == 0
+    record = json.loads((run / "eval.json").read_text())
+    assert record["test_ppl"] is None
+    assert record["splits"]["test"]["n_tokens"] == 6 * (10 + 20)  # every position of every test sequence
+    assert 0 < record["test_loss"] == pytest.approx(record["splits"]["test"]["nll_sum"] / (6 * 30))
+
+
+def test_root_mode_skips_up_to_date_runs_and_reevaluates_stale_ones(tmp_path, capsys):
+    run, _ = make_trained_run(tmp_path, "unrolled")
+    root = tmp_path / "runs"
+    assert eval_main([str(root), "split=valid"]) == 0
+    first = (run / "eval.json").stat().st_mtime_ns
+    assert eval_main([str(root), "split=valid"]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert (run / "eval.json").stat().st_mtime_ns == first
+    assert eval_main([str(root), "split=valid", "eval.mem_len=12"]) == 0  # other settings: stale
+    assert json.loads((run / "eval.json").read_text())["settings"]["mem_len"] == 12
+    ckpt = run / "ckpt" / "best.pt"
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))  # a newer checkpoint
+    before = (run / "eval.json").stat().st_mtime_ns
+    assert eval_main([str(root), "split=valid", "eval.mem_len=12"]) == 0
+    assert (run / "eval.json").stat().st_mtime_ns != before
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bad run directories (no model needed)
+
+
+def fake_run(tmp_path: Path, name: str = "r") -> Path:
+    run = tmp_path / "runs" / "synthetic" / name / "s1"
+    save_config(ExperimentConfig(name=name), run / "config.yaml")
+    (run / "metrics.jsonl").write_text("")
+    (run / "ckpt").mkdir()
+    torch.save({"model": {}, "step": 5}, run / "ckpt" / "last.pt")
+    return run
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("config", "missing config.yaml"),
+        ("ckpt", "no checkpoint"),
+        ("corrupt_ckpt", "cannot read ckpt/last.pt"),
+    ],
+)
+def test_bad_run_gives_one_line_error(tmp_path, capsys, breakage, message):
+    run = fake_run(tmp_path)
+    args = [str(run)]
+    if breakage == "config":
+        (run / "config.yaml").unlink()
+    elif breakage == "ckpt":
+        (run / "ckpt" / "last.pt").unlink()
+    elif breakage == "corrupt_ckpt":
+        (run / "ckpt" / "last.pt").write_bytes(b"\x00not a checkpoint")
+    assert eval_main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {run}: ") and message in err[0]
+
+
+def test_root_mode_warns_about_bad_runs_and_continues(tmp_path, capsys):
+    bad = fake_run(tmp_path, "bad")
+    (bad / "ckpt" / "last.pt").unlink()
+    good = fake_run(tmp_path, "good")
+    cfg = ExperimentConfig(name="good")
+    settings = eval_settings(cfg, EvalRequest())
+    ckpt = good / "ckpt" / "last.pt"
+    (good / "eval.json").write_text(json.dumps({
+        "checkpoint": {"file": "ckpt/last.pt", "step": 5, "mtime": ckpt.stat().st_mtime},
+        "settings": settings, "splits": {"valid": {}, "test": {}}}))  # fmt: skip
+    assert eval_main([str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr()
+    assert f"up to date: {good}" in out.out
+    warnings = out.err.strip().splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {bad}: no checkpoint")
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    assert eval_main([str(tmp_path), "split=train"]) == 2
+    assert eval_main([str(tmp_path), "model.d_model=3"]) == 2  # the checkpoint fixes everything but eval.*
+    assert eval_main([str(tmp_path / "missing")]) == 1
+    assert eval_main([str(tmp_path)]) == 1  # a folder with no runs
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err)
+    assert "only eval.* settings" in err[1]

@@ -1,0 +1,149 @@
+"""The comparison report renders from synthesized run directories (no model, no training)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from deqlm.config import ExperimentConfig, save_config
+from deqlm.eval.report import main as report_main
+from deqlm.eval.report import write_report
+
+REQUIRED = ["run", "experiment", "core", "pair", "params_nonembedding", "valid_ppl", "test_ppl",
+            "peak_train_mem_gib", "activation_bytes", "tokens_per_s", "f_nstep_mean",
+            "paper_test"]  # fmt: skip
+
+
+def make_run(root: Path, corpus: str, name: str, core: str, *, pair: str = "", mem_gib: float = 1.0,
+             test: float = 30.0, stamp: str = "20250101-000000", with_eval: bool = True) -> Path:  # fmt: skip
+    """A run directory as the trainer leaves it, plus an eval.json as deqlm.eval writes it."""
+    run = root / corpus / name / stamp
+    cfg = ExperimentConfig(name=name, pair=pair, paper_test=test - 1.0)
+    cfg.model.core = core
+    cfg.data.dataset = corpus
+    save_config(cfg, run / "config.yaml")
+    lines = []
+    for step in (10, 20, 30):
+        ev = {"step": step, "train/loss": 5.0 - step / 10, "speed/tokens_per_s": 1000.0 + step,
+              "mem/peak_gib": mem_gib * step / 30, "mem/peak_kind": "cuda_max_allocated",
+              "mem/activation_bytes": 2**20 * step, "time/elapsed_s": 60.0 * step, "mode": core}  # fmt: skip
+        if core == "deq":
+            ev.update({"solver/f_nstep": 10.0 + step / 10, "solver/f_rel_res": 1e-3 / step,
+                       "solver/b_nstep": 12.0, "solver/b_rel_res": 1e-4})  # fmt: skip
+        lines.append(json.dumps(ev))
+        valid = {"valid/ppl": test * (1 + 1 / step), "valid/loss": math.log(test), "step": step}
+        valid["time/elapsed_s"] = 60.0 * step
+        lines.append(json.dumps(valid))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if with_eval:
+        metric = {"valid_ppl": test + 1, "test_ppl": test, "valid_loss": math.log(test + 1),
+                  "test_loss": math.log(test)}  # fmt: skip
+        if corpus == "copy":
+            metric.update(valid_ppl=None, test_ppl=None, valid_loss=1e-3, test_loss=test)
+        record = {"experiment": name, "corpus": corpus, "core": core, "pair": pair,
+                  "checkpoint": {"file": "ckpt/best.pt", "step": 30, "mtime": 0.0},
+                  "settings": {"batch_size": 10, "tgt_len": 150, "mem_len": 300, "clamp_len": -1,
+                               "f_max_iter": 30 if core == "deq" else None, "f_tol": 1e-3, "max_tokens": 0},
+                  "partial": False, "params_total": 2000, "params_nonembedding": 1000,
+                  "best_possible_ppl": None, "splits": {"test": {"tokens_per_s": 5000.0}},
+                  **metric}  # fmt: skip
+        (run / "eval.json").write_text(json.dumps(record))
+    else:
+        (run / "ckpt").mkdir()
+        (run / "ckpt" / "last.pt").write_bytes(b"placeholder")
+    return run
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_report_contains_every_run_and_pairs_deq_with_its_twin(tmp_path):
+    deq = make_run(tmp_path, "wt103", "tx_deq", "deq", pair="tx_small", mem_gib=1.0, test=32.0)
+    twin = make_run(tmp_path, "wt103", "tx_unrolled", "unrolled", pair="tx_small", mem_gib=4.0, test=35.0)
+    lone = make_run(tmp_path, "wt103", "tx_lone", "unrolled", with_eval=False)
+    logs: list[str] = []
+    out = tmp_path / "out"
+    rows = write_report([deq, twin, lone], out, "fixture", log=logs.append)
+
+    assert len(rows) == 3
+    table = read_csv(out / "summary.csv")
+    assert set(REQUIRED) <= set(table[0])
+    by_exp = {r["experiment"]: r for r in table}
+    assert set(by_exp) == {"tx_deq", "tx_unrolled", "tx_lone"}
+    d = by_exp["tx_deq"]
+    assert float(d["mem_ratio"]) == pytest.approx(0.25)
+    assert float(d["ppl_gap"]) == pytest.approx(-3.0)
+    assert d["twin"] == by_exp["tx_unrolled"]["run"]
+    assert float(d["f_nstep_mean"]) == pytest.approx(12.0)
+    assert float(d["paper_test"]) == pytest.approx(31.0)
+    assert by_exp["tx_unrolled"]["f_nstep_mean"] == ""
+    assert by_exp["tx_lone"]["test_ppl"] == ""  # no eval.json: blank, never the training log's figure
+    assert any("tx_lone" in m and m.startswith("warning:") for m in logs)
+
+    md = (out / "summary.md").read_text()
+    for row in table:
+        assert row["run"] in md
+    assert "## DEQ vs explicit twin" in md and "0.25" in md
+    pairs = read_csv(out / "pairs.csv")
+    assert len(pairs) == 1 and pairs[0]["notes"] == ""
+    for png in ("perplexity.png", "memory.png", "solver.png"):
+        assert (out / png).stat().st_size > 1000 and f"({png})" in md
+
+
+def test_report_for_copy_memory_uses_test_loss(tmp_path):
+    deq = make_run(tmp_path, "copy", "copy_deq", "deq", pair="copy", test=3.5e-6)
+    twin = make_run(tmp_path, "copy", "copy_tcn", "unrolled", pair="copy", test=2.7e-5)
+    write_report([deq, twin], tmp_path / "out", "copy memory", log=lambda m: None)
+    table = {r["experiment"]: r for r in read_csv(tmp_path / "out" / "summary.csv")}
+    assert float(table["copy_deq"]["test_loss"]) == pytest.approx(3.5e-6)
+    assert table["copy_deq"]["test_ppl"] == ""
+    assert float(table["copy_deq"]["ppl_gap"]) == pytest.approx(3.5e-6 - 2.7e-5)
+    assert "test loss" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_report_cli_groups_by_corpus_and_skips_bad_runs(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    make_run(runs, "wt103", "a_deq", "deq", pair="p")
+    make_run(runs, "wt103", "a_unrolled", "unrolled", pair="p")
+    make_run(runs, "ptb", "b_deq", "deq")
+    bad = make_run(runs, "ptb", "b_bad", "deq")
+    (bad / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+
+    assert report_main([str(runs), "--out", str(tmp_path / "results")]) == 0
+    err = capsys.readouterr().err
+    assert len(read_csv(tmp_path / "results" / "wt103" / "summary.csv")) == 2
+    assert [r["experiment"] for r in read_csv(tmp_path / "results" / "ptb" / "summary.csv")] == ["b_deq"]
+    warnings = [line for line in err.splitlines() if "b_bad" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning:")
+    assert "corrupt metrics.jsonl" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [("config", "missing config.yaml"), ("metrics", "corrupt metrics.jsonl"), ("nothing", "no checkpoint")],
+)
+def test_report_cli_bad_run_is_a_one_line_error(tmp_path, capsys, breakage, message):
+    run = make_run(tmp_path, "wt103", "x", "deq")
+    if breakage == "config":
+        (run / "config.yaml").unlink()
+    elif breakage == "metrics":
+        (run / "metrics.jsonl").write_text("[1, 2]\n")
+    else:
+        (run / "eval.json").unlink()
+    assert report_main([str(run), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {run}: ") and message in err[0]
+
+
+def test_torn_last_metrics_line_is_tolerated(tmp_path):
+    run = make_run(tmp_path, "wt103", "x", "deq")
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 40, "valid/p')  # the trainer is mid-write
+    rows = write_report([run], tmp_path / "out", "t", log=lambda m: None)
+    assert rows[0]["steps"] == 30
