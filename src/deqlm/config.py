@@ -1,4 +1,4 @@
-"""Every configuration of deqlm: structured dataclasses, YAML loading with `base:` inheritance, dotlist overrides.
+"""Every configuration of deqlm: structured dataclasses, YAML with `base:` inheritance, dotlist overrides.
 
 This is the only module that imports OmegaConf. Components take their own sub-config (`cfg.model`, `cfg.deq`,
 `cfg.data`, ...) or plain arguments; only entry points see `ExperimentConfig`.
@@ -40,12 +40,12 @@ class DEQConfig:
     f_tol: float = 1e-3  # forward stopping tolerance, per sample, in stop_mode units
     b_tol: float = 1e-3  # backward stopping tolerance
     stop_mode: str = "rel"  # rel: ||f(z)-z||/||f(z)||, abs: ||f(z)-z||
-    grad: str = "implicit"  # implicit (IFT adjoint solve) or an integer K as a string: K unrolled phantom steps
+    grad: str = "implicit"  # implicit (IFT adjoint solve) or an integer K (as a string): K phantom steps
     eval_f_max_iter: int | None = None  # forward step cap in eval mode (None: f_max_iter)
     broyden_rank: int = 30  # low-rank updates Broyden keeps (bounded memory; oldest are dropped)
     anderson_m: int = 6  # Anderson history size
     anderson_beta: float = 1.0  # Anderson mixing
-    anderson_lam: float = 1e-2  # Anderson Tikhonov regularisation, relative to the residual Gram matrix's scale
+    anderson_lam: float = 1e-2  # Anderson Tikhonov term, relative to the residual Gram matrix's scale
 
 
 @dataclass
@@ -55,7 +55,7 @@ class ModelConfig:
     arch: str = "transformer"  # cell: transformer | trellisnet
     core: str = "deq"  # deq: equilibrium solve | unrolled: explicit depth (see weight_tied)
     n_layer: int = 16  # depth of an unrolled core (ignored by deq)
-    weight_tied: bool = False  # unrolled core: one cell applied n_layer times (True) or n_layer distinct cells
+    weight_tied: bool = False  # unrolled core: one cell applied n_layer times (True) or n_layer cells
     grad_checkpoint: bool = False  # unrolled core: recompute each layer in backward (gradient checkpointing)
     pretrain_steps: int = 0  # deq core: train as an unrolled weight-tied stack for steps < this
     pretrain_depth: int = 2  # deq core: depth of that pretraining stack
@@ -264,7 +264,9 @@ def _merge(schema: DictConfig, *layers: Any) -> ExperimentConfig:
     return cfg
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
     """Load an experiment: defaults <- YAML chain (``base:``) <- dotlist overrides (``key=value``)."""
     schema = OmegaConf.structured(ExperimentConfig)
     layers: list[Any] = []
