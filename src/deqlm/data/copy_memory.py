@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from deqlm.data.errors import DataError
+from deqlm.data.iterators import parse_position
 
 N_COPY = 10  # symbols to remember
 MARKER = 9  # "recall now" input symbol
@@ -81,12 +82,7 @@ class ShuffledIterator:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        if set(state) != {"epoch", "position"}:
-            raise DataError(f"iterator state must have keys epoch and position, got {sorted(state)}")
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= self.n_batches:
-            raise DataError(f"iterator state {state} is outside {self.n_batches} batches per epoch")
-        self.epoch, self.position = epoch, position
+        self.epoch, self.position = parse_position(state, self.n_batches)
 
 
 class CopyMemoryDataset:

@@ -83,9 +83,14 @@ class LMOrderedIterator:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        if set(state) != {"epoch", "position"}:
-            raise DataError(f"iterator state must have keys epoch and position, got {sorted(state)}")
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= self.n_segments:
-            raise DataError(f"iterator state {state} is outside this split's {self.n_segments} segments")
-        self.epoch, self.position = epoch, position
+        self.epoch, self.position = parse_position(state, self.n_segments)
+
+
+def parse_position(state: dict, n_batches: int) -> tuple[int, int]:
+    """(epoch, position) of a saved iterator state, checked against `n_batches` batches per epoch."""
+    if set(state) != {"epoch", "position"}:
+        raise DataError(f"iterator state must have keys epoch and position, got {sorted(state)}")
+    epoch, position = int(state["epoch"]), int(state["position"])
+    if epoch < 0 or not 0 <= position <= n_batches:
+        raise DataError(f"iterator state {state} is outside {n_batches} batches per epoch")
+    return epoch, position
