@@ -42,7 +42,7 @@ class DEQConfig:
     stop_mode: str = "rel"  # rel: ||f(z)-z||/||f(z)||, abs: ||f(z)-z||
     grad: str = "implicit"  # implicit (IFT adjoint solve) or an integer K (as a string): K phantom steps
     eval_f_max_iter: int | None = None  # forward step cap in eval mode (None: f_max_iter)
-    broyden_rank: int = 30  # low-rank updates Broyden keeps (bounded memory; oldest are dropped)
+    broyden_rank: int = 10  # low-rank updates Broyden keeps (oldest dropped; see docs/solvers.md)
     anderson_m: int = 6  # Anderson history size
     anderson_beta: float = 1.0  # Anderson mixing
     anderson_lam: float = 1e-2  # Anderson Tikhonov term, relative to the residual Gram matrix's scale
@@ -62,7 +62,7 @@ class ModelConfig:
     mem_len: int = 150  # Transformer memory kept across segments in training (base YAMLs set ${data.mem_len})
     # sizes shared by both cells
     d_embed: int = 410  # word embedding size (TrellisNet: emsize / ninp)
-    d_model: int = 410  # hidden size (Transformer d_model; TrellisNet nhid)
+    d_model: int = 410  # hidden size (Transformer d_model; TrellisNet nhid: h has nhid + nout channels)
     init_std: float = 0.01  # normal init std of weights (official DEQ-Transformer: 0.01)
     weight_norm: bool = True  # weight normalisation on attention/FFN/conv weights
     dropout: float = 0.1  # variational dropout on hidden states (mask fixed across solver steps)
@@ -81,6 +81,9 @@ class ModelConfig:
     d_out: int = 410  # TrellisNet nout: the part of h fed to the softmax
     dropouth: float = 0.0  # dropout between TrellisNet levels (variational)
     wdrop: float = 0.0  # DropConnect on the TrellisNet conv weight
+    rec_gain: float = 0.0  # TrellisNet: row norm of the level-to-level conv at init (0: init_std as drawn)
+    inject_gain: float = 0.0  # TrellisNet: row norm of the injection conv at init (0: init_std as drawn)
+    emb_scale: bool = False  # TrellisNet: multiply embedded inputs by sqrt(d_embed), as the Transformer does
     aux_weight: float = 0.0  # untied TrellisNet: weight of auxiliary losses
     aux_every: int = 0  # untied TrellisNet: an auxiliary loss every k levels (0: none)
     # softmax

@@ -395,9 +395,10 @@ def core_input_width(cfg) -> int:
 
 
 def state_numel_per_sample(cfg, tgt_len: int) -> int:
-    """F: the flattened equilibrium state of one sample (Transformer: L*D; TrellisNet: [h; c] = 2*nhid*L)."""
-    d = cfg.model.d_model
-    return tgt_len * (d if cfg.model.arch == "transformer" else 2 * d)
+    """F: the flattened equilibrium state of one sample (Transformer: L*D; TrellisNet: [h; c], each of
+    nhid + nout channels: 2*(nhid + nout)*L)."""
+    m = cfg.model
+    return tgt_len * (m.d_model if m.arch == "transformer" else 2 * (m.d_model + m.d_out))
 
 
 def solver_workspace_bytes(cfg, batch: int, tgt_len: int, elem_bytes: int = 4) -> int:

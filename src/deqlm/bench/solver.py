@@ -233,11 +233,12 @@ def _measure(
     return line
 
 
-def _ours(name: str, w: Workload) -> dict:
+def _ours(name: str, w: Workload, **solver_kw) -> dict:
+    """Our solver with its defaults, or with `solver_kw` (e.g. rank=30), which then also names the line."""
     solver = get_solver(name)
 
     def solve(f, z0):
-        return solver(f, z0, max_iter=w.f_max_iter, tol=w.tol, stop_mode="rel").z
+        return solver(f, z0, max_iter=w.f_max_iter, tol=w.tol, stop_mode="rel", **solver_kw).z
 
     def make_core():
         return DEQFixedPoint(
@@ -248,9 +249,11 @@ def _ours(name: str, w: Workload) -> dict:
             f_tol=w.tol,
             b_tol=w.tol,
             stop_mode="rel",
+            solver_kwargs={name: solver_kw},
         )
 
-    return _measure(f"deqlm.{name}", w, solve, make_core)
+    suffix = "".join(f".{k}{v}" for k, v in solver_kw.items())
+    return _measure(f"deqlm.{name}{suffix}", w, solve, make_core)
 
 
 def _torchdeq(name: str, w: Workload) -> dict:
@@ -303,6 +306,7 @@ def run(w: Workload, with_torchdeq: bool = True, report: Callable[[dict], None] 
     jobs: list[Callable[[], dict]] = [
         lambda n=name: _ours(n, w) for name in ("broyden", "anderson", "fixed_point")
     ]
+    jobs.append(lambda: _ours("broyden", w, rank=w.f_max_iter))  # the unbounded-memory setting, for contrast
     if with_torchdeq:
         try:
             import torchdeq  # noqa: F401

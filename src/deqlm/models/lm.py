@@ -227,7 +227,7 @@ def build_model(cfg_model, cfg_deq, vocab_size: int) -> SequenceLM:
             m.d_embed,
             cutoffs,
             div_val,
-            scale=False,
+            scale=m.emb_scale,
             emb_dropout=m.emb_dropout,
             init_std=m.init_std,
         )
@@ -242,6 +242,8 @@ def build_model(cfg_model, cfg_deq, vocab_size: int) -> SequenceLM:
                 wdrop=m.wdrop,
                 init_std=m.init_std,
                 weight_norm=m.weight_norm,
+                inject_gain=m.inject_gain,
+                rec_gain=m.rec_gain,
             )
 
     if m.n_classes > 0:  # sequence classifier (copy memory): untied linear head over every position

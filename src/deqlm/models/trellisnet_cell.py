@@ -1,19 +1,27 @@
 """The TrellisNet level as a map z -> f(z; ctx), the DEQ-TrellisNet cell (Bai et al. 2019 §4; TrellisNet,
 Bai et al. 2019 ICLR).
 
-The state z holds [h ; c] (channel-first, B x F x L with F = 2 * nhid). One weight-shared causal
-convolution of kernel 2 reads z at times t-1 and t; the input injection, a kernel-2 convolution over
-[x_{t-1}, x_t], is computed once per forward and added. LSTM-style gating of the C = 4 * nhid pre-activations
-(i, f, o, g):
+The state z holds [h ; c] (channel-first, B x F x L), each of H = nhid + nout channels as in the official code
+(the readout is the last nout channels of h; with this width the PTB and WT103 cells have the paper's 20M and
+45M non-embedding parameters). One weight-shared causal convolution of kernel 2 reads h at times t-1 and t;
+the input injection, a kernel-2 convolution over [x_{t-1}, x_t], is computed once per forward and added.
+LSTM-style gating of the C = 4H pre-activations (i, f, o, g):
 
     c_t = sigmoid(f_t) * c_{t-1} + sigmoid(i_t) * tanh(g_t),   h_t = sigmoid(o_t) * tanh(c_t),
 
-where c_{t-1} is the previous level's cell state one step back. History padding: the step before t = 0 is the
-previous segment's last state (and last embedded token), carried in the memory tensor [z_last ; x_last] (B
-x (F+E) x 1); zeros on the first segment. The readout is the last `d_out` channels of h.
+where c_{t-1} is the previous level's cell state one step back. The convolution reads h only, never c: c is
+unbounded, and feeding it back through a random convolution scrambles the signal level after level (a 16-level
+stack then sat on the unigram plateau of PTB; docs/models.md). History padding: the step before t = 0 is the
+previous segment's last state (and last embedded token), carried in the memory tensor [z_last ; x_last]
+(B x (F+E) x 1); zeros on the first segment.
 
-Legend: B batch, L segment length, E d_embed (ninp), F = 2 * nhid state channels, C = 4 * nhid gate channels,
-O d_out (nout).
+Initialisation: weights N(0, init_std), or, when `inject_gain` / `rec_gain` are set, each output channel's
+filter rescaled to that norm (with weight norm this is the initial g). A small `rec_gain` makes every level
+start close to "inject x and gate", so depth does not scramble the input before the model has learnt to use
+the recurrence.
+
+Legend: B batch, L segment length, E d_embed (ninp), H = nhid + nout, F = 2H state channels, C = 4H gate
+channels, O d_out (nout).
 """
 
 from __future__ import annotations
@@ -22,6 +30,12 @@ import torch
 from torch import nn
 
 from deqlm.models.dropout import VariationalDropout, add_dropconnect, add_weight_norm, apply_mask
+
+
+def _set_row_norms(w_OIK: torch.Tensor, gain: float) -> None:
+    """Rescale each output channel's filter to norm `gain` (with weight norm: the initial g)."""
+    with torch.no_grad():
+        w_OIK.mul_(gain / w_OIK.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1))
 
 
 class TrellisNetCell(nn.Module):
@@ -34,18 +48,21 @@ class TrellisNetCell(nn.Module):
         wdrop: float = 0.0,
         init_std: float = 0.01,
         weight_norm: bool = True,
+        inject_gain: float = 0.0,
+        rec_gain: float = 0.0,
     ):
         super().__init__()
-        if d_out > d_hid:
-            raise ValueError(
-                f"model.d_out={d_out} must not exceed the TrellisNet hidden size model.d_model={d_hid}"
-            )
-        self.d_in, self.d_hid, self.d_out = d_in, d_hid, d_out
-        self.d_state = 2 * d_hid
-        self.inject = nn.Conv1d(d_in, 4 * d_hid, kernel_size=2)
-        self.conv = nn.Conv1d(self.d_state, 4 * d_hid, kernel_size=2, bias=False)
-        for conv in (self.inject, self.conv):
+        if d_out <= 0 or d_hid <= 0:
+            raise ValueError(f"TrellisNet sizes must be positive: model.d_model={d_hid}, model.d_out={d_out}")
+        self.d_in, self.d_out = d_in, d_out
+        self.d_h = d_hid + d_out  # official h_size
+        self.d_state = 2 * self.d_h
+        self.inject = nn.Conv1d(d_in, 4 * self.d_h, kernel_size=2)
+        self.conv = nn.Conv1d(self.d_h, 4 * self.d_h, kernel_size=2, bias=False)
+        for conv, gain in ((self.inject, inject_gain), (self.conv, rec_gain)):
             nn.init.normal_(conv.weight, 0.0, init_std)
+            if gain > 0:
+                _set_row_norms(conv.weight, gain)
             if weight_norm:
                 add_weight_norm(conv)
         nn.init.zeros_(self.inject.bias)
@@ -61,7 +78,7 @@ class TrellisNetCell(nn.Module):
         return x_BLE.new_zeros(B, self.d_state, L)
 
     def readout(self, z_BFL: torch.Tensor) -> torch.Tensor:
-        return z_BFL[:, self.d_hid - self.d_out : self.d_hid].transpose(1, 2)
+        return z_BFL[:, self.d_h - self.d_out : self.d_h].transpose(1, 2)
 
     @staticmethod
     def update_mem(
@@ -81,14 +98,14 @@ class TrellisNetCell(nn.Module):
         return {
             "u_BCL": self.inject(x_BEL1),
             "z_hist_BF1": z_hist_BF1,
-            "m_h": self.drop_h.mask((B, self.d_state, 1), x_BLE),
+            "m_h": self.drop_h.mask((B, self.d_h, 1), x_BLE),
         }
 
     def forward(self, z_BFL: torch.Tensor, ctx: dict) -> torch.Tensor:
         z_pad_BFL1 = torch.cat([ctx["z_hist_BF1"], z_BFL], dim=2)
-        pre_BCL = self.conv(apply_mask(z_pad_BFL1, ctx["m_h"])) + ctx["u_BCL"]
+        pre_BCL = self.conv(apply_mask(z_pad_BFL1[:, : self.d_h], ctx["m_h"])) + ctx["u_BCL"]
         i, f, o, g = pre_BCL.chunk(4, dim=1)
-        c_prev = z_pad_BFL1[:, self.d_hid :, :-1]
+        c_prev = z_pad_BFL1[:, self.d_h :, :-1]
         c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return torch.cat([h, c], dim=1)

@@ -96,15 +96,18 @@ class Tracker:
 
     def observe(self, z_BF: torch.Tensor, fz_BF: torch.Tensor, g_BF: torch.Tensor) -> torch.Tensor:
         """Record the iterate z with f(z) and g = f(z) - z; returns the (B,) mask of samples still
-        iterating."""
+        iterating.
+
+        Written for few kernel launches (each one costs microseconds on a GPU, as much as a small f): a
+        non-finite f(z) makes g non-finite too, so one finiteness test of ||g|| covers both."""
         abs_B = torch.linalg.vector_norm(g_BF, dim=1)
         fnorm_B = torch.linalg.vector_norm(fz_BF, dim=1)
         rel_B = abs_B / (fnorm_B + _TINY)
         self.abs_trace.append(abs_B)
         self.rel_trace.append(rel_B)
         res_B = rel_B if self.stop_mode == "rel" else abs_B
-        finite_B = torch.isfinite(res_B) & torch.isfinite(fnorm_B)
-        res_B = torch.where(finite_B, res_B, torch.inf)
+        finite_B = torch.isfinite(abs_B)
+        res_B = res_B.nan_to_num(nan=torch.inf, posinf=torch.inf)
         # frozen rows are re-evaluated at their kept iterate; only active rows may change the record
         better_B = self.active_B & (res_B < self.best_B4[:, 0])
         torch.where(better_B[:, None], z_BF, self.best_z_BF, out=self.best_z_BF)
@@ -112,13 +115,13 @@ class Tracker:
             better_B[:, None], torch.stack([res_B, abs_B, rel_B, fnorm_B], 1), self.best_B4
         )
         if self.first_abs_B is None:
-            self.first_abs_B = torch.where(finite_B, abs_B, torch.inf)
-        done_B = self.active_B & (self.best_B4[:, 0] <= self.tol)
-        self.converged_B = self.converged_B | done_B
-        blown_B = ~finite_B | (abs_B > self.explode * self.first_abs_B)
-        self.active_B = self.active_B & ~done_B & ~blown_B
+            self.first_abs_B = abs_B.nan_to_num(nan=torch.inf) * self.explode
+        done_B = self.best_B4[:, 0] <= self.tol
+        self.converged_B = self.converged_B | (self.active_B & done_B)
+        # a sample stops when converged, non-finite, or exploded past `explode` times its first residual
+        go_on_B = ~done_B & finite_B & (abs_B <= self.first_abs_B)
+        self.active_B = self.active_B & go_on_B
         return self.active_B
-
     def freeze(self, z_new_BF: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Next iterate: z_new on active rows, the kept iterate (final or lowest-residual) on the others.
 
