@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deqlm.deq import DEQFixedPoint
+from deqlm.io import atomic_write_json
 from deqlm.solvers import get_solver
 
 
@@ -301,6 +302,31 @@ def _unrolled(depth: int, w: Workload) -> dict:
     return _measure(f"unrolled.{depth}", w, solve, make_core, depth=depth)
 
 
+def rank_sweep(w: Workload, ranks: list[int]) -> list[dict]:
+    """Forward solves only: Broyden's residual after the step cap for each rank (factors it keeps)."""
+    block, _, x_BLD, _ = _build(w)
+    with torch.no_grad():
+        u = block.inject(x_BLD)
+
+    def f(z):
+        return block(z, u)
+
+    lines = []
+    for rank in ranks:
+        res = get_solver("broyden")(f, torch.zeros_like(x_BLD), max_iter=w.f_max_iter, tol=w.tol, rank=rank)
+        rel_B = _rel_res_B(f, res.z)
+        lines.append(
+            {
+                "solver": "deqlm.broyden",
+                "rank": rank,
+                "f_evals": res.f_evals,
+                "rel_res_max": float(rel_B.max()),
+                "rel_res_median": float(rel_B.median()),
+            }
+        )
+    return lines
+
+
 def run(w: Workload, with_torchdeq: bool = True, report: Callable[[dict], None] | None = None) -> list[dict]:
     """Every line of the benchmark, in order; `report(line)` is called as each one is measured."""
     jobs: list[Callable[[], dict]] = [
@@ -329,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (CI)")
     parser.add_argument("--out", type=Path, help="also write the list of lines as JSON to this file")
     parser.add_argument("--no-torchdeq", action="store_true", help="skip TorchDEQ even if installed")
+    parser.add_argument(
+        "--rank-sweep",
+        metavar="R,R,...",
+        help="instead: Broyden's residual after the step cap for each rank (forward solves only)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1 if args.quick else 2)  # quick: CI boxes are shared; one thread avoids spin-waits
     w = QUICK if args.quick else Workload()
@@ -337,7 +368,16 @@ def main(argv: list[str] | None = None) -> int:
         text = json.dumps(line) if args.json else "  ".join(f"{k}={v}" for k, v in line.items())
         print(text, flush=True)
 
-    lines = run(w, with_torchdeq=not args.no_torchdeq, report=report)
+    if args.rank_sweep:
+        try:
+            ranks = [int(r) for r in args.rank_sweep.split(",")]
+        except ValueError:
+            parser.error(f"--rank-sweep {args.rank_sweep!r}: expected comma-separated integers, e.g. 4,10,30")
+        lines = rank_sweep(w, ranks)
+        for line in lines:
+            report(line)
+    else:
+        lines = run(w, with_torchdeq=not args.no_torchdeq, report=report)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -346,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "lines": lines,
         }
-        args.out.write_text(json.dumps(payload, indent=1) + "\n")
+        atomic_write_json(args.out, payload, indent=1)
     return 0
 
 

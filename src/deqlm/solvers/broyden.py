@@ -19,6 +19,11 @@ two batched matrix products, and does the rest on (rank x rank) float64 matrices
 
 A sample whose update breaks down (denominator near zero, non-finite step) restarts from H_0: its older
 factors are masked out and it takes a plain step.
+
+Kernel count matters as much as bytes (a GPU launch costs microseconds, and a CPU dispatch about as
+much): until some sample restarts, steps take a path without per-sample validity masks, reading the stored
+steps' Gram block by slicing while the buffer has not wrapped; whether a restart happened travels to the host
+with the one synchronisation per step the stopping test already needs.
 """
 
 # B: batch, F: flattened state size per sample, K: stored steps (rank + 1 slots), N: steps in use, C: chunk
@@ -97,12 +102,19 @@ def broyden(
         steps = _StepBuffer(B, F, K, z_BF)
         gram_BKK = torch.zeros(B, K, K, dtype=torch.float64, device=dev)
         start_B = torch.zeros(B, dtype=torch.long, device=dev)  # first step of each sample's current run
+        order = _Order(K, dev)
+        clean = True  # no sample has restarted yet: the unmasked path applies
         nstep = 0
-        while nstep < max_iter and track.any_active():
+        restarts = torch.zeros((), dtype=torch.float32, device=dev)
+        while nstep < max_iter and track.any_active(restarts):
+            clean = clean and track.flag == 0
             # s_0 = -H_0 g_0 = g_0; later steps from the stored ones
-            s_BF = g_BF if nstep == 0 else _next_step(steps, gram_BKK, start_B, g_BF, nstep, K)
             if nstep == 0:
+                s_BF = g_BF
                 gram_BKK[:, 0, 0] = torch.linalg.vector_norm(s_BF, dim=1).double() ** 2
+            else:
+                step_fn = _next_step_clean if clean else _next_step
+                s_BF, restarts = step_fn(steps, gram_BKK, start_B, g_BF, nstep, order)
             steps.put(nstep % K, s_BF)
             z_BF = track.freeze(
                 z_BF.add_(s_BF), inplace=True
@@ -114,15 +126,101 @@ def broyden(
         return track.result(fmap, nstep)
 
 
+class _Order:
+    """Where the stored steps sit in the circular buffer, oldest first, for k1 steps taken (cached per solve).
+
+    Before the buffer wraps (k1 <= K) the order is slots 0..k1-1 and `index` is None (callers slice); after,
+    a device index tensor, built once per wrap position."""
+
+    def __init__(self, K: int, device: torch.device):
+        self.K, self.device = K, device
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def lo(self, k1: int) -> int:
+        return max(0, k1 - self.K)
+
+    def index(self, k1: int) -> torch.Tensor | None:
+        if k1 <= self.K:
+            return None
+        key = k1 % self.K
+        if key not in self.cache:
+            chrono = [t % self.K for t in range(k1 - self.K, k1)]
+            self.cache[key] = torch.tensor(chrono, device=self.device)
+        return self.cache[key]
+
+    def full_index(self, k1: int) -> torch.Tensor:
+        idx = self.index(k1)
+        return torch.arange(k1, device=self.device) if idx is None else idx
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor | None, n: int, dim: int) -> torch.Tensor:
+    """The n stored entries along `dim`, oldest first: a slice before the buffer wraps, a gather after."""
+    if idx is None:
+        return x.narrow(dim, 0, n)
+    return x.index_select(dim, idx)
+
+
+def _next_step_clean(
+    steps: _StepBuffer, gram_BKK: torch.Tensor, start_B: torch.Tensor, g_BF: torch.Tensor, k1: int,
+    order: _Order,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_next_step` for a batch in which no sample has restarted: the same arithmetic without validity masks.
+
+    A sample whose update breaks down here still takes a plain step and records its restart in `start_B`;
+    the returned count of such samples tells the caller to use the masked path from the next step on."""
+    N = min(k1, order.K)
+    idx = order.index(k1)
+    d_BN = _take(steps.dots(g_BF), idx, N, 1).double().neg_()  # -s_j . g
+    Q_BNN = _take(_take(gram_BKK, idx, N, 1), idx, N, 2)
+    sq_BN = Q_BNN.diagonal(dim1=1, dim2=2)
+    tri_BNN = torch.diag_embed(sq_BN[:, :-1]) - torch.tril(Q_BNN[:, :-1, 1:], diagonal=-1)
+    c_BN = torch.linalg.solve_triangular(tri_BNN, d_BN[:, :-1, None], upper=False)[..., 0]
+    sw_BN = torch.baddbmm(d_BN[..., None], Q_BNN[:, :, 1:], c_BN[..., None])[..., 0]  # s_j . w, every j
+    den_B = 1.0 + sw_BN[:, -1] / sq_BN[:, -1]
+    a_B = den_B.abs()
+    ok_B = (a_B >= _MIN_DEN) & (a_B < torch.inf) & torch.isfinite(c_BN).all(dim=1)
+    inv_B = torch.where(ok_B, den_B.reciprocal(), 1.0)
+    coef_BN = torch.where(ok_B[:, None], c_BN * inv_B[:, None], 0.0).neg_()  # factor j -> slot of s_{j+1}
+    return _finish_step(steps, gram_BKK, start_B, g_BF, k1, order, idx, ok_B, inv_B, coef_BN, sw_BN, d_BN)
+
+
+def _finish_step(steps, gram_BKK, start_B, g_BF, k1, order, idx, ok_B, inv_B, coef_BN, sw_BN, d_BN):
+    """s = g / den + sum_j coef_j s_{j+1}, the restart record and the new step's Gram entries (both paths)."""
+    N = d_BN.shape[1]
+    A = steps.allocated()
+    if idx is None:  # slots 1..N-1 hold s_{lo+1}..s_k
+        coef_BA = torch.nn.functional.pad(coef_BN.to(g_BF.dtype), (1, A - N))
+    else:
+        coef_BA = g_BF.new_zeros(g_BF.shape[0], A).index_copy_(1, idx[1:], coef_BN.to(g_BF.dtype))
+    s_BF = steps.combine(g_BF * inv_B.to(g_BF.dtype)[:, None], coef_BA)
+    bad_B = ~ok_B
+    start_B.masked_fill_(bad_B, k1)
+    # Gram entries of the new step with the stored ones (slot `new` may overwrite the oldest, steps[lo])
+    new = k1 % order.K
+    col_BN = torch.where(ok_B[:, None], sw_BN * inv_B[:, None], d_BN).neg_()
+    if idx is None:
+        gram_BKK[:, new, :N] = col_BN
+        gram_BKK[:, :N, new] = col_BN
+    else:
+        gram_BKK[:, new, idx] = col_BN
+        gram_BKK[:, idx, new] = col_BN
+    gram_BKK[:, new, new] = torch.linalg.vector_norm(s_BF, dim=1).double().square_()
+    return s_BF, bad_B.sum(dtype=torch.float32)
+
+
 def _next_step(
-    steps: _StepBuffer, gram_BKK: torch.Tensor, start_B: torch.Tensor, g_BF: torch.Tensor, k1: int, K: int
-) -> torch.Tensor:
-    """The step s_{k+1} from g_{k+1} (k1 = k + 1 steps stored); updates gram and start in place."""
-    lo = max(0, k1 - K)
-    chrono = [t % K for t in range(lo, k1)]  # slots of steps lo..k, oldest first
-    idx_N = torch.tensor(chrono, device=g_BF.device)
-    d_BN = -steps.dots(g_BF).double()[:, idx_N]  # -s_j . g
-    Q_BNN = gram_BKK[:, idx_N][:, :, idx_N]
+    steps: _StepBuffer, gram_BKK: torch.Tensor, start_B: torch.Tensor, g_BF: torch.Tensor, k1: int,
+    order: _Order,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step s_{k+1} from g_{k+1} (k1 = k + 1 steps stored), for a batch where some samples restarted:
+    factors older than a sample's restart are masked out. Updates gram and start in place; returns the step
+    and the number of samples that restart now."""
+    K = order.K
+    N = min(k1, K)
+    lo = order.lo(k1)
+    idx = order.index(k1)
+    d_BN = _take(steps.dots(g_BF), idx, N, 1).double().neg_()  # -s_j . g
+    Q_BNN = _take(_take(gram_BKK, idx, N, 1), idx, N, 2)
     sq_BN = Q_BNN.diagonal(dim1=1, dim2=2)
     t_N = torch.arange(lo, k1, device=g_BF.device)
     valid_BN = (t_N[None] >= start_B[:, None]) & (sq_BN > 0)
@@ -140,14 +238,5 @@ def _next_step(
     )
     # s = -w / den = (g - sum_j c_j s_{j+1}) / den; a restarting sample takes the plain step s = g
     inv_B = torch.where(ok_B, 1.0 / den_B, 1.0)
-    coef_BK = g_BF.new_zeros(g_BF.shape[0], steps.allocated())
-    coef_BK[:, idx_N[1:]] = torch.where(ok_B[:, None], -c_BN * inv_B[:, None], 0.0).to(g_BF.dtype)
-    s_BF = steps.combine(g_BF * inv_B.to(g_BF.dtype)[:, None], coef_BK)
-    start_B.copy_(torch.where(ok_B, start_B, k1))
-    # Gram entries of the new step with the stored ones (slot `new` may overwrite the oldest, steps[lo])
-    new = k1 % K
-    col_BN = torch.where(ok_B[:, None], -sw_BN * inv_B[:, None], -d_BN)
-    gram_BKK[:, new, idx_N] = col_BN
-    gram_BKK[:, idx_N, new] = col_BN
-    gram_BKK[:, new, new] = torch.linalg.vector_norm(s_BF, dim=1).double() ** 2
-    return s_BF
+    coef_BN = torch.where(ok_B[:, None], -c_BN * inv_B[:, None], 0.0)
+    return _finish_step(steps, gram_BKK, start_B, g_BF, k1, order, idx, ok_B, inv_B, coef_BN, sw_BN, d_BN)

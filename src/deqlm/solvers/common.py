@@ -91,6 +91,7 @@ class Tracker:
         self.converged_B = torch.zeros(B, dtype=torch.bool, device=dev)
         self.active_B = torch.ones(B, dtype=torch.bool, device=dev)
         self.all_active = False  # host copy of active_B.all(), refreshed by any_active()
+        self.flag: float = 0.0  # host copy of the solver's flag passed to any_active()
         self.abs_trace: list[torch.Tensor] = []
         self.rel_trace: list[torch.Tensor] = []
 
@@ -133,8 +134,14 @@ class Tracker:
             self.active_B[:, None], z_new_BF, self.best_z_BF, out=z_new_BF if inplace else None
         )
 
-    def any_active(self) -> bool:
-        n_active = int(self.active_B.sum())  # the one host sync per step
+    def any_active(self, flag: torch.Tensor | None = None) -> bool:
+        """Whether any sample still iterates. `flag` (a 0-d tensor a solver wants on the host, e.g. "some
+        sample restarted") is fetched in the same transfer and left in `self.flag`."""
+        if flag is None:
+            n_active = int(self.active_B.sum())  # the one host sync per step
+        else:
+            n_active, self.flag = torch.stack([self.active_B.sum().to(flag.dtype), flag]).tolist()
+            n_active = int(n_active)
         self.all_active = n_active == self.active_B.shape[0]
         return n_active > 0
 
