@@ -30,6 +30,7 @@ MEM_BUDGET=${MEM_BUDGET:-300}       # seconds for the whole memory phase
 SPEED_BUDGET=${SPEED_BUDGET:-240}   # seconds for the whole speed phase
 DEVICE=${DEVICE:-cuda}              # DEVICE=cpu EXTRA=--quick: a seconds-long dry run of this script on any machine
 EXTRA=${EXTRA:-}                    # extra arguments for both benchmarks (e.g. --quick)
+PHASES=${PHASES:-"memory speed"}    # which phases to run, in this order (scripts/gpu_session.sh runs them apart)
 
 cd "$(dirname "$0")/.." || exit 1
 mkdir -p "$OUT"
@@ -40,12 +41,15 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 log() { echo "[bench_gpu $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
-: > "$LOG"
+touch "$LOG"                        # appended to: gpu_session.sh calls this script once per phase
 log "repository $PWD, output $OUT, python $($PYTHON -V 2>&1)"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
-    log "installing carried wheels from .whl/ into /tmp/site"
-    $PYTHON -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 || log "wheel install failed (continuing)"
+    if [ ! -f /tmp/site/.deqlm-wheels ]; then
+        log "installing carried wheels from .whl/ into /tmp/site"
+        $PYTHON -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 \
+            && touch /tmp/site/.deqlm-wheels || log "wheel install failed (continuing)"
+    fi
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 if ! $PYTHON -c "import torch, omegaconf" >>"$LOG" 2>&1; then
@@ -78,15 +82,18 @@ if [ "$DEVICE" = cuda ] && ! $PYTHON -c "import torch, sys; sys.exit(0 if torch.
     exit 1
 fi
 
-log "phase 1/2: memory --paper (full size, fresh process per row, ${ROW_TIMEOUT}s each, ${MEM_BUDGET}s in all)"
+run_memory() {
+log "memory --paper (full size, fresh process per row, ${ROW_TIMEOUT}s each, ${MEM_BUDGET}s in all)"
 # shellcheck disable=SC2086
 timeout -k 10 "$MEM_BUDGET" $PYTHON -m deqlm.bench memory --paper --device "$DEVICE" --size full \
     --row-timeout "$ROW_TIMEOUT" --no-project --out "$WORK/memory" $EXTRA 2>&1 | tee -a "$LOG"
 log "memory phase exit ${PIPESTATUS[0]}"
 cp "$WORK/memory/memory.json" "$OUT/gpu-memory.json" 2>/dev/null || log "no memory.json produced"
 cp "$WORK/memory/memory.md" "$OUT/gpu-memory.md" 2>/dev/null || true
+}
 
-log "phase 2/2: speed (full size, all pairs, ${ROW_TIMEOUT}s per row, ${SPEED_BUDGET}s in all)"
+run_speed() {
+log "speed (full size, all pairs, ${ROW_TIMEOUT}s per row, ${SPEED_BUDGET}s in all)"
 # shellcheck disable=SC2086
 timeout -k 10 "$SPEED_BUDGET" $PYTHON -m deqlm.bench speed --device "$DEVICE" --size full --steps 3 --warmup-steps 1 \
     --pairs wt103-transformer-medium-adaptive wt103-trellisnet wt103-transformer-small ptb-trellisnet \
@@ -95,6 +102,15 @@ timeout -k 10 "$SPEED_BUDGET" $PYTHON -m deqlm.bench speed --device "$DEVICE" --
 log "speed phase exit ${PIPESTATUS[0]}"
 cp "$WORK/speed/speed.json" "$OUT/gpu-speed.json" 2>/dev/null || log "no speed.json produced"
 cp "$WORK/speed/speed.md" "$OUT/gpu-speed.md" 2>/dev/null || true
+}
+
+for phase in $PHASES; do
+    case "$phase" in
+        memory) run_memory ;;
+        speed) run_speed ;;
+        *) log "unknown phase '$phase' (expected memory, speed)"; exit 2 ;;
+    esac
+done
 
 rm -rf "$WORK"
 log "done: $(ls "$OUT" | tr '\n' ' ')"
