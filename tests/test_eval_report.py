@@ -19,11 +19,13 @@ REQUIRED = ["run", "experiment", "core", "pair", "params_nonembedding", "valid_p
 
 
 def make_run(root: Path, corpus: str, name: str, core: str, *, pair: str = "", mem_gib: float = 1.0,
-             test: float = 30.0, stamp: str = "20250101-000000", with_eval: bool = True) -> Path:  # fmt: skip
+             test: float = 30.0, stamp: str = "20250101-000000", with_eval: bool = True,
+             max_steps: int = 1000) -> Path:  # fmt: skip
     """A run directory as the trainer leaves it, plus an eval.json as deqlm.eval writes it."""
     run = root / corpus / name / stamp
     cfg = ExperimentConfig(name=name, pair=pair, paper_test=test - 1.0)
     cfg.model.core = core
+    cfg.train.max_steps = max_steps
     cfg.data.dataset = corpus
     save_config(cfg, run / "config.yaml")
     lines = []
@@ -147,3 +149,21 @@ def test_torn_last_metrics_line_is_tolerated(tmp_path):
         fh.write('{"step": 40, "valid/p')  # the trainer is mid-write
     rows = write_report([run], tmp_path / "out", "t", log=lambda m: None)
     assert rows[0]["steps"] == 30
+
+
+def test_deq_runs_pair_only_with_twins_of_the_same_budget(tmp_path):
+    runs = [
+        make_run(tmp_path, "copy", "cpu_deq", "deq", pair="copy", max_steps=150, test=0.15),
+        make_run(tmp_path, "copy", "cpu_twin", "unrolled", pair="copy", max_steps=150, test=0.05),
+        make_run(tmp_path, "copy", "gpu_deq", "deq", pair="copy", max_steps=5000, test=0.05),
+        make_run(tmp_path, "copy", "gpu_twin", "unrolled", pair="copy", max_steps=5000, test=4e-5),
+        make_run(tmp_path, "copy", "odd_deq", "deq", pair="copy", max_steps=77, test=0.2),
+    ]
+    write_report(runs, tmp_path / "out", "fixture", log=lambda _: None)
+    pairs = {(r["deq_run"].split("/")[-2], r["explicit_run"].split("/")[-2]): r
+             for r in read_csv(tmp_path / "out" / "pairs.csv")}  # fmt: skip
+    assert {("cpu_deq", "cpu_twin"), ("gpu_deq", "gpu_twin")} <= set(pairs)
+    assert ("cpu_deq", "gpu_twin") not in pairs and ("gpu_deq", "cpu_twin") not in pairs
+    # a DEQ run without a same-budget twin still gets compared, with the difference spelled out
+    odd = [r for k, r in pairs.items() if k[0] == "odd_deq"]
+    assert len(odd) == 2 and all("max_steps differs" in r["notes"] for r in odd)

@@ -42,7 +42,7 @@ class DEQConfig:
     stop_mode: str = "rel"  # rel: ||f(z)-z||/||f(z)||, abs: ||f(z)-z||
     grad: str = "implicit"  # implicit (IFT adjoint solve) or an integer K (as a string): K phantom steps
     eval_f_max_iter: int | None = None  # forward step cap in eval mode (None: f_max_iter)
-    broyden_rank: int = 10  # low-rank updates Broyden keeps (oldest dropped; see docs/solvers.md)
+    broyden_rank: int = 30  # low-rank updates Broyden keeps (oldest dropped; see docs/solvers.md)
     anderson_m: int = 6  # Anderson history size
     anderson_beta: float = 1.0  # Anderson mixing
     anderson_lam: float = 1e-2  # Anderson Tikhonov term, relative to the residual Gram matrix's scale

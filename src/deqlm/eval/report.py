@@ -182,7 +182,9 @@ def pair_runs(runs: list[dict]) -> list[dict]:
     """DEQ run x explicit twin rows; fills ``twin``, ``mem_ratio`` and ``ppl_gap`` in the runs' own rows.
 
     Runs pair when they share corpus and a non-empty ``pair`` and one is ``core=deq``, the other ``unrolled``.
-    Of several runs of one experiment, the newest evaluated one (else the newest) represents it.
+    Of several runs of one experiment, the newest evaluated one (else the newest) represents it. A DEQ run
+    pairs only with the twins trained on the same budget (data, batch, segment, steps, eval settings) when it
+    has any; otherwise with every twin, and the pair's notes say what differs.
     """
     latest: dict[tuple[str, str, str], dict] = {}
     for run in sorted(runs, key=lambda r: (r["eval"] is not None, r["dir"].name)):
@@ -194,8 +196,10 @@ def pair_runs(runs: list[dict]) -> list[dict]:
         groups[(corpus, pair)].append(run)
     pairs = []
     for (_, pair), members in groups.items():
+        twins = [m for m in members if m["row"]["core"] == "unrolled"]
         for d in (m for m in members if m["row"]["core"] == "deq"):
-            for x in (m for m in members if m["row"]["core"] == "unrolled"):
+            same = [x for x in twins if not _budget_differences(d["cfg"], x["cfg"], d["row"], x["row"])]
+            for x in same or twins:
                 dr, xr = d["row"], x["row"]
                 gap = (
                     None if _headline(dr) is None or _headline(xr) is None else _headline(dr) - _headline(xr)

@@ -77,7 +77,7 @@ def broyden(
     max_iter: int = 30,
     tol: float = 1e-3,
     stop_mode: str = "rel",
-    rank: int = 10,
+    rank: int = 30,
     explode: float = 1e3,
 ) -> SolverResult:
     """Find z = f(z) by good Broyden from z0; at most `max_iter` steps (`max_iter + 1` evaluations of f).
