@@ -167,3 +167,12 @@ def test_deq_runs_pair_only_with_twins_of_the_same_budget(tmp_path):
     # a DEQ run without a same-budget twin still gets compared, with the difference spelled out
     odd = [r for k, r in pairs.items() if k[0] == "odd_deq"]
     assert len(odd) == 2 and all("max_steps differs" in r["notes"] for r in odd)
+
+
+def test_deq_activation_figure_leaves_out_the_pretraining_steps(tmp_path):
+    run = make_run(tmp_path, "ptb", "tn_deq", "deq", pair="tn")
+    with open(run / "metrics.jsonl", "a") as fh:  # a warm-up step that saved far more than any DEQ step
+        fh.write(json.dumps({"step": 5, "mode": "pretrain", "mem/activation_bytes": 2**40}) + "\n")
+    write_report([run], tmp_path / "out", "fixture", log=lambda _: None)
+    (row,) = read_csv(tmp_path / "out" / "summary.csv")
+    assert int(row["activation_bytes"]) == 2**20 * 30

@@ -91,6 +91,8 @@ def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: 
     settings = ev.get("settings") or {}
     splits = ev.get("splits") or {}
     deq_events = [e for e in events if e.get("mode", "deq") == "deq"]
+    # a DEQ run's activation figure is its DEQ mode's, not the shallow warm-up stack's that precedes it
+    own_events = [e for e in events if e.get("mode") != "pretrain"] if cfg.model.core == "deq" else events
     row: dict[str, Any] = {c: None for c in COLUMNS}
     row.update(
         run="/".join(run_dir.resolve().parts[-3:]),
@@ -113,7 +115,7 @@ def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: 
         last_logged_valid_ppl=(log_values(events, "valid/ppl") or [None])[-1],
         peak_train_mem_gib=_agg(log_values(events, "mem/peak_gib"), max),
         peak_mem_kind=next((e["mem/peak_kind"] for e in reversed(events) if "mem/peak_kind" in e), None),
-        activation_bytes=_int(_agg(log_values(events, "mem/activation_bytes"), max)),
+        activation_bytes=_int(_agg(log_values(own_events or events, "mem/activation_bytes"), max)),
         tokens_per_s=_agg(log_values(events, "speed/tokens_per_s"), statistics.median),
         eval_tokens_per_s=(splits.get("test") or splits.get("valid") or {}).get("tokens_per_s"),
         f_nstep_mean=_agg(log_values(deq_events, "solver/f_nstep"), statistics.fmean),
