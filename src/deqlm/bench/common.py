@@ -405,7 +405,7 @@ def solver_workspace_bytes(cfg, batch: int, tgt_len: int, elem_bytes: int = 4) -
     """Bytes a DEQ solver holds besides f's activations, the larger of forward and backward (never both live).
 
     Broyden (deqlm.solvers.broyden) stores one step vector per iteration in a circular buffer of rank + 1
-    slots, allocated in chunks of 8: min(r + 1, ceil(max_iter / 8) * 8) * F * B floats (r =
+    slots, allocated in chunks of up to 8 as steps are taken: min(r + 1, max_iter) * F * B floats (r =
     deq.broyden_rank, so the buffer stops growing with the step cap; the official code keeps two vectors per
     allowed step, 2 * max_iter * F * B). Anderson keeps 2 * m histories (iterates and their images);
     fixed-point iteration keeps none. Explicit cores: 0. An upper bound: the buffer grows only with the steps
@@ -418,7 +418,7 @@ def solver_workspace_bytes(cfg, batch: int, tgt_len: int, elem_bytes: int = 4) -
 
     def one(solver: str, max_iter: int) -> int:
         if solver == "broyden":
-            return min(d.broyden_rank + 1, -(-max_iter // 8) * 8) * fb
+            return max(1, min(d.broyden_rank + 1, max_iter)) * fb
         if solver == "anderson":
             return 2 * d.anderson_m * fb
         return 0
