@@ -112,7 +112,7 @@ def plot_curves(runs: list[dict], path: Path, title: str, style: dict[str, dict]
     what = "Validation loss" if copy_task else "Validation perplexity"
     fig.suptitle(f"{title}: {what} during training (training-log figures, not eval.json)")
     handles, labels = ax_s.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), bbox_to_anchor=(0.5, -0.08))
+    fig.legend(handles, labels, loc="upper center", ncol=min(3, len(labels)), bbox_to_anchor=(0.5, -0.01))
     _save(fig, path)
     plt.close(fig)
     return True
@@ -177,7 +177,7 @@ def plot_solver(runs: list[dict], path: Path, title: str, style: dict[str, dict]
     fig.subplots_adjust(wspace=0.3)
     fig.suptitle(f"{title}: equilibrium solver over training (DEQ mode only)")
     handles, labels = ax_n.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(2, len(labels)), bbox_to_anchor=(0.5, -0.1))
+    fig.legend(handles, labels, loc="upper center", ncol=min(2, len(labels)), bbox_to_anchor=(0.5, -0.01))
     _save(fig, path)
     plt.close(fig)
     return True
