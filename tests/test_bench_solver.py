@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from deqlm.bench import solver
 
 FIELDS = {
@@ -39,3 +41,22 @@ def test_bench_dispatcher_reports_unknown_subcommand_in_one_line():
     proc = subprocess.run([sys.executable, "-m", "deqlm.bench", "nonsense"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "solver" in proc.stderr
+
+
+def test_rank_sweep_reports_forward_residual_and_adjoint_steps_per_rank(capsys):
+    from deqlm.bench.solver import main
+
+    assert main(["--quick", "--json", "--rank-sweep", "2,4"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [x["rank"] for x in lines] == [2, 4]
+    for x in lines:
+        assert len(x["b_nstep_per_train_step"]) == 4
+        assert all(1 <= n <= x["b_max_iter"] for n in x["b_nstep_per_train_step"])
+
+
+def test_rank_sweep_rejects_a_malformed_list(capsys):
+    from deqlm.bench.solver import main
+
+    with pytest.raises(SystemExit):
+        main(["--quick", "--rank-sweep", "4,x"])
+    assert "--rank-sweep" in capsys.readouterr().err

@@ -311,29 +311,46 @@ def _unrolled(depth: int, w: Workload) -> dict:
     return _measure(f"unrolled.{depth}", w, solve, make_core, depth=depth)
 
 
-def rank_sweep(w: Workload, ranks: list[int]) -> list[dict]:
-    """Forward solves only: Broyden's residual after the step cap for each rank (factors it keeps)."""
-    block, _, x_BLD, _ = _build(w)
+def rank_sweep(w: Workload, ranks: list[int], train_steps: int = 4) -> list[dict]:
+    """Broyden by rank: the forward residual after the step cap, then `train_steps` training steps with the
+    same rank in both solves, recording each adjoint (backward) solve's step count and final residual."""
+    return [_rank_line(w, rank, train_steps) for rank in ranks]
+
+
+def _rank_line(w: Workload, rank: int, train_steps: int) -> dict:
+    block, readout, x_BLD, y_BL = _build(w)
     with torch.no_grad():
         u = block.inject(x_BLD)
 
     def f(z):
         return block(z, u)
 
-    lines = []
-    for rank in ranks:
-        res = get_solver("broyden")(f, torch.zeros_like(x_BLD), max_iter=w.f_max_iter, tol=w.tol, rank=rank)
-        rel_B = _rel_res_B(f, res.z)
-        lines.append(
-            {
-                "solver": "deqlm.broyden",
-                "rank": rank,
-                "f_evals": res.f_evals,
-                "rel_res_max": float(rel_B.max()),
-                "rel_res_median": float(rel_B.median()),
-            }
-        )
-    return lines
+    res = get_solver("broyden")(f, torch.zeros_like(x_BLD), max_iter=w.f_max_iter, tol=w.tol, rank=rank)
+    rel_B = _rel_res_B(f, res.z)
+    core = DEQFixedPoint(
+        f_solver="broyden", b_solver="broyden", f_max_iter=w.f_max_iter, b_max_iter=w.b_max_iter,
+        f_tol=w.tol, b_tol=w.tol, stop_mode="rel", solver_kwargs={"broyden": {"rank": rank}},
+    )  # fmt: skip
+    opt = torch.optim.Adam(list(block.parameters()) + list(readout.parameters()), lr=1e-3)
+    b_nstep, b_rel_res = [], []
+    for _ in range(train_steps):
+        opt.zero_grad(set_to_none=True)
+        u_BL3D = block.inject(x_BLD)
+        z_BLD, stats = core(lambda z: block(z, u_BL3D), torch.zeros_like(x_BLD))  # noqa: B023
+        F.cross_entropy(readout(z_BLD).flatten(0, 1), y_BL.flatten()).backward()
+        opt.step()
+        b_nstep.append(stats.get("b_nstep"))
+        b_rel_res.append(stats.get("b_rel_res"))
+    return {
+        "solver": "deqlm.broyden",
+        "rank": rank,
+        "f_evals": res.f_evals,
+        "rel_res_max": float(rel_B.max()),
+        "rel_res_median": float(rel_B.median()),
+        "b_max_iter": w.b_max_iter,
+        "b_nstep_per_train_step": b_nstep,
+        "b_rel_res_per_train_step": b_rel_res,
+    }
 
 
 def run(w: Workload, with_torchdeq: bool = True, report: Callable[[dict], None] | None = None) -> list[dict]:
@@ -367,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rank-sweep",
         metavar="R,R,...",
-        help="instead: Broyden's residual after the step cap for each rank (forward solves only)",
+        help="instead: Broyden by rank: forward residual at the step cap, adjoint steps of 4 training steps",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1 if args.quick else 2)  # quick: CI boxes are shared; one thread avoids spin-waits
