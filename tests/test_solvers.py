@@ -209,3 +209,18 @@ def test_max_iter_zero_evaluates_once_and_returns_z0():
     z0 = torch.ones(2, 3)
     res = anderson(lambda z: 0.5 * z, z0, max_iter=0)
     assert res.nstep == 0 and res.f_evals == 1 and torch.equal(res.z, z0)
+
+
+def test_broyden_masked_path_equals_the_unmasked_one_while_no_sample_has_restarted(monkeypatch):
+    """The masked step (used once some sample restarted) must reduce to the fast one when every factor is
+    valid, before and after the circular buffer wraps."""
+    import sys
+
+    mod = sys.modules["deqlm.solvers.broyden"]
+    f = _ill_conditioned_linear(B=4, n=64)
+    z0 = torch.zeros(4, 64, dtype=torch.float64)
+    fast = broyden(f, z0, max_iter=40, tol=0.0, stop_mode="abs", rank=8)
+    original = mod._next_step
+    monkeypatch.setattr(mod, "_next_step", lambda *a, masked: original(*a, masked=True))
+    masked = broyden(f, z0, max_iter=40, tol=0.0, stop_mode="abs", rank=8)
+    torch.testing.assert_close(masked.abs_trace, fast.abs_trace, rtol=1e-9, atol=1e-14)

@@ -235,6 +235,20 @@ def _measure(
     return line
 
 
+def _our_core(name: str, w: Workload, solver_kw: dict) -> DEQFixedPoint:
+    """Our implicit layer with `name` for both solves, at the workload's limits and tolerance."""
+    return DEQFixedPoint(
+        f_solver=name,
+        b_solver=name,
+        f_max_iter=w.f_max_iter,
+        b_max_iter=w.b_max_iter,
+        f_tol=w.tol,
+        b_tol=w.tol,
+        stop_mode="rel",
+        solver_kwargs={name: solver_kw},
+    )
+
+
 def _ours(name: str, w: Workload, **solver_kw) -> dict:
     """Our solver with its defaults, or with `solver_kw` (e.g. rank=30), which then also names the line."""
     solver = get_solver(name)
@@ -243,16 +257,7 @@ def _ours(name: str, w: Workload, **solver_kw) -> dict:
         return solver(f, z0, max_iter=w.f_max_iter, tol=w.tol, stop_mode="rel", **solver_kw).z
 
     def make_core():
-        return DEQFixedPoint(
-            f_solver=name,
-            b_solver=name,
-            f_max_iter=w.f_max_iter,
-            b_max_iter=w.b_max_iter,
-            f_tol=w.tol,
-            b_tol=w.tol,
-            stop_mode="rel",
-            solver_kwargs={name: solver_kw},
-        )
+        return _our_core(name, w, solver_kw)
 
     suffix = "".join(f".{k}{v}" for k, v in solver_kw.items())
     line = _measure(f"deqlm.{name}{suffix}", w, solve, make_core)
@@ -327,10 +332,7 @@ def _rank_line(w: Workload, rank: int, train_steps: int) -> dict:
 
     res = get_solver("broyden")(f, torch.zeros_like(x_BLD), max_iter=w.f_max_iter, tol=w.tol, rank=rank)
     rel_B = _rel_res_B(f, res.z)
-    core = DEQFixedPoint(
-        f_solver="broyden", b_solver="broyden", f_max_iter=w.f_max_iter, b_max_iter=w.b_max_iter,
-        f_tol=w.tol, b_tol=w.tol, stop_mode="rel", solver_kwargs={"broyden": {"rank": rank}},
-    )  # fmt: skip
+    core = _our_core("broyden", w, {"rank": rank})
     opt = torch.optim.Adam(list(block.parameters()) + list(readout.parameters()), lr=1e-3)
     b_nstep, b_rel_res = [], []
     for _ in range(train_steps):

@@ -34,6 +34,16 @@ def log_series(events: list[dict], key: str, x: str = "step") -> tuple[list[floa
     return xs, ys
 
 
+def _legend_below_and_save(fig, ax, ncol: int, path: Path) -> None:
+    """One figure legend (from `ax`'s runs) under the axis labels, then write and close the figure."""
+    import matplotlib.pyplot as plt
+
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(ncol, len(labels)), bbox_to_anchor=(0.5, -0.01))
+    _save(fig, path)
+    plt.close(fig)
+
+
 def log_values(events: list[dict], key: str) -> list[float]:
     return [v for v in (as_number(e.get(key)) for e in events) if v is not None]
 
@@ -111,10 +121,7 @@ def plot_curves(runs: list[dict], path: Path, title: str, style: dict[str, dict]
             ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     what = "Validation loss" if copy_task else "Validation perplexity"
     fig.suptitle(f"{title}: {what} during training (training-log figures, not eval.json)")
-    handles, labels = ax_s.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(3, len(labels)), bbox_to_anchor=(0.5, -0.01))
-    _save(fig, path)
-    plt.close(fig)
+    _legend_below_and_save(fig, ax_s, 3, path)
     return True
 
 
@@ -176,8 +183,5 @@ def plot_solver(runs: list[dict], path: Path, title: str, style: dict[str, dict]
         ax.grid(True, which="both", alpha=0.3)
     fig.subplots_adjust(wspace=0.3)
     fig.suptitle(f"{title}: equilibrium solver over training (DEQ mode only)")
-    handles, labels = ax_n.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(2, len(labels)), bbox_to_anchor=(0.5, -0.01))
-    _save(fig, path)
-    plt.close(fig)
+    _legend_below_and_save(fig, ax_n, 2, path)
     return True

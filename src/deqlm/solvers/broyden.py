@@ -113,8 +113,7 @@ def broyden(
                 s_BF = g_BF
                 gram_BKK[:, 0, 0] = torch.linalg.vector_norm(s_BF, dim=1).double() ** 2
             else:
-                step_fn = _next_step_clean if clean else _next_step
-                s_BF, restarts = step_fn(steps, gram_BKK, start_B, g_BF, nstep, order)
+                s_BF, restarts = _next_step(steps, gram_BKK, start_B, g_BF, nstep, order, masked=not clean)
             steps.put(nstep % K, s_BF)
             z_BF = track.freeze(
                 z_BF.add_(s_BF), inplace=True
@@ -160,42 +159,51 @@ def _take(x: torch.Tensor, idx: torch.Tensor | None, n: int, dim: int) -> torch.
     return x.index_select(dim, idx)
 
 
-def _next_step_clean(
+def _next_step(
     steps: _StepBuffer, gram_BKK: torch.Tensor, start_B: torch.Tensor, g_BF: torch.Tensor, k1: int,
-    order: _Order,
+    order: _Order, masked: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_next_step` for a batch in which no sample has restarted: the same arithmetic without validity masks.
+    """The step s_{k+1} from g_{k+1} (k1 = k + 1 steps stored). Updates gram and start in place; returns the
+    step and the number of samples that restart now (they take the plain step s = g).
 
-    A sample whose update breaks down here still takes a plain step and records its restart in `start_B`;
-    the returned count of such samples tells the caller to use the masked path from the next step on."""
+    `masked`: some sample restarted earlier, so factors older than a sample's restart are masked out (their
+    rows of the triangular system become identity rows with a zero right-hand side, i.e. c_j = 0). Without it
+    the same arithmetic runs without those kernels."""
     N = min(k1, order.K)
     idx = order.index(k1)
     d_BN = _take(steps.dots(g_BF), idx, N, 1).double().neg_()  # -s_j . g
     Q_BNN = _take(_take(gram_BKK, idx, N, 1), idx, N, 2)
     sq_BN = Q_BNN.diagonal(dim1=1, dim2=2)
+    # triangular system over the factors j = lo..k-1: diag ||s_j||^2, below it -s_j . s_{i+1}
     tri_BNN = torch.diag_embed(sq_BN[:, :-1]) - torch.tril(Q_BNN[:, :-1, 1:], diagonal=-1)
-    c_BN = torch.linalg.solve_triangular(tri_BNN, d_BN[:, :-1, None], upper=False)[..., 0]
+    rhs_BN = d_BN[:, :-1]
+    if masked:
+        t_N = torch.arange(order.lo(k1), k1, device=g_BF.device)
+        valid_BN = (t_N[None] >= start_B[:, None]) & (sq_BN > 0)
+        fac_BN = valid_BN[:, :-1]
+        eye_NN = torch.eye(N - 1, dtype=tri_BNN.dtype, device=tri_BNN.device)
+        tri_BNN = torch.where(fac_BN[:, :, None], tri_BNN, eye_NN)
+        rhs_BN = torch.where(fac_BN, rhs_BN, 0.0)
+    c_BN = torch.linalg.solve_triangular(tri_BNN, rhs_BN[..., None], upper=False)[..., 0]
     sw_BN = torch.baddbmm(d_BN[..., None], Q_BNN[:, :, 1:], c_BN[..., None])[..., 0]  # s_j . w, every j
     den_B = 1.0 + sw_BN[:, -1] / sq_BN[:, -1]
     a_B = den_B.abs()
     ok_B = (a_B >= _MIN_DEN) & (a_B < torch.inf) & torch.isfinite(c_BN).all(dim=1)
+    if masked:
+        ok_B = ok_B & valid_BN[:, -1]
+    # s = -w / den = (g - sum_j c_j s_{j+1}) / den; factor j's coefficient goes to the slot of s_{j+1}
     inv_B = torch.where(ok_B, den_B.reciprocal(), 1.0)
-    coef_BN = torch.where(ok_B[:, None], c_BN * inv_B[:, None], 0.0).neg_()  # factor j -> slot of s_{j+1}
-    return _finish_step(steps, gram_BKK, start_B, g_BF, k1, order, idx, ok_B, inv_B, coef_BN, sw_BN, d_BN)
-
-
-def _finish_step(steps, gram_BKK, start_B, g_BF, k1, order, idx, ok_B, inv_B, coef_BN, sw_BN, d_BN):
-    """s = g / den + sum_j coef_j s_{j+1}, the restart record and the new step's Gram entries (both paths)."""
-    N = d_BN.shape[1]
+    coef_BN = torch.where(ok_B[:, None], c_BN * inv_B[:, None], 0.0).neg_().to(g_BF.dtype)
     A = steps.allocated()
     if idx is None:  # slots 1..N-1 hold s_{lo+1}..s_k
-        coef_BA = torch.nn.functional.pad(coef_BN.to(g_BF.dtype), (1, A - N))
+        coef_BA = torch.nn.functional.pad(coef_BN, (1, A - N))
     else:
-        coef_BA = g_BF.new_zeros(g_BF.shape[0], A).index_copy_(1, idx[1:], coef_BN.to(g_BF.dtype))
+        coef_BA = g_BF.new_zeros(g_BF.shape[0], A).index_copy_(1, idx[1:], coef_BN)
     s_BF = steps.combine(g_BF * inv_B.to(g_BF.dtype)[:, None], coef_BA)
     bad_B = ~ok_B
     start_B.masked_fill_(bad_B, k1)
-    # Gram entries of the new step with the stored ones (slot `new` may overwrite the oldest, steps[lo])
+    # Gram entries of the new step with the stored ones (slot `new` may overwrite the oldest, steps[lo]):
+    # s_j . s_{k+1} = -s_j . w / den, or -s_j . g for a plain step
     new = k1 % order.K
     col_BN = torch.where(ok_B[:, None], sw_BN * inv_B[:, None], d_BN).neg_()
     if idx is None:
@@ -206,37 +214,3 @@ def _finish_step(steps, gram_BKK, start_B, g_BF, k1, order, idx, ok_B, inv_B, co
         gram_BKK[:, idx, new] = col_BN
     gram_BKK[:, new, new] = torch.linalg.vector_norm(s_BF, dim=1).double().square_()
     return s_BF, bad_B.sum(dtype=torch.float32)
-
-
-def _next_step(
-    steps: _StepBuffer, gram_BKK: torch.Tensor, start_B: torch.Tensor, g_BF: torch.Tensor, k1: int,
-    order: _Order,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step s_{k+1} from g_{k+1} (k1 = k + 1 steps stored), for a batch where some samples restarted:
-    factors older than a sample's restart are masked out. Updates gram and start in place; returns the step
-    and the number of samples that restart now."""
-    K = order.K
-    N = min(k1, K)
-    lo = order.lo(k1)
-    idx = order.index(k1)
-    d_BN = _take(steps.dots(g_BF), idx, N, 1).double().neg_()  # -s_j . g
-    Q_BNN = _take(_take(gram_BKK, idx, N, 1), idx, N, 2)
-    sq_BN = Q_BNN.diagonal(dim1=1, dim2=2)
-    t_N = torch.arange(lo, k1, device=g_BF.device)
-    valid_BN = (t_N[None] >= start_B[:, None]) & (sq_BN > 0)
-    # triangular system over the factors j = lo..k-1; invalid rows become c_j = 0
-    fac_BN = valid_BN[:, :-1]
-    shifted_BNN = Q_BNN[:, :-1, 1:]  # [j, i] = s_j . s_{i+1}
-    tri_BNN = torch.where(fac_BN[:, :, None], -torch.tril(shifted_BNN, diagonal=-1), 0.0)
-    tri_BNN = tri_BNN + torch.diag_embed(torch.where(fac_BN, sq_BN[:, :-1], 1.0))
-    rhs_BN1 = torch.where(fac_BN, d_BN[:, :-1], 0.0)[..., None]
-    c_BN = torch.linalg.solve_triangular(tri_BNN, rhs_BN1, upper=False)[..., 0]
-    sw_BN = d_BN + (Q_BNN[:, :, 1:] @ c_BN[..., None])[..., 0]  # s_j . w for every stored step
-    den_B = 1.0 + sw_BN[:, -1] / sq_BN[:, -1]
-    ok_B = (
-        torch.isfinite(den_B) & (den_B.abs() >= _MIN_DEN) & valid_BN[:, -1] & torch.isfinite(c_BN).all(dim=1)
-    )
-    # s = -w / den = (g - sum_j c_j s_{j+1}) / den; a restarting sample takes the plain step s = g
-    inv_B = torch.where(ok_B, 1.0 / den_B, 1.0)
-    coef_BN = torch.where(ok_B[:, None], -c_BN * inv_B[:, None], 0.0)
-    return _finish_step(steps, gram_BKK, start_B, g_BF, k1, order, idx, ok_B, inv_B, coef_BN, sw_BN, d_BN)
