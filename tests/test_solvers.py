@@ -55,6 +55,33 @@ def test_broyden_matches_dense_good_broyden_reference():
         torch.testing.assert_close(res.abs_trace[-1], g.norm(dim=1), rtol=1e-8, atol=1e-12)
 
 
+def test_broyden_with_bounded_memory_matches_the_product_form_reference():
+    """Past `rank` steps the oldest factors are dropped (treated as H_0 = -I): compare, step by step, with the
+    product form H = (I + s_k s_{k-1}^T / |s_{k-1}|^2) ... (I + s_{lo+1} s_lo^T / |s_lo|^2) H_0 applied
+    factor by factor, through several wraps of the circular buffer and a partly filled last chunk."""
+    f = _contraction(B=3, n=20, scale=0.95)
+    rank, steps_taken = 10, 25
+    z = torch.zeros(3, 20, dtype=torch.float64)
+    g = f(z) - z
+    stored, trace = [], [g.norm(dim=1)]
+    for _ in range(steps_taken):
+        if not stored:
+            s = g
+        else:
+            w = -g
+            for s_old, s_next in zip(stored[:-1], stored[1:], strict=False):
+                w = w + s_next * ((s_old * w).sum(1) / (s_old * s_old).sum(1))[:, None]
+            s_k = stored[-1]
+            s = -w / (1 + (s_k * w).sum(1) / (s_k * s_k).sum(1))[:, None]
+        stored = (stored + [s])[-(rank + 1) :]
+        z = z + s
+        g = f(z) - z
+        trace.append(g.norm(dim=1))
+    res = broyden(f, torch.zeros(3, 20, dtype=torch.float64), max_iter=steps_taken, tol=0.0, stop_mode="abs",
+                  rank=rank)
+    torch.testing.assert_close(res.abs_trace, torch.stack(trace), rtol=1e-7, atol=1e-12)
+
+
 def test_broyden_with_small_rank_still_converges():
     f = _ill_conditioned_linear(B=2, n=32)
     res = broyden(f, torch.zeros(2, 32, dtype=torch.float64), max_iter=300, tol=1e-8, stop_mode="rel", rank=4)

@@ -74,26 +74,31 @@ def anderson(
         g_BF = fz_BF - z_BF
         track.observe(z_BF, fz_BF, g_BF)
         M = max(1, min(m, max_iter))
-        f_BMF = g_BMF = gram_BMM = None
+        # slot-major histories (M, B, F): a slot is one contiguous (B, F) block. g is computed straight into
+        # the slot it will occupy, and the next iterate into z's own buffer, so a step allocates nothing
+        # (on a CPU every fresh megabyte costs page faults)
+        f_MBF = g_MBF = gram_BMM = None
         nstep = 0
         while nstep < max_iter and track.any_active():
-            if f_BMF is None:  # allocated only once a step is needed
-                f_BMF, g_BMF = z_BF.new_zeros(B, M, F), z_BF.new_zeros(B, M, F)
-                gram_BMM = torch.zeros(B, M, M, dtype=torch.float64, device=z_BF.device)
             slot = nstep % M
-            f_BMF[:, slot] = fz_BF
-            g_BMF[:, slot] = g_BF
-            row_BM = torch.bmm(g_BF[:, None], g_BMF.mT)[:, 0].double()
-            gram_BMM[:, slot, :] = row_BM
-            gram_BMM[:, :, slot] = row_BM
+            if f_MBF is None:  # allocated only once a step is needed
+                f_MBF, g_MBF = z_BF.new_empty(M, B, F), z_BF.new_empty(M, B, F)
+                gram_BMM = torch.zeros(B, M, M, dtype=torch.float64, device=z_BF.device)
+                g_MBF[slot] = g_BF
+            f_MBF[slot] = fz_BF
             N = min(nstep + 1, M)
+            fs_BNF, gs_BNF = f_MBF[:N].transpose(0, 1), g_MBF[:N].transpose(0, 1)
+            row_BN = torch.bmm(g_MBF[slot][:, None], gs_BNF.mT)[:, 0].double()
+            gram_BMM[:, slot, :N] = row_BN
+            gram_BMM[:, :N, slot] = row_BN
             alpha_BN = mixing_weights(gram_BMM[:, :N, :N], lam, newest=slot).to(z_BF.dtype)
-            z_new_BF = torch.bmm(alpha_BN[:, None], f_BMF[:, :N])[:, 0]
+            z_B1F = z_BF[:, None]  # z's buffer: the tracker has already kept what it needs of z
+            torch.bmm(alpha_BN[:, None], fs_BNF, out=z_B1F)
             if beta != 1.0:
-                z_new_BF = z_new_BF - (1.0 - beta) * torch.bmm(alpha_BN[:, None], g_BMF[:, :N])[:, 0]
-            z_BF = track.freeze(z_new_BF, inplace=True)
+                z_B1F.baddbmm_(alpha_BN[:, None], gs_BNF, alpha=-(1.0 - beta))
+            z_BF = track.freeze(z_BF, inplace=True)
             fz_BF = fmap(z_BF)
-            g_BF = fz_BF - z_BF
             nstep += 1
+            g_BF = torch.sub(fz_BF, z_BF, out=g_MBF[nstep % M])
             track.observe(z_BF, fz_BF, g_BF)
         return track.result(fmap, nstep)

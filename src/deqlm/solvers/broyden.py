@@ -21,9 +21,10 @@ A sample whose update breaks down (denominator near zero, non-finite step) resta
 factors are masked out and it takes a plain step.
 
 Kernel count matters as much as bytes (a GPU launch costs microseconds, and a CPU dispatch about as
-much): until some sample restarts, steps take a path without per-sample validity masks, reading the stored
-steps' Gram block by slicing while the buffer has not wrapped; whether a restart happened travels to the host
-with the one synchronisation per step the stopping test already needs.
+much): until some sample restarts, steps take a path without per-sample validity masks; the stored steps are
+read in chronological order straight from the circular buffer (the Gram block by a slice, or one roll once
+the buffer is full), so nothing is gathered or scattered; the new step is computed in its own slot; whether a
+restart happened travels to the host with the one synchronisation per step the stopping test already needs.
 """
 
 # B: batch, F: flattened state size per sample, K: stored steps (rank + 1 slots), N: steps in use, C: chunk
@@ -42,32 +43,45 @@ _MIN_DEN = 1e-3  # |1 + s_k.w / ||s_k||^2| below this: the secant update is ill-
 
 
 class _StepBuffer:
-    """Circular store of the last K steps per sample, allocated chunk by chunk as steps arrive."""
+    """Circular store of the last K steps per sample, allocated chunk by chunk as steps arrive.
+
+    Slot-major (C, B, F) chunks: a slot is one contiguous (B, F) block, so a new step is computed in its slot
+    (no copy, no per-step allocation: on a CPU every fresh megabyte costs page faults) and in-place products
+    into it run without a temporary; the batched products read (B, C, F) views. Slots are never
+    zero-filled: reads cover only slots the caller has written. Reads go in chronological order, `count`
+    slots from slot `first` on, wrapping past K - 1 to 0, so results need no reordering."""
 
     def __init__(self, B: int, F: int, K: int, like: torch.Tensor):
         self.B, self.F, self.K, self.like = B, F, K, like
-        self.chunks: list[torch.Tensor] = []  # each (B, C, F)
+        self.chunks: list[torch.Tensor] = []  # each (C, B, F)
 
-    def put(self, slot: int, s_BF: torch.Tensor) -> None:
-        while slot >= len(self.chunks) * _CHUNK:
+    def slot(self, i: int) -> torch.Tensor:
+        """(B, F) view of slot i, allocating its chunk when first reached."""
+        while i >= len(self.chunks) * _CHUNK:
             C = min(_CHUNK, self.K - len(self.chunks) * _CHUNK)
-            self.chunks.append(self.like.new_zeros(self.B, C, self.F))
-        self.chunks[slot // _CHUNK][:, slot % _CHUNK] = s_BF
+            self.chunks.append(self.like.new_empty(C, self.B, self.F))
+        return self.chunks[i // _CHUNK][i % _CHUNK]
 
-    def allocated(self) -> int:
-        return sum(c_BCF.shape[1] for c_BCF in self.chunks)
+    def _runs(self, first: int, count: int) -> list[tuple[int, torch.Tensor]]:
+        """(position, (B, C, F) view) covering slots first, first + 1, ... (mod K), `count` in all."""
+        runs, pos = [], 0
+        while pos < count:
+            c, off = divmod((first + pos) % self.K, _CHUNK)
+            n = min(self.chunks[c].shape[0] - off, count - pos)
+            runs.append((pos, self.chunks[c][off : off + n].transpose(0, 1)))
+            pos += n
+        return runs
 
-    def dots(self, v_BF: torch.Tensor) -> torch.Tensor:
-        """(B, slots allocated): s_slot . v for every slot."""
-        return torch.cat([torch.bmm(v_BF[:, None], c_BCF.mT)[:, 0] for c_BCF in self.chunks], dim=1)
+    def dots(self, v_BF: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        """(B, count): s . v for each slot read, in reading order."""
+        parts = [torch.bmm(v_BF[:, None], run_BCF.mT)[:, 0] for _, run_BCF in self._runs(first, count)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def combine(self, base_BF: torch.Tensor, coef_BK: torch.Tensor) -> torch.Tensor:
-        """base + sum over slots of coef[slot] * s_slot, accumulated into `base` (which must be a fresh
-        tensor)."""
-        out_B1F = base_BF[:, None]
-        for i, c_BCF in enumerate(self.chunks):
-            out_B1F.baddbmm_(coef_BK[:, None, i * _CHUNK : i * _CHUNK + c_BCF.shape[1]], c_BCF)
-        return out_B1F[:, 0]
+    def combine(self, out_BF: torch.Tensor, coef_Bn: torch.Tensor, first: int) -> None:
+        """out += sum over the n slots read from `first` on of coef[position] * s (out: another slot)."""
+        out_B1F = out_BF[:, None]
+        for pos, run_BCF in self._runs(first, coef_Bn.shape[1]):
+            out_B1F.baddbmm_(coef_Bn[:, None, pos : pos + run_BCF.shape[1]], run_BCF)
 
 
 def broyden(
@@ -102,7 +116,6 @@ def broyden(
         steps = _StepBuffer(B, F, K, z_BF)
         gram_BKK = torch.zeros(B, K, K, dtype=torch.float64, device=dev)
         start_B = torch.zeros(B, dtype=torch.long, device=dev)  # first step of each sample's current run
-        order = _Order(K, dev)
         clean = True  # no sample has restarted yet: the unmasked path applies
         nstep = 0
         restarts = torch.zeros((), dtype=torch.float32, device=dev)
@@ -110,11 +123,10 @@ def broyden(
             clean = clean and track.flag == 0
             # s_0 = -H_0 g_0 = g_0; later steps from the stored ones
             if nstep == 0:
-                s_BF = g_BF
+                s_BF = steps.slot(0).copy_(g_BF)
                 gram_BKK[:, 0, 0] = torch.linalg.vector_norm(s_BF, dim=1).double() ** 2
             else:
-                s_BF, restarts = _next_step(steps, gram_BKK, start_B, g_BF, nstep, order, masked=not clean)
-            steps.put(nstep % K, s_BF)
+                s_BF, restarts = _next_step(steps, gram_BKK, start_B, g_BF, nstep, masked=not clean)
             z_BF = track.freeze(
                 z_BF.add_(s_BF), inplace=True
             )  # z_BF is the solver's own buffer (see flatten_start)
@@ -125,92 +137,61 @@ def broyden(
         return track.result(fmap, nstep)
 
 
-class _Order:
-    """Where the stored steps sit in the circular buffer, oldest first, for k1 steps taken (cached per solve).
-
-    Before the buffer wraps (k1 <= K) the order is slots 0..k1-1 and `index` is None (callers slice); after,
-    a device index tensor, built once per wrap position."""
-
-    def __init__(self, K: int, device: torch.device):
-        self.K, self.device = K, device
-        self.cache: dict[int, torch.Tensor] = {}
-
-    def lo(self, k1: int) -> int:
-        return max(0, k1 - self.K)
-
-    def index(self, k1: int) -> torch.Tensor | None:
-        if k1 <= self.K:
-            return None
-        key = k1 % self.K
-        if key not in self.cache:
-            chrono = [t % self.K for t in range(k1 - self.K, k1)]
-            self.cache[key] = torch.tensor(chrono, device=self.device)
-        return self.cache[key]
-
-    def full_index(self, k1: int) -> torch.Tensor:
-        idx = self.index(k1)
-        return torch.arange(k1, device=self.device) if idx is None else idx
-
-
-def _take(x: torch.Tensor, idx: torch.Tensor | None, n: int, dim: int) -> torch.Tensor:
-    """The n stored entries along `dim`, oldest first: a slice before the buffer wraps, a gather after."""
-    if idx is None:
-        return x.narrow(dim, 0, n)
-    return x.index_select(dim, idx)
-
-
 def _next_step(
     steps: _StepBuffer, gram_BKK: torch.Tensor, start_B: torch.Tensor, g_BF: torch.Tensor, k1: int,
-    order: _Order, masked: bool,
+    masked: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step s_{k+1} from g_{k+1} (k1 = k + 1 steps stored). Updates gram and start in place; returns the
+    """The step s_{k+1} from g_{k+1} (k1 = k + 1 steps taken). Updates gram and start in place; returns the
     step and the number of samples that restart now (they take the plain step s = g).
 
+    Stored are s_lo..s_k (N of them, chronological from slot `first`); the factors are j = lo..k-1. With
+    e_j = s_j . g and T the lower-triangular matrix with diagonal ||s_j||^2 and entries -s_j . s_{i+1} below
+    it, the coefficients are c = T^-1 e (the recursion's c_j with the sign flipped), v_j = e_j + sum_i
+    (s_j . s_{i+1}) c_i = -(s_j . w) for every stored j, den = 1 - v_k / ||s_k||^2, and
+    s_{k+1} = (g + sum_j c_j s_{j+1}) / den.
+
     `masked`: some sample restarted earlier, so factors older than a sample's restart are masked out (their
-    rows of the triangular system become identity rows with a zero right-hand side, i.e. c_j = 0). Without it
-    the same arithmetic runs without those kernels."""
-    N = min(k1, order.K)
-    idx = order.index(k1)
-    d_BN = _take(steps.dots(g_BF), idx, N, 1).double().neg_()  # -s_j . g
-    Q_BNN = _take(_take(gram_BKK, idx, N, 1), idx, N, 2)
+    rows of T become identity rows with a zero right-hand side, i.e. c_j = 0). Without it the same
+    arithmetic runs without those kernels."""
+    K = steps.K
+    N = min(k1, K)
+    first = (k1 - N) % K  # slot of s_lo
+    e_BN = steps.dots(g_BF, first, N).double()
+    Q_BNN = gram_BKK[:, :N, :N] if first == 0 else gram_BKK.roll((-first, -first), dims=(1, 2))
     sq_BN = Q_BNN.diagonal(dim1=1, dim2=2)
-    # triangular system over the factors j = lo..k-1: diag ||s_j||^2, below it -s_j . s_{i+1}
-    tri_BNN = torch.diag_embed(sq_BN[:, :-1]) - torch.tril(Q_BNN[:, :-1, 1:], diagonal=-1)
-    rhs_BN = d_BN[:, :-1]
+    tri_BNN = Q_BNN[:, :-1, 1:].tril(-1).neg_()
+    tri_BNN.diagonal(dim1=1, dim2=2).copy_(sq_BN[:, :-1])
+    rhs_BN1 = e_BN[:, :-1, None]
     if masked:
-        t_N = torch.arange(order.lo(k1), k1, device=g_BF.device)
+        t_N = torch.arange(k1 - N, k1, device=g_BF.device)
         valid_BN = (t_N[None] >= start_B[:, None]) & (sq_BN > 0)
-        fac_BN = valid_BN[:, :-1]
+        fac_BN1 = valid_BN[:, :-1, None]
         eye_NN = torch.eye(N - 1, dtype=tri_BNN.dtype, device=tri_BNN.device)
-        tri_BNN = torch.where(fac_BN[:, :, None], tri_BNN, eye_NN)
-        rhs_BN = torch.where(fac_BN, rhs_BN, 0.0)
-    c_BN = torch.linalg.solve_triangular(tri_BNN, rhs_BN[..., None], upper=False)[..., 0]
-    sw_BN = torch.baddbmm(d_BN[..., None], Q_BNN[:, :, 1:], c_BN[..., None])[..., 0]  # s_j . w, every j
-    den_B = 1.0 + sw_BN[:, -1] / sq_BN[:, -1]
-    a_B = den_B.abs()
-    ok_B = (a_B >= _MIN_DEN) & (a_B < torch.inf) & torch.isfinite(c_BN).all(dim=1)
+        tri_BNN = torch.where(fac_BN1, tri_BNN, eye_NN)
+        rhs_BN1 = torch.where(fac_BN1, rhs_BN1, 0.0)
+    c_BN1 = torch.linalg.solve_triangular(tri_BNN, rhs_BN1, upper=False)
+    v_BN = torch.baddbmm(e_BN[..., None], Q_BNN[:, :, 1:], c_BN1)[..., 0]
+    c_BN = c_BN1[..., 0]
+    den_B = 1.0 - v_BN[:, -1] / sq_BN[:, -1]
+    # a non-finite coefficient makes `a` NaN, and every comparison with NaN is false
+    a_B = (den_B + 0.0 * c_BN.sum(dim=1)).abs_()
+    ok_B = (a_B >= _MIN_DEN) & (a_B < torch.inf)
     if masked:
         ok_B = ok_B & valid_BN[:, -1]
-    # s = -w / den = (g - sum_j c_j s_{j+1}) / den; factor j's coefficient goes to the slot of s_{j+1}
-    inv_B = torch.where(ok_B, den_B.reciprocal(), 1.0)
-    coef_BN = torch.where(ok_B[:, None], c_BN * inv_B[:, None], 0.0).neg_().to(g_BF.dtype)
-    A = steps.allocated()
-    if idx is None:  # slots 1..N-1 hold s_{lo+1}..s_k
-        coef_BA = torch.nn.functional.pad(coef_BN, (1, A - N))
-    else:
-        coef_BA = g_BF.new_zeros(g_BF.shape[0], A).index_copy_(1, idx[1:], coef_BN)
-    s_BF = steps.combine(g_BF * inv_B.to(g_BF.dtype)[:, None], coef_BA)
+    inv_B = torch.where(ok_B, den_B, 1.0).reciprocal_()
+    # the new step goes to slot `new`: past the stored ones, or once the buffer is full over s_lo, which
+    # only enters through T (already solved) and is not read below
+    new = k1 % K
+    s_BF = torch.mul(g_BF, inv_B.to(g_BF.dtype)[:, None], out=steps.slot(new))
+    coef_BN = (c_BN * (inv_B * ok_B)[:, None]).to(g_BF.dtype)  # restarting samples: all zero
+    steps.combine(s_BF, coef_BN, first=(first + 1) % K)
     bad_B = ~ok_B
     start_B.masked_fill_(bad_B, k1)
-    # Gram entries of the new step with the stored ones (slot `new` may overwrite the oldest, steps[lo]):
-    # s_j . s_{k+1} = -s_j . w / den, or -s_j . g for a plain step
-    new = k1 % order.K
-    col_BN = torch.where(ok_B[:, None], sw_BN * inv_B[:, None], d_BN).neg_()
-    if idx is None:
-        gram_BKK[:, new, :N] = col_BN
-        gram_BKK[:, :N, new] = col_BN
-    else:
-        gram_BKK[:, new, idx] = col_BN
-        gram_BKK[:, idx, new] = col_BN
+    # Gram entries of the new step with the stored ones: s_j . s_{k+1} = v_j / den, or e_j for a plain step
+    col_BN = torch.where(ok_B[:, None], v_BN * inv_B[:, None], e_BN)
+    if first:
+        col_BN = col_BN.roll(first, dims=1)  # back to slot order
+    gram_BKK[:, new, :N] = col_BN
+    gram_BKK[:, :N, new] = col_BN
     gram_BKK[:, new, new] = torch.linalg.vector_norm(s_BF, dim=1).double().square_()
     return s_BF, bad_B.sum(dtype=torch.float32)

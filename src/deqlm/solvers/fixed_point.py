@@ -33,11 +33,12 @@ def fixed_point(
         z_BF = flatten_start(z0)
         track = Tracker(z_BF, tol, stop_mode, explode)
         fz_BF = fmap(z_BF)
-        track.observe(z_BF, fz_BF, fz_BF - z_BF)
+        g_BF = fz_BF - z_BF  # reused: a step allocates nothing but f's output
+        track.observe(z_BF, fz_BF, g_BF)
         nstep = 0
         while nstep < max_iter and track.any_active():
             z_BF = track.freeze(fz_BF)
             fz_BF = fmap(z_BF)
             nstep += 1
-            track.observe(z_BF, fz_BF, fz_BF - z_BF)
+            track.observe(z_BF, fz_BF, torch.sub(fz_BF, z_BF, out=g_BF))
         return track.result(fmap, nstep)
