@@ -34,7 +34,21 @@ def test_quick_solver_bench_prints_json_lines_and_writes_out(tmp_path, capsys):
     deq = {line["solver"]: line for line in lines if line["solver"].startswith("deqlm.")}
     # one stored application of f, whatever the solver; an unrolled stack stores one per layer
     assert len({line["saved_bytes"] for line in deq.values()}) == 1
+    for name in ("deqlm.broyden", "deqlm.anderson"):
+        assert deq[name]["history_mb_per_step"] > 0 and deq[name]["history_floor"] > 0
+    assert "history_floor" not in deq["deqlm.fixed_point"]
     assert json.loads(out.read_text())["lines"] == lines
+
+
+def test_history_bytes_follow_the_buffer_rule():
+    """Broyden step k reads its min(k, K) stored steps twice less one and writes one: with K = rank + 1 = 3
+    and 5 steps the slot counts are 1, 2, 4, 6, 6; Anderson (m 2) reads N residuals and N images and
+    writes two: 4, 6, 6."""
+    slot = 2 * 10 * 4
+    br = solver.history_bytes_per_step("broyden", {"rank": 2}, 5, 30, 2, 10)
+    assert br == pytest.approx(slot * (1 + 2 + 4 + 6 + 6) / 5)
+    an = solver.history_bytes_per_step("anderson", {"m": 2, "beta": 1.0}, 3, 30, 2, 10)
+    assert an == pytest.approx(slot * (4 + 6 + 6) / 3)
 
 
 def test_bench_dispatcher_reports_unknown_subcommand_in_one_line():

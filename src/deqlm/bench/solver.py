@@ -17,7 +17,10 @@ train_step_ms (medians after a warm-up; a step is forward + backward + Adam step
 solver step outside f, as a fraction of one f-evaluation, measured inside the same timed solves),
 peak_step_mb (peak live CPU tensor bytes above the step's start, integrated from torch.profiler's memory
 events), saved_bytes (bytes packed for backward, via saved_tensors_hooks, unique storages, parameters
-excluded).
+excluded). Broyden and Anderson lines add history_mb_per_step (stored history a forward step reads or writes,
+from the buffer rule in `history_bytes_per_step`) and history_floor: that traffic at this machine's measured
+read bandwidth (`read_gbps`), as a fraction of one f-evaluation, i.e. the part of solver_overhead no
+implementation that keeps the history in float32 can avoid.
 """
 
 # B: batch, L: sequence length, D: d_model, H: heads, K: d_head, V: readout classes
@@ -267,8 +270,55 @@ def _ours(name: str, w: Workload, **solver_kw) -> dict:
         for k, p in inspect.signature(solver).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in ("max_iter", "tol", "stop_mode", "explode")
     }
-    line["settings"] = {**defaults, **solver_kw}
+    line["settings"] = settings = {**defaults, **solver_kw}
+    hist = history_bytes_per_step(
+        name, settings, line["f_evals"] - 1, w.f_max_iter, w.batch, w.seq_len * w.d_model
+    )
+    if hist is not None:
+        # what reading the stored history alone costs at this machine's memory bandwidth, in f-evaluations
+        line["history_mb_per_step"] = round(hist / 2**20, 2)
+        line["history_floor"] = round(hist / (read_gbps() * 1e9) / (line["f_ms"] / 1e3), 4)
     return line
+
+
+def history_bytes_per_step(
+    name: str, settings: dict, nstep: int, max_iter: int, B: int, F: int
+) -> float | None:
+    """Bytes of stored history a forward step reads or writes, averaged over `nstep` steps (float32).
+
+    Broyden step k (k >= 1) reads its N = min(k, K) stored steps twice less one (the products S g and the
+    combination over s_{lo+1}..s_k) and writes one; Anderson step n reads its N = min(n + 1, M) residuals
+    and N images (and the residuals again when beta != 1) and writes two slots. None for plain iteration."""
+    if nstep < 1 or name not in ("broyden", "anderson"):
+        return None
+    slot = B * F * 4
+    total = 0
+    for k in range(nstep):
+        if name == "broyden":
+            N = min(k, max(1, min(settings["rank"] + 1, max_iter)))
+            total += 2 * N * slot if k else slot
+        else:
+            N = min(k + 1, max(1, min(settings["m"], max_iter)))
+            total += (N * (3 if settings["beta"] != 1.0 else 2) + 2) * slot
+    return total / nstep
+
+
+_READ_GBPS: list[float] = []
+
+
+def read_gbps() -> float:
+    """This machine's memory read bandwidth as the solvers see it: a batched product reading 64 MB (larger
+    than common last-level caches), median of 5 (measured once per process)."""
+    if not _READ_GBPS:
+        S_BNF = torch.randn(8, 64, 32768)
+        v_BF = torch.randn(8, 32768)
+        times = []
+        for _ in range(6):
+            t0 = time.perf_counter()
+            torch.bmm(v_BF[:, None], S_BNF.mT)
+            times.append(time.perf_counter() - t0)
+        _READ_GBPS.append(S_BNF.numel() * 4 / statistics.median(times[1:]) / 1e9)
+    return _READ_GBPS[0]
 
 
 def _torchdeq(name: str, w: Workload) -> dict:
