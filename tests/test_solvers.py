@@ -82,6 +82,34 @@ def test_broyden_with_bounded_memory_matches_the_product_form_reference():
     torch.testing.assert_close(res.abs_trace, torch.stack(trace), rtol=1e-7, atol=1e-12)
 
 
+@pytest.mark.parametrize("m, beta", [(1, 0.5), (3, 0.7), (4, 1.0)])
+def test_anderson_matches_a_direct_reference_of_its_update(m, beta):
+    """z_new = sum_i alpha_i (f(z_i) - (1 - beta) g_i) over the last m iterates, alpha from
+    (G G^T + lam_eff I) a = 1 normalised, lam_eff = lam * mean ||g_i||^2; m = 1 is damped iteration."""
+    f = _contraction(B=2, n=10, scale=0.9)
+    lam, steps = 1e-2, 12
+    z = torch.zeros(2, 10, dtype=torch.float64)
+    hist, trace = [], []
+    for k in range(steps + 1):
+        fz = f(z)
+        g = fz - z
+        trace.append(g.norm(dim=1))
+        if k == steps:
+            break
+        hist = (hist + [(fz, g)])[-m:]
+        F_BNF = torch.stack([h[0] for h in hist], 1)
+        G_BNF = torch.stack([h[1] for h in hist], 1)
+        gram = G_BNF @ G_BNF.mT
+        reg = lam * gram.diagonal(dim1=1, dim2=2).mean(1)
+        a = torch.linalg.solve(gram + reg[:, None, None] * torch.eye(len(hist), dtype=gram.dtype),
+                               torch.ones(2, len(hist), 1, dtype=gram.dtype))[..., 0]
+        alpha = a / a.sum(1, keepdim=True)
+        z = (alpha[:, :, None] * (F_BNF - (1 - beta) * G_BNF)).sum(1)
+    res = anderson(f, torch.zeros(2, 10, dtype=torch.float64), max_iter=steps, tol=0.0, stop_mode="abs", m=m,
+                   beta=beta, lam=lam)
+    torch.testing.assert_close(res.abs_trace, torch.stack(trace), rtol=1e-7, atol=1e-12)
+
+
 def test_broyden_with_small_rank_still_converges():
     f = _ill_conditioned_linear(B=2, n=32)
     res = broyden(f, torch.zeros(2, 32, dtype=torch.float64), max_iter=300, tol=1e-8, stop_mode="rel", rank=4)
