@@ -97,3 +97,22 @@ def test_pre_ln_and_same_length_and_clamp_len_run():
     out = model(x, x)
     out2 = model(x, x, out.mems)
     assert torch.isfinite(out2.loss)
+
+
+def test_transformer_ffn_saves_one_inner_wide_tensor_with_dropout_on():
+    """With dropout active, bytes saved for backward grow by one (B, L) float per unit of d_inner: the
+    ReLU's output doubles as ff2's input, instead of a second, masked copy being saved."""
+    from deqlm.activation import SavedTensorMeter
+    from deqlm.models.transformer_cell import TransformerCell
+
+    def saved(d_inner: int) -> int:
+        torch.manual_seed(0)
+        cell = TransformerCell(16, 2, 8, d_inner, dropout=0.3, weight_norm=False).train()
+        x_BLD = torch.randn(3, 5, 16)
+        ctx = cell.context(x_BLD, cell.empty_mem(3, x_BLD))
+        with SavedTensorMeter(exclude=list(cell.parameters())) as meter:
+            cell(torch.randn(3, 5, 16, requires_grad=True), ctx)
+        return meter.bytes
+
+    per_unit = (saved(1024) - saved(512)) / 512
+    assert per_unit == pytest.approx(3 * 5 * 4 + 3 * 4, rel=0.05)  # activations + the (B, 1, I) mask

@@ -163,7 +163,10 @@ class TransformerCell(nn.Module):
         return apply_mask(self.o_net(attn_BLHK.reshape(B, L, H * K)), ctx["m_attn"])
 
     def _ffn(self, h_BLD: torch.Tensor, ctx: dict) -> torch.Tensor:
-        inner_BLI = apply_mask(F.relu(self.ff1(h_BLD)), ctx["m_inner"])
+        # the dropout mask is >= 0, so masking before the ReLU is the same function; this way the ReLU's saved
+        # output is also ff2's saved input: one d_inner-wide tensor kept for backward instead of two (the
+        # DEQ-Transformer's d_inner is 48,000)
+        inner_BLI = F.relu(apply_mask(self.ff1(h_BLD), ctx["m_inner"]))
         return apply_mask(self.ff2(inner_BLI), ctx["m_ff"])
 
     def forward(self, z_BLD: torch.Tensor, ctx: dict) -> torch.Tensor:
