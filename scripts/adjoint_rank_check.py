@@ -1,0 +1,68 @@
+"""Forward and adjoint solves of a trained DEQ run at several Broyden ranks, on the same training batches.
+
+    python scripts/adjoint_rank_check.py RUN_DIR [--ranks 10 30] [--batches 6] [--out FILE.json]
+
+Loads RUN_DIR's checkpoint and config, and for each rank rebuilds the model from the checkpoint and runs
+`--batches` training steps' forward and backward (same seed, same batches, gradients discarded), recording
+per step the forward and adjoint solver steps and final relative residuals. The question it answers: does a
+smaller rank (less solver memory) cost this model accuracy in either solve? (On the solver benchmark's
+Transformer block it does in the adjoint solve: docs/solvers.md, "Choosing the rank".)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from deqlm.data import build_dataset
+from deqlm.eval.perplexity import _load_checkpoint, find_checkpoint, load_run_config
+from deqlm.io import atomic_write_json
+from deqlm.models import build_model
+
+_LATE_STEP = 10**9  # past any warm-up: DEQ mode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[10, 30])
+    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_run_config(args.run_dir)
+    dataset = build_dataset(cfg.data)
+    ckpt = _load_checkpoint(args.run_dir, find_checkpoint(args.run_dir))
+    lines = []
+    for rank in args.ranks:
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.deq, vocab_size=dataset.vocab_size)
+        model.load_state_dict(ckpt["model"])
+        model.train()
+        deq = model.core.deq
+        deq.solver_kwargs.setdefault("broyden", {})["rank"] = rank
+        batches = dataset.train_iterator(cfg.data.batch_size, cfg.data.tgt_len)
+        mems = model.init_mems(cfg.data.batch_size)
+        steps = []
+        for _ in range(args.batches):
+            x_BL, y_BL = next(batches)
+            out = model(x_BL, y_BL, mems, step=_LATE_STEP)
+            out.loss.backward()
+            model.zero_grad(set_to_none=True)
+            mems = out.mems
+            steps.append({k: out.stats.get(k) for k in ("f_nstep", "f_rel_res", "b_nstep", "b_rel_res")})
+        line = {"run": str(args.run_dir), "rank": rank, "f_solver": deq.f_solver, "b_solver": deq.b_solver,
+                "f_max_iter": deq.f_max_iter, "b_max_iter": deq.b_max_iter, "f_tol": deq.f_tol,
+                "b_tol": deq.b_tol, "steps": steps}
+        print(json.dumps(line), flush=True)
+        lines.append(line)
+    if args.out is not None:
+        atomic_write_json(args.out, lines, indent=1)
+
+
+if __name__ == "__main__":
+    main()
