@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from deqlm.solvers.anderson import history_slots
+from deqlm.solvers.broyden import buffer_slots
+
 GIB = float(2**30)
 REPO_ROOT = Path(__file__).resolve().parents[3]
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
@@ -407,7 +410,7 @@ def solver_workspace_bytes(cfg, batch: int, tgt_len: int, elem_bytes: int = 4) -
     Broyden (deqlm.solvers.broyden) stores one step vector per iteration in a circular buffer of rank + 1
     slots, allocated in chunks of up to 8 as steps are taken: min(r + 1, max_iter) * F * B floats (r =
     deq.broyden_rank, so the buffer stops growing with the step cap; the official code keeps two vectors per
-    allowed step, 2 * max_iter * F * B). Anderson keeps 2 * m histories (iterates and their images);
+    allowed step, 2 * max_iter * F * B). Anderson keeps 2 * min(m, max_iter) histories (images and residuals);
     fixed-point iteration keeps none. Explicit cores: 0. An upper bound: the buffer grows only with the steps
     actually taken.
     """
@@ -418,9 +421,9 @@ def solver_workspace_bytes(cfg, batch: int, tgt_len: int, elem_bytes: int = 4) -
 
     def one(solver: str, max_iter: int) -> int:
         if solver == "broyden":
-            return max(1, min(d.broyden_rank + 1, max_iter)) * fb
+            return buffer_slots(d.broyden_rank, max_iter) * fb
         if solver == "anderson":
-            return 2 * d.anderson_m * fb
+            return 2 * history_slots(d.anderson_m, max_iter) * fb
         return 0
 
     return max(one(d.f_solver, d.f_max_iter), one(d.b_solver, d.b_max_iter))

@@ -44,6 +44,8 @@ from torch import nn
 from deqlm.deq import DEQFixedPoint
 from deqlm.io import atomic_write_json
 from deqlm.solvers import get_solver
+from deqlm.solvers.anderson import history_slots
+from deqlm.solvers.broyden import buffer_slots
 
 
 @dataclass
@@ -295,10 +297,10 @@ def history_bytes_per_step(
     total = 0
     for k in range(nstep):
         if name == "broyden":
-            N = min(k, max(1, min(settings["rank"] + 1, max_iter)))
+            N = min(k, buffer_slots(settings["rank"], max_iter))
             total += 2 * N * slot if k else slot
         else:
-            N = min(k + 1, max(1, min(settings["m"], max_iter)))
+            N = min(k + 1, history_slots(settings["m"], max_iter))
             total += (N * (3 if settings["beta"] != 1.0 else 2) + 2) * slot
     return total / nstep
 

@@ -116,8 +116,8 @@ def time_row(key: str, device: torch.device, size: str, *, batch: int, tgt_len: 
             "f_eval_ms": None if f_eval_ms is None else round(f_eval_ms, 3),
             "ms_per_f_step": round(med(fwd) / f_n, 3) if f_n else None,
             "ms_per_b_step": round(med(bwd) / b_n, 3) if b_n else None,
-            "ms_per_infer_step": round(med(infer) / fi_n, 3) if fi_n else None,
         })
+        rec["ms_per_infer_step"] = infer_step_ms(rec)
     return rec
 
 
@@ -233,11 +233,9 @@ def run_pairs(args: argparse.Namespace, say) -> list[dict]:
 # Outputs.
 
 
-def _infer_step_ms(r: dict) -> float | None:
-    """Inference time per forward solver step: eval mode like `f_eval_ms`, so the two compare directly (the
-    training forward also applies dropout masks). Computed for records written before the field existed."""
-    if r.get("ms_per_infer_step") is not None:
-        return r["ms_per_infer_step"]
+def infer_step_ms(r: dict) -> float | None:
+    """Inference time per forward solver step, from a record's `infer_ms` and `infer_f_nstep`: eval mode like
+    `f_eval_ms`, so the two compare directly (the training forward also applies dropout masks)."""
     n = r.get("infer_f_nstep")
     return round(r["infer_ms"] / n, 3) if n and r.get("infer_ms") is not None else None
 
@@ -274,7 +272,7 @@ def write_outputs(out: Path, records: list[dict]) -> None:
                          f"{f(r['bwd_ms'], 1)} | {f(r['fwd_share'])} | {f(r['infer_ms'], 1)} | "
                          f"{f(r['train_tok_s'], 0)} | {f(r['infer_tok_s'], 0)} | "
                          f"{f(r.get('ms_per_f_step'))} | "
-                         f"{f(r.get('ms_per_b_step'))} | {f(_infer_step_ms(r))} | {f(r.get('f_eval_ms'))} |")
+                         f"{f(r.get('ms_per_b_step'))} | {f(infer_step_ms(r))} | {f(r.get('f_eval_ms'))} |")
     devices = sorted({str(r["device"]) for r in records})
     lines += ["", f"Device: {', '.join(devices)}. Sizes: full = the paper's widths; reduced = widths / 4 "
               "(depth, solver limits and protocol unchanged).", ""]

@@ -25,6 +25,11 @@ from deqlm.solvers.common import FlatMap, Tracker, check_common, flatten_start, 
 from deqlm.solvers.result import SolverResult
 
 
+def history_slots(m: int, max_iter: int) -> int:
+    """(f(z), g) pairs a solve keeps: the last m, at most one per allowed step, at least one."""
+    return max(1, min(m, max_iter))
+
+
 def mixing_weights(gram_BNN: torch.Tensor, lam: float, newest: int) -> torch.Tensor:
     """Anderson weights (B, N) from the residual Gram matrix; plain iteration (one-hot newest) on failure."""
     B, N, _ = gram_BNN.shape
@@ -73,7 +78,7 @@ def anderson(
         fz_BF = fmap(z_BF)
         g_BF = fz_BF - z_BF
         track.observe(z_BF, fz_BF, g_BF)
-        M = max(1, min(m, max_iter))
+        M = history_slots(m, max_iter)
         # slot-major histories (M, B, F): a slot is one contiguous (B, F) block. g is computed straight into
         # the slot it will occupy, and the next iterate into z's own buffer, so a step allocates nothing
         # (on a CPU every fresh megabyte costs page faults)

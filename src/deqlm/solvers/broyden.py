@@ -42,6 +42,12 @@ _CHUNK = 8  # step buffers grow in chunks of this many slots, so memory follows 
 _MIN_DEN = 1e-3  # |1 + s_k.w / ||s_k||^2| below this: the secant update is ill-posed, restart the sample
 
 
+def buffer_slots(rank: int, max_iter: int) -> int:
+    """Step vectors a solve may store: rank + 1 (rank factors need their steps and one more), at most one per
+    allowed step, at least one."""
+    return max(1, min(rank + 1, max_iter))
+
+
 class _StepBuffer:
     """Circular store of the last K steps per sample, allocated chunk by chunk as steps arrive.
 
@@ -112,7 +118,7 @@ def broyden(
         fz_BF = fmap(z_BF)
         g_BF = fz_BF - z_BF
         track.observe(z_BF, fz_BF, g_BF)
-        K = max(1, min(rank + 1, max_iter))
+        K = buffer_slots(rank, max_iter)
         steps = _StepBuffer(B, F, K, z_BF)
         gram_BKK = torch.zeros(B, K, K, dtype=torch.float64, device=dev)
         start_B = torch.zeros(B, dtype=torch.long, device=dev)  # first step of each sample's current run
