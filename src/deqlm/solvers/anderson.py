@@ -31,18 +31,21 @@ def history_slots(m: int, max_iter: int) -> int:
 
 
 def mixing_weights(gram_BNN: torch.Tensor, lam: float, newest: int) -> torch.Tensor:
-    """Anderson weights (B, N) from the residual Gram matrix; plain iteration (one-hot newest) on failure."""
+    """Anderson weights (B, N) from the residual Gram matrix; plain iteration (one-hot newest) on failure.
+
+    A dozen small kernels (each costs microseconds, as much as a small f on a GPU): the regulariser is added
+    to a copy's diagonal in place, and the fallback is a one-hot row built without an identity matrix."""
     B, N, _ = gram_BNN.shape
-    eye_NN = torch.eye(N, dtype=gram_BNN.dtype, device=gram_BNN.device)
-    scale_B = gram_BNN.diagonal(dim1=1, dim2=2).mean(dim=1)
-    reg_B = lam * scale_B + torch.finfo(gram_BNN.dtype).tiny
-    L_BNN, info_B = torch.linalg.cholesky_ex(gram_BNN + reg_B[:, None, None] * eye_NN)
-    ones_BN1 = gram_BNN.new_ones(B, N, 1)
-    a_BN = torch.cholesky_solve(ones_BN1, L_BNN)[..., 0]
+    A_BNN = gram_BNN.clone()
+    diag_BN = A_BNN.diagonal(dim1=1, dim2=2)
+    diag_BN.add_(diag_BN.mean(dim=1, keepdim=True).mul_(lam).add_(torch.finfo(A_BNN.dtype).tiny))
+    L_BNN, info_B = torch.linalg.cholesky_ex(A_BNN)
+    a_BN = torch.cholesky_solve(A_BNN.new_ones(B, N, 1), L_BNN)[..., 0]
     alpha_BN = a_BN / a_BN.sum(dim=1, keepdim=True)
-    ok_B = (info_B == 0) & torch.isfinite(alpha_BN).all(dim=1)
-    plain_BN = eye_NN[newest].expand(B, N)
-    return torch.where(ok_B[:, None], alpha_BN, plain_BN)
+    ok_B1 = ((info_B == 0) & torch.isfinite(alpha_BN).all(dim=1))[:, None]
+    plain_1N = A_BNN.new_zeros(1, N)
+    plain_1N[0, newest] = 1.0
+    return torch.where(ok_B1, alpha_BN, plain_1N)
 
 
 def anderson(
@@ -80,9 +83,10 @@ def anderson(
         track.observe(z_BF, fz_BF, g_BF)
         M = history_slots(m, max_iter)
         # slot-major histories (M, B, F): a slot is one contiguous (B, F) block. g is computed straight into
-        # the slot it will occupy, and the next iterate into z's own buffer, so a step allocates nothing
+        # the slot it will occupy, and the next iterate into a spare buffer, so a step allocates nothing
         # (on a CPU every fresh megabyte costs page faults)
         f_MBF = g_MBF = gram_BMM = None
+        spare_BF = torch.empty_like(z_BF)  # iterates alternate between two buffers (see Tracker)
         nstep = 0
         while nstep < max_iter and track.any_active():
             slot = nstep % M
@@ -97,7 +101,8 @@ def anderson(
             gram_BMM[:, slot, :N] = row_BN
             gram_BMM[:, :N, slot] = row_BN
             alpha_BN = mixing_weights(gram_BMM[:, :N, :N], lam, newest=slot).to(z_BF.dtype)
-            z_B1F = z_BF[:, None]  # z's buffer: the tracker has already kept what it needs of z
+            z_BF, spare_BF = spare_BF, z_BF
+            z_B1F = z_BF[:, None]
             torch.bmm(alpha_BN[:, None], fs_BNF, out=z_B1F)
             if beta != 1.0:
                 z_B1F.baddbmm_(alpha_BN[:, None], gs_BNF, alpha=-(1.0 - beta))

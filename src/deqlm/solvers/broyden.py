@@ -122,6 +122,7 @@ def broyden(
         steps = _StepBuffer(B, F, K, z_BF)
         gram_BKK = torch.zeros(B, K, K, dtype=torch.float64, device=dev)
         start_B = torch.zeros(B, dtype=torch.long, device=dev)  # first step of each sample's current run
+        spare_BF = torch.empty_like(z_BF)
         clean = True  # no sample has restarted yet: the unmasked path applies
         nstep = 0
         restarts = torch.zeros((), dtype=torch.float32, device=dev)
@@ -133,9 +134,8 @@ def broyden(
                 gram_BKK[:, 0, 0] = torch.linalg.vector_norm(s_BF, dim=1).double() ** 2
             else:
                 s_BF, restarts = _next_step(steps, gram_BKK, start_B, g_BF, nstep, masked=not clean)
-            z_BF = track.freeze(
-                z_BF.add_(s_BF), inplace=True
-            )  # z_BF is the solver's own buffer (see flatten_start)
+            # iterates alternate between two buffers of the solver's own (see Tracker)
+            z_BF, spare_BF = track.freeze(torch.add(z_BF, s_BF, out=spare_BF), inplace=True), z_BF
             fz_BF = fmap(z_BF)
             g_BF = torch.sub(fz_BF, z_BF, out=g_BF if nstep > 0 else None)
             nstep += 1

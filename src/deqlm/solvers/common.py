@@ -78,13 +78,26 @@ class FlatMap:
 
 
 class Tracker:
-    """Per-sample residuals, lowest-residual iterate, convergence and divergence (see module docstring)."""
+    """Per-sample residuals, lowest-residual iterate, convergence and divergence (see module docstring).
+
+    The lowest-residual iterate is kept lazily: a sample whose newest iterate is its best so far (the usual
+    case) is only marked, and its row is copied into `best_z_BF` only once a later iterate fails to improve on
+    it, or before the rows are read. So a step usually moves no (B, F) data for the record, and whether the
+    copy is needed reaches the host with the one synchronisation per step that `any_active` already makes.
+    The price is a contract with the solver: the z passed to `observe` must stay unchanged until after the
+    next `observe` and `any_active` (solvers alternate between two iterate buffers).
+    """
 
     def __init__(self, z0_BF: torch.Tensor, tol: float, stop_mode: str, explode: float):
         B = z0_BF.shape[0]
         dev = z0_BF.device
         self.tol, self.stop_mode, self.explode = tol, stop_mode, explode
-        self.best_z_BF = z0_BF.clone()
+        # the kept iterate of every row not marked in pend_B; allocated at the first copy (often never)
+        self.best_z_BF: torch.Tensor | None = None
+        self.pend_z_BF: torch.Tensor | None = None  # the newest observed iterate
+        self.pend_B = torch.ones(B, dtype=torch.bool, device=dev)  # rows whose kept iterate is pend_z
+        self.prev_z_BF: torch.Tensor | None = None  # the iterate observed before pend_z ...
+        self.need_B = self.pend_B  # ... and its rows still to be copied into best_z (decided on the host)
         # per sample, at the kept iterate: [stop-mode residual, abs residual, rel residual, ||f(z)||]
         self.best_B4 = torch.full((B, 4), float("inf"), dtype=z0_BF.dtype, device=dev)
         self.first_abs_B: torch.Tensor | None = None
@@ -97,7 +110,7 @@ class Tracker:
 
     def observe(self, z_BF: torch.Tensor, fz_BF: torch.Tensor, g_BF: torch.Tensor) -> torch.Tensor:
         """Record the iterate z with f(z) and g = f(z) - z; returns the (B,) mask of samples still
-        iterating.
+        iterating. z must stay unchanged until after the next observe() and any_active().
 
         Written for few kernel launches (each one costs microseconds on a GPU, as much as a small f): a
         non-finite f(z) makes g non-finite too, so one finiteness test of ||g|| covers both."""
@@ -111,7 +124,11 @@ class Tracker:
         res_B = res_B.nan_to_num(nan=torch.inf, posinf=torch.inf)
         # frozen rows are re-evaluated at their kept iterate; only active rows may change the record
         better_B = self.active_B & (res_B < self.best_B4[:, 0])
-        torch.where(better_B[:, None], z_BF, self.best_z_BF, out=self.best_z_BF)
+        # rows kept in the previous iterate that z does not improve on must be copied out of it; the first
+        # iterate is every row's kept one, whatever its residual
+        first = self.pend_z_BF is None and self.best_z_BF is None
+        self.prev_z_BF, self.need_B = self.pend_z_BF, self.pend_B & ~better_B
+        self.pend_z_BF, self.pend_B = z_BF, self.pend_B if first else better_B
         self.best_B4 = torch.where(
             better_B[:, None], torch.stack([res_B, abs_B, rel_B, fnorm_B], 1), self.best_B4
         )
@@ -123,6 +140,30 @@ class Tracker:
         go_on_B = ~done_B & finite_B & (abs_B <= self.first_abs_B)
         self.active_B = self.active_B & go_on_B
         return self.active_B
+
+    def _into_best(self, mask_B: torch.Tensor, src_BF: torch.Tensor) -> None:
+        if self.best_z_BF is None:  # rows outside every mask so far are pending: nothing to keep yet
+            self.best_z_BF = torch.empty_like(src_BF)
+        torch.where(mask_B[:, None], src_BF, self.best_z_BF, out=self.best_z_BF)
+
+    def _copy_needed(self) -> None:
+        """Copy the rows of the previous iterate still kept into best_z (before the solver overwrites it)."""
+        if self.prev_z_BF is not None:
+            self._into_best(self.need_B, self.prev_z_BF)
+            self.prev_z_BF = None
+
+    def kept(self, final: bool = False) -> torch.Tensor:
+        """(B, F) lowest-residual iterate of every sample, made whole in best_z. `final`: the solve is over;
+        when every row's kept iterate is the newest one, that buffer itself is returned (no copy)."""
+        self._copy_needed()
+        if self.pend_z_BF is not None:
+            if final and self.best_z_BF is None:
+                return self.pend_z_BF  # nothing was ever copied, so every row is pending
+            self._into_best(self.pend_B, self.pend_z_BF)
+            self.pend_z_BF, self.pend_B = None, torch.zeros_like(self.pend_B)
+        assert self.best_z_BF is not None
+        return self.best_z_BF
+
     def freeze(self, z_new_BF: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Next iterate: z_new on active rows, the kept iterate (final or lowest-residual) on the others.
 
@@ -131,17 +172,22 @@ class Tracker:
         if self.all_active:
             return z_new_BF
         return torch.where(
-            self.active_B[:, None], z_new_BF, self.best_z_BF, out=z_new_BF if inplace else None
+            self.active_B[:, None], z_new_BF, self.kept(), out=z_new_BF if inplace else None
         )
 
     def any_active(self, flag: torch.Tensor | None = None) -> bool:
         """Whether any sample still iterates. `flag` (a 0-d tensor a solver wants on the host, e.g. "some
-        sample restarted") is fetched in the same transfer and left in `self.flag`."""
-        if flag is None:
-            n_active = int(self.active_B.sum())  # the one host sync per step
-        else:
-            n_active, self.flag = torch.stack([self.active_B.sum().to(flag.dtype), flag]).tolist()
-            n_active = int(n_active)
+        sample restarted") is fetched in the same transfer and left in `self.flag`. After this call the
+        solver may overwrite every iterate but the one last observed."""
+        flag = torch.zeros((), device=self.active_B.device) if flag is None else flag
+        counts = [self.active_B.sum().to(flag.dtype), flag]
+        if self.prev_z_BF is not None:
+            counts.append(self.need_B.any().to(flag.dtype))
+        n_active, self.flag, *need = torch.stack(counts).tolist()  # the one host sync per step
+        if need and need[0]:
+            self._copy_needed()
+        self.prev_z_BF = None
+        n_active = int(n_active)
         self.all_active = n_active == self.active_B.shape[0]
         return n_active > 0
 
@@ -149,7 +195,7 @@ class Tracker:
         abs_tot = float(torch.linalg.vector_norm(self.best_B4[:, 1]))
         f_tot = float(torch.linalg.vector_norm(self.best_B4[:, 3]))
         return SolverResult(
-            z=self.best_z_BF.to(fmap.in_dtype).view(fmap.shape),
+            z=self.kept(final=True).to(fmap.in_dtype).view(fmap.shape),
             nstep=nstep,
             f_evals=fmap.evals,
             abs_res=abs_tot,
