@@ -155,3 +155,20 @@ def test_set_eval_solver_overrides_only_evaluation():
     assert out.stats["f_nstep"] > 2 and out.mems[0].shape[1] == 6
     model.set_eval_solver()
     assert model.core.deq.eval_f_max_iter is None and model.eval_mem_len == model.mem_len
+
+
+def test_dropconnect_stores_a_one_byte_mask_for_backward():
+    """DropConnect saves only its mask, one byte per weight (not a float32 copy of the noise)."""
+    from deqlm.models.dropout import DropConnect
+
+    drop = DropConnect(0.4).train()
+    w = torch.randn(64, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = drop(w)
+    assert sum(t.untyped_storage().nbytes() for t in saved) <= w.numel()
+    kept = out != 0
+    torch.testing.assert_close(out[kept], w[kept] / 0.6)
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, kept.float() / 0.6)
+    assert drop.eval()(w) is w

@@ -17,7 +17,6 @@ Legend: B batch, L length, D features.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
@@ -49,14 +48,21 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 class DropConnect(nn.Module):
-    """Parametrization: Bernoulli(1-p) noise on a weight tensor (Wan et al. 2013; TrellisNet's wdrop)."""
+    """Parametrization: Bernoulli(1-p) noise on a weight tensor (Wan et al. 2013; TrellisNet's wdrop).
+
+    `torch.native_dropout` keeps a one-byte mask for backward on every device; `F.dropout` on a CPU keeps a
+    float32 one (PTB DEQ-TrellisNet: 60 MB instead of 15 MB, a weight-sized tensor stored per forward)."""
 
     def __init__(self, p: float):
         super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"DropConnect p={p!r} must lie in [0, 1)")
         self.p = float(p)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return F.dropout(w, self.p, self.training)
+        if not self.training or self.p == 0.0:
+            return w
+        return torch.native_dropout(w, self.p, True)[0]
 
 
 def add_weight_norm(module: nn.Module, name: str = "weight", dim: int = 0) -> nn.Module:

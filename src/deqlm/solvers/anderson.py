@@ -95,6 +95,7 @@ def anderson(
                 gram_BMM = torch.zeros(B, M, M, dtype=torch.float64, device=z_BF.device)
                 g_MBF[slot] = g_BF
             f_MBF[slot] = fz_BF
+            del fz_BF  # copied: released before f runs again (one vector less at peak)
             N = min(nstep + 1, M)
             fs_BNF, gs_BNF = f_MBF[:N].transpose(0, 1), g_MBF[:N].transpose(0, 1)
             row_BN = torch.bmm(g_MBF[slot][:, None], gs_BNF.mT)[:, 0].double()

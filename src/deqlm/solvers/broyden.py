@@ -118,6 +118,7 @@ def broyden(
         fz_BF = fmap(z_BF)
         g_BF = fz_BF - z_BF
         track.observe(z_BF, fz_BF, g_BF)
+        del fz_BF  # not needed past the stopping test: released before f runs again (one vector less at peak)
         K = buffer_slots(rank, max_iter)
         steps = _StepBuffer(B, F, K, z_BF)
         gram_BKK = torch.zeros(B, K, K, dtype=torch.float64, device=dev)
@@ -134,12 +135,14 @@ def broyden(
                 gram_BKK[:, 0, 0] = torch.linalg.vector_norm(s_BF, dim=1).double() ** 2
             else:
                 s_BF, restarts = _next_step(steps, gram_BKK, start_B, g_BF, nstep, masked=not clean)
+            del g_BF  # like f(z) above: released while f runs, whose own temporaries set the peak
             # iterates alternate between two buffers of the solver's own (see Tracker)
             z_BF, spare_BF = track.freeze(torch.add(z_BF, s_BF, out=spare_BF), inplace=True), z_BF
             fz_BF = fmap(z_BF)
-            g_BF = torch.sub(fz_BF, z_BF, out=g_BF if nstep > 0 else None)
+            g_BF = fz_BF - z_BF
             nstep += 1
             track.observe(z_BF, fz_BF, g_BF)
+            del fz_BF
         return track.result(fmap, nstep)
 
 

@@ -33,12 +33,13 @@ def fixed_point(
         z_BF = flatten_start(z0)
         track = Tracker(z_BF, tol, stop_mode, explode)
         fz_BF = fmap(z_BF)
-        g_BF = fz_BF - z_BF  # reused: a step allocates nothing but f's output
-        track.observe(z_BF, fz_BF, g_BF)
+        track.observe(z_BF, fz_BF, fz_BF - z_BF)
         nstep = 0
         while nstep < max_iter and track.any_active():
             z_BF = track.freeze(fz_BF)
+            del fz_BF  # now z (or copied into it): one vector less while f runs
             fz_BF = fmap(z_BF)
             nstep += 1
-            track.observe(z_BF, fz_BF, torch.sub(fz_BF, z_BF, out=g_BF))
+            # the residual is a temporary of the stopping test: nothing of it is live while f runs
+            track.observe(z_BF, fz_BF, fz_BF - z_BF)
         return track.result(fmap, nstep)
