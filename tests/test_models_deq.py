@@ -172,3 +172,39 @@ def test_dropconnect_stores_a_one_byte_mask_for_backward():
     out.sum().backward()
     torch.testing.assert_close(w.grad, kept.float() / 0.6)
     assert drop.eval()(w) is w
+
+
+def test_lean_kernel2_conv_equals_the_default_one_in_value_and_gradients():
+    """The DEQ's lean-backward convolution is the same function (float64, strided inputs, gradcheck)."""
+    from deqlm.models.trellisnet_cell import causal_conv_k2
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 12, dtype=torch.float64, generator=gen)[:, ::2].requires_grad_()
+    w = torch.randn(16, 8, 2, dtype=torch.float64, generator=gen)[::2, ::2].requires_grad_()
+    out, ref = causal_conv_k2(x, w, lean_backward=True), causal_conv_k2(x, w)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    gy = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (x, w), gy), torch.autograd.grad(ref, (x, w), gy)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, w: causal_conv_k2(x, w, lean_backward=True), (x, w))
+
+
+def test_lean_kernel2_conv_input_gradient_allocates_little_beyond_the_gradient():
+    """Its vector-Jacobian product w.r.t. the input holds at most the gradient plus a small fraction of the
+    weight (no copy of the weight: that copy would sit at the DEQ's memory peak once per adjoint step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from deqlm.models.trellisnet_cell import causal_conv_k2
+
+    x = torch.randn(2, 256, 17, requires_grad=True)
+    w = torch.randn(1024, 256, 2, requires_grad=True)  # 2 MiB, the input gradient 34 KiB
+    out = causal_conv_k2(x, w, lean_backward=True)
+    gy = torch.randn_like(out)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.autograd.grad(out, x, gy, retain_graph=True)
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    assert peak <= 2 * x.numel() * 4 + w.numel() * 4 // 8

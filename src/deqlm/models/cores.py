@@ -59,6 +59,9 @@ class DEQCore(nn.Module):
     ) -> CoreOut:
         cell = cells[0]
         ctx = cell.context(x, mems[0], clamp_len)
+        # the recorded application of f is differentiated once per adjoint step: cells may trade forward
+        # speed for backward memory there (TrellisNet on a CPU: deqlm.models.trellisnet_cell.causal_conv_k2)
+        ctx["lean_backward"] = True
 
         def f(z: torch.Tensor) -> torch.Tensor:
             return cell(z, ctx)

@@ -27,9 +27,27 @@ channels, O d_out (nout).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deqlm.models.dropout import VariationalDropout, add_dropconnect, add_weight_norm, apply_mask
+
+
+def causal_conv_k2(x_BIL1: torch.Tensor, w_OI2: torch.Tensor, lean_backward: bool = False) -> torch.Tensor:
+    """Kernel-2 convolution without padding: (B, I, L + 1) -> (B, O, L).
+
+    `lean_backward` (set by the DEQ core, whose one recorded application of f is differentiated once per
+    adjoint solver step): on a CPU, record it with PyTorch's im2col convolution instead of oneDNN's. oneDNN's
+    input-gradient re-materialises a copy of the weight in its own layout on every call (WT103 DEQ-TrellisNet:
+    122 MiB, allocated inside each vector-Jacobian product, i.e. at the training step's memory peak); the
+    im2col path's input-gradient allocates only the gradient itself. Its forward is slower, which costs one
+    f-evaluation per training step. Elsewhere (no graph, explicit stacks, CUDA) the default convolution.
+    """
+    if lean_backward and x_BIL1.device.type == "cpu" and torch.is_grad_enabled():
+        # contiguous: that path's weight gradient is wrong for a strided weight (torch 2.13)
+        x_BI1L1, w_OI12 = x_BIL1.contiguous().unsqueeze(2), w_OI2.contiguous().unsqueeze(2)
+        return torch._C._nn.thnn_conv2d(x_BI1L1, w_OI12, (1, 2), None, (1, 1), (0, 0)).squeeze(2)
+    return F.conv1d(x_BIL1, w_OI2)
 
 
 def _set_row_norms(w_OIK: torch.Tensor, gain: float) -> None:
@@ -103,7 +121,8 @@ class TrellisNetCell(nn.Module):
 
     def forward(self, z_BFL: torch.Tensor, ctx: dict) -> torch.Tensor:
         z_pad_BFL1 = torch.cat([ctx["z_hist_BF1"], z_BFL], dim=2)
-        pre_BCL = self.conv(apply_mask(z_pad_BFL1[:, : self.d_h], ctx["m_h"])) + ctx["u_BCL"]
+        h_pad_BHL1 = apply_mask(z_pad_BFL1[:, : self.d_h], ctx["m_h"])
+        pre_BCL = causal_conv_k2(h_pad_BHL1, self.conv.weight, ctx.get("lean_backward", False)) + ctx["u_BCL"]
         i, f, o, g = pre_BCL.chunk(4, dim=1)
         c_prev = z_pad_BFL1[:, self.d_h :, :-1]
         c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
