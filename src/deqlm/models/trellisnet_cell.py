@@ -50,6 +50,62 @@ def causal_conv_k2(x_BIL1: torch.Tensor, w_OI2: torch.Tensor, lean_backward: boo
     return F.conv1d(x_BIL1, w_OI2)
 
 
+class LSTMGating(torch.autograd.Function):
+    """[h ; c] (B, 2H, L) from the C = 4H pre-activations (i, f, o, g) and c_{t-1}:
+
+        c = sigmoid(f) * c_prev + sigmoid(i) * tanh(g),   h = sigmoid(o) * tanh(c).
+
+    The same function as that expression, and as many saved bytes as autograd keeps for it (here the
+    pre-activations, c_prev and tanh(c); autograd keeps the four gate activations instead of the
+    pre-activations). What changes is the working memory: the forward writes h and c into the output's halves
+    (no concatenation), and the backward recomputes the gate activations into the one (B, C, L) gradient
+    tensor and turns them into the gate gradients in place, where autograd makes four gradients and then
+    concatenates them. In a DEQ this backward runs once per adjoint step, at the training step's memory
+    peak. Under create_graph (Jacobian regularisation) the backward recomputes from the inputs out of place,
+    so it is itself differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, pre_BCL: torch.Tensor, c_prev_BHL: torch.Tensor) -> torch.Tensor:
+        B, H, L = c_prev_BHL.shape
+        sig_B3HL = torch.sigmoid(pre_BCL[:, : 3 * H])  # i, f, o
+        tg_BHL = torch.tanh(pre_BCL[:, 3 * H :])
+        si, sf, so = sig_B3HL.chunk(3, dim=1)
+        out_B2HL = pre_BCL.new_empty(B, 2 * H, L, dtype=torch.promote_types(pre_BCL.dtype, c_prev_BHL.dtype))
+        h, c = out_B2HL.chunk(2, dim=1)
+        torch.mul(sf, c_prev_BHL, out=c).addcmul_(si, tg_BHL)
+        tc_BHL = torch.tanh(c)
+        torch.mul(so, tc_BHL, out=h)
+        ctx.save_for_backward(pre_BCL, c_prev_BHL, tc_BHL)
+        return out_B2HL
+
+    @staticmethod
+    def backward(ctx, g_out_B2HL: torch.Tensor):
+        pre_BCL, c_prev, tc = ctx.saved_tensors
+        dh, dc_in = g_out_B2HL.chunk(2, dim=1)
+        if torch.is_grad_enabled():  # double backward: recompute from the inputs, out of place
+            i, f, o, g = pre_BCL.chunk(4, dim=1)
+            si, sf, so, tg = torch.sigmoid(i), torch.sigmoid(f), torch.sigmoid(o), torch.tanh(g)
+            tc = torch.tanh(sf * c_prev + si * tg)
+            dc = dc_in + dh * so * (1 - tc * tc)
+            d_pre = torch.cat([dc * tg * si * (1 - si), dc * c_prev * sf * (1 - sf), dh * tc * so * (1 - so),
+                               dc * si * (1 - tg * tg)], dim=1)
+            return d_pre, dc * sf
+        H = c_prev.shape[1]
+        d_pre_BCL = torch.empty_like(pre_BCL, memory_format=torch.contiguous_format)
+        torch.sigmoid(pre_BCL[:, : 3 * H], out=d_pre_BCL[:, : 3 * H])
+        torch.tanh(pre_BCL[:, 3 * H :], out=d_pre_BCL[:, 3 * H :])
+        si, sf, so, tg = d_pre_BCL.chunk(4, dim=1)  # the activations, turned into gradients in place below
+        dc = torch.mul(tc, tc).neg_().add_(1).mul_(so).mul_(dh).add_(dc_in)  # dL/dc through h and directly
+        dc_prev = torch.mul(dc, sf)
+        si_dc = torch.mul(si, dc)
+        so.addcmul_(so, so, value=-1).mul_(tc).mul_(dh)  # sigmoid' = s - s^2
+        sf.addcmul_(sf, sf, value=-1).mul_(c_prev).mul_(dc)
+        si.addcmul_(si, si, value=-1).mul_(tg).mul_(dc)
+        tg.mul_(tg).neg_().add_(1).mul_(si_dc)  # tanh' = 1 - t^2
+        return d_pre_BCL, dc_prev
+
+
 def _set_row_norms(w_OIK: torch.Tensor, gain: float) -> None:
     """Rescale each output channel's filter to norm `gain` (with weight norm: the initial g)."""
     with torch.no_grad():
@@ -123,8 +179,4 @@ class TrellisNetCell(nn.Module):
         z_pad_BFL1 = torch.cat([ctx["z_hist_BF1"], z_BFL], dim=2)
         h_pad_BHL1 = apply_mask(z_pad_BFL1[:, : self.d_h], ctx["m_h"])
         pre_BCL = causal_conv_k2(h_pad_BHL1, self.conv.weight, ctx.get("lean_backward", False)) + ctx["u_BCL"]
-        i, f, o, g = pre_BCL.chunk(4, dim=1)
-        c_prev = z_pad_BFL1[:, self.d_h :, :-1]
-        c = torch.sigmoid(f) * c_prev + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        return torch.cat([h, c], dim=1)
+        return LSTMGating.apply(pre_BCL, z_pad_BFL1[:, self.d_h :, :-1])
