@@ -1,0 +1,79 @@
+"""Where one training step of a paper row reaches its CPU memory peak, and what is running then.
+
+    python scripts/memory_peak_timeline.py ROW [--batch 15] [--steps 12] [--points 24] [--set KEY=VALUE ...]
+
+Builds ROW as `python -m deqlm.bench memory` does (embedded inputs, word embeddings excluded, light warm-up),
+runs one training step inside a `torch.profiler` memory session and prints: the peak of live tensor bytes and
+the live bytes at the step's start (parameters, optimizer state, memory tensors), the operators running at the
+instant of the peak (outermost first), and live MiB at evenly spaced points of the step. `--steps` caps
+both solves of a DEQ row (tolerance 0, so every solve runs to it): 12 already fills a rank-10 Broyden buffer,
+and the step is much shorter than at the rows' own caps. A diagnostic for memory work (docs/benchmarks.md),
+not a benchmark: the benchmark's figure for a row is `python -m deqlm.bench memory --paper --rows ROW`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from deqlm.bench import common as C
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("row", choices=sorted(C.ROWS))
+    ap.add_argument("--batch", type=int, default=C.PAPER_BATCH)
+    ap.add_argument("--steps", type=int, default=12, help="solver step cap for DEQ rows (both solves)")
+    ap.add_argument("--points", type=int, default=24, help="timeline points")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    args = ap.parse_args()
+    C.set_threads(args.threads)
+    extra = list(args.set)
+    if C.get_row(args.row).core == "deq":
+        extra = ["deq.f_tol=0", "deq.b_tol=0", f"deq.f_max_iter={args.steps}", f"deq.b_max_iter={args.steps}",
+                 *extra]
+    cpu = torch.device("cpu")
+    peak = C.PeakMemory(cpu)
+    peak.start()
+    try:
+        built = C.build_row(args.row, "full", batch=args.batch, extra=extra, device=cpu)
+        step = C.CoreStep(built, args.batch, C.PAPER_TGT_LEN, C.PAPER_MEM_LEN, cpu)
+        with torch.no_grad():
+            step.mems = step.forward(train=False)[1].mems
+        step.materialise_optimizer_state()
+        peak.begin_window()
+        step.step()
+        peak.end_window()
+    finally:
+        prof = peak._prof
+        peak._prof = None
+        prof.__exit__(None, None, None)
+    events = prof.profiler.kineto_results.events()
+    mark = [e for e in events if e.name() == C.WINDOW_MARK][-1]
+    t0, t1 = mark.start_ns(), mark.end_ns()
+    live, trace = 0, []
+    for t, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        live += nbytes
+        if t0 <= t <= t1:
+            trace.append((t, live))
+    start_live = trace[0][1] if trace else live
+    top, t_peak = max(((b, t) for t, b in trace), default=(live, t0))
+    mib = 2**20
+    print(f"{args.row}: peak {top / mib:.1f} MiB, at the step's start {start_live / mib:.1f} MiB")
+    running = [e for e in events if e.name() not in ("[memory]", C.WINDOW_MARK)
+               and e.start_ns() <= t_peak <= e.end_ns()]
+    for e in sorted(running, key=lambda e: e.start_ns())[:8]:
+        print(f"  running at the peak: {e.name()}")
+    i = 0
+    for k in range(args.points + 1):
+        tk = t0 + (t1 - t0) * k // args.points
+        while i < len(trace) and trace[i][0] <= tk:
+            i += 1
+        at = trace[i - 1][1] if i else start_live
+        print(f"  {100 * k // args.points:3d}% of the step: {at / mib:8.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
