@@ -43,11 +43,16 @@ def causal_conv_k2(x_BIL1: torch.Tensor, w_OI2: torch.Tensor, lean_backward: boo
     im2col path's input-gradient allocates only the gradient itself. Its forward is slower, which costs one
     f-evaluation per training step. Elsewhere (no graph, explicit stacks, CUDA) the default convolution.
     """
-    if lean_backward and x_BIL1.device.type == "cpu" and torch.is_grad_enabled():
+    lean = lean_backward and _IM2COL_CONV2D is not None and x_BIL1.device.type == "cpu"
+    if lean and torch.is_grad_enabled():
         # contiguous: that path's weight gradient is wrong for a strided weight (torch 2.13)
         x_BI1L1, w_OI12 = x_BIL1.contiguous().unsqueeze(2), w_OI2.contiguous().unsqueeze(2)
-        return torch._C._nn.thnn_conv2d(x_BI1L1, w_OI12, (1, 2), None, (1, 1), (0, 0)).squeeze(2)
+        return _IM2COL_CONV2D(x_BI1L1, w_OI12, (1, 2), None, (1, 1), (0, 0)).squeeze(2)
     return F.conv1d(x_BIL1, w_OI2)
+
+
+# PyTorch's own im2col convolution (a private binding): if a release drops it, the default convolution is used
+_IM2COL_CONV2D = getattr(torch._C._nn, "thnn_conv2d", None)
 
 
 class LSTMGating(torch.autograd.Function):
