@@ -179,15 +179,18 @@ class Tracker:
         """Whether any sample still iterates. `flag` (a 0-d tensor a solver wants on the host, e.g. "some
         sample restarted") is fetched in the same transfer and left in `self.flag`. After this call the
         solver may overwrite every iterate but the one last observed."""
-        flag = torch.zeros((), device=self.active_B.device) if flag is None else flag
-        counts = [self.active_B.sum().to(flag.dtype), flag]
+        parts = [self.active_B.sum(dtype=torch.float32)]
+        if flag is not None:
+            parts.append(flag.to(torch.float32))
         if self.prev_z_BF is not None:
-            counts.append(self.need_B.any().to(flag.dtype))
-        n_active, self.flag, *need = torch.stack(counts).tolist()  # the one host sync per step
-        if need and need[0]:
+            parts.append(self.need_B.sum(dtype=torch.float32))
+        host = torch.stack(parts).tolist() if len(parts) > 1 else [parts[0].item()]  # the one host sync
+        n_active = int(host[0])
+        if flag is not None:
+            self.flag = host[1]
+        if self.prev_z_BF is not None and host[-1] > 0:
             self._copy_needed()
         self.prev_z_BF = None
-        n_active = int(n_active)
         self.all_active = n_active == self.active_B.shape[0]
         return n_active > 0
 
