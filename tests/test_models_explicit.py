@@ -116,3 +116,68 @@ def test_transformer_ffn_saves_one_inner_wide_tensor_with_dropout_on():
 
     per_unit = (saved(1024) - saved(512)) / 512
     assert per_unit == pytest.approx(3 * 5 * 4 + 3 * 4, rel=0.05)  # activations + the (B, 1, I) mask
+
+
+def _cell_and_ctx(d_inner: int, dropout: float, B: int = 4, L: int = 6):
+    from deqlm.models.transformer_cell import TransformerCell
+
+    torch.manual_seed(0)
+    cell = TransformerCell(16, 2, 8, d_inner, dropout=dropout, weight_norm=True).train()
+    x_BLD = torch.randn(B, L, 16, dtype=torch.float64)
+    cell.double()
+    return cell, x_BLD, cell.context(x_BLD, cell.empty_mem(B, x_BLD))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_ffn_in_row_blocks_is_the_same_function_and_gradients(monkeypatch, dropout):
+    """Blocks of batch rows (forced here with a tiny byte budget, uneven last block) give the same output
+    and the same gradients for z, the input injection and every weight as one block."""
+    import deqlm.models.transformer_cell as tc
+
+    cell, x_BLD, ctx = _cell_and_ctx(64, dropout, B=5)
+    z_BLD = torch.randn(5, 6, 16, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for budget in (tc.FFN_BLOCK_BYTES, 2 * 6 * 64 * 8):  # one block; 2 rows per block: 2 + 2 + 1
+        monkeypatch.setattr(tc, "FFN_BLOCK_BYTES", budget)
+        cell.zero_grad(set_to_none=True)
+        out = cell(z_BLD, ctx)
+        (g_z,) = torch.autograd.grad(out, z_BLD, torch.ones_like(out), retain_graph=True)
+        out.pow(2).sum().backward(retain_graph=True)
+        outs.append((out.detach(), g_z, [p.grad.clone() for p in cell.parameters() if p.grad is not None]))
+    assert tc.ffn_block_rows(6, 64, 8) == 2
+    (o1, gz1, gp1), (o2, gz2, gp2) = outs
+    torch.testing.assert_close(o2, o1)
+    torch.testing.assert_close(gz2, gz1)
+    assert len(gp1) == len(gp2) > 0
+    for a, b in zip(gp1, gp2):
+        torch.testing.assert_close(b, a)
+
+
+def test_ffn_row_blocks_shrink_the_vector_jacobian_product_working_memory(monkeypatch):
+    """An adjoint step's vector-Jacobian product through the cell: with one batch row per FFN block its peak
+    live bytes fall below half of those with the whole batch in one block (the d_inner-wide gradients
+    dominate), while the bytes saved for backward stay the same."""
+    from functools import partial
+
+    import deqlm.models.transformer_cell as tc
+    from deqlm.activation import SavedTensorMeter
+    from deqlm.bench.solver import peak_live_bytes
+
+    B, L, I = 8, 16, 4096
+    cell, x_BLD, ctx = _cell_and_ctx(I, 0.0, B=B, L=L)
+    cell.float()
+    ctx = cell.context(x_BLD.float(), cell.empty_mem(B, x_BLD.float()))
+    z_BLD = torch.randn(B, L, 16, requires_grad=True)
+    results = []
+    for budget in (tc.FFN_BLOCK_BYTES, L * I * 4):
+        monkeypatch.setattr(tc, "FFN_BLOCK_BYTES", budget)
+        with SavedTensorMeter(exclude=list(cell.parameters())) as meter:
+            out = cell(z_BLD, ctx)
+        y = torch.randn_like(out)
+        peak = peak_live_bytes(partial(torch.autograd.grad, out, z_BLD, y, retain_graph=True))
+        results.append((meter.bytes, peak))
+    (saved1, peak1), (saved8, peak8) = results
+    assert saved8 == saved1
+    inner_bytes = B * L * I * 4
+    assert peak1 >= 2 * inner_bytes  # the incoming gradient and its masked copy, both whole
+    assert peak8 < 0.5 * peak1

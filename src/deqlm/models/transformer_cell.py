@@ -38,6 +38,35 @@ def sinusoid_BRD(pos_R: torch.Tensor, d_model: int) -> torch.Tensor:
     return torch.cat([angles_RH.sin(), angles_RH.cos()], dim=-1)[:, :d_model]
 
 
+FFN_BLOCK_BYTES = 64 * 2**20  # the most bytes one d_inner-wide FFN tensor may take (see TransformerCell._ffn)
+
+
+def ffn_block_rows(seq_len: int, d_inner: int, elem_bytes: int) -> int:
+    """Batch rows per FFN block: as many as keep one (rows, L, I) tensor within FFN_BLOCK_BYTES (>= 1)."""
+    return max(1, FFN_BLOCK_BYTES // max(1, seq_len * d_inner * elem_bytes))
+
+
+def _split_rows(mask: torch.Tensor | None, rows: int, batch: int) -> list[torch.Tensor | None]:
+    """A (B, 1, W) dropout mask in blocks of `rows` batch rows (None: no mask, for every block)."""
+    if mask is None:
+        return [None] * -(-batch // rows)
+    return list(mask.split(rows))
+
+
+def _ffn_block(
+    h_BLD: torch.Tensor, m_inner: torch.Tensor | None, m_ff: torch.Tensor | None,
+    w1_ID: torch.Tensor, b1_I: torch.Tensor, w2_DI: torch.Tensor, b2_D: torch.Tensor,
+) -> torch.Tensor:
+    """mask_ff(ff2(relu(mask_inner(ff1(h))))). Masking and ReLU run in place on ff1's output (its backward
+    needs neither that output nor, for the mask, anything but the mask): one d_inner-wide tensor in the
+    forward. The mask is >= 0, so masking before the ReLU is the same function, and the ReLU's saved output is
+    also ff2's saved input: one d_inner-wide tensor kept for backward instead of two."""
+    pre_BLI = F.linear(h_BLD, w1_ID, b1_I)
+    if m_inner is not None:
+        pre_BLI.mul_(m_inner)
+    return apply_mask(F.linear(F.relu(pre_BLI, inplace=True), w2_DI, b2_D), m_ff)
+
+
 class TransformerCell(nn.Module):
     def __init__(
         self,
@@ -163,11 +192,23 @@ class TransformerCell(nn.Module):
         return apply_mask(self.o_net(attn_BLHK.reshape(B, L, H * K)), ctx["m_attn"])
 
     def _ffn(self, h_BLD: torch.Tensor, ctx: dict) -> torch.Tensor:
-        # the dropout mask is >= 0, so masking before the ReLU is the same function; this way the ReLU's saved
-        # output is also ff2's saved input: one d_inner-wide tensor kept for backward instead of two (the
-        # DEQ-Transformer's d_inner is 48,000)
-        inner_BLI = F.relu(apply_mask(self.ff1(h_BLD), ctx["m_inner"]))
-        return apply_mask(self.ff2(inner_BLI), ctx["m_ff"])
+        """FFN(h), over blocks of batch rows when one d_inner-wide tensor would pass `FFN_BLOCK_BYTES`.
+
+        The DEQ-Transformer's d_inner is 43,000-48,000: at the paper's batch one (B, L, I) tensor is 0.4 GB,
+        and the backward of the masked ReLU holds two of them at once (the incoming gradient and its masked
+        copy), once per adjoint step, at the training step's memory peak. Per block that working memory is
+        as small as the block; the bytes saved for backward are unchanged (the same activations, in
+        pieces), and so is the function. Explicit layers (d_inner ~2,000) run as one block."""
+        B, L, _ = h_BLD.shape
+        # the weights once per call: with weight norm each access recomputes them (and saves the result)
+        weights = (self.ff1.weight, self.ff1.bias, self.ff2.weight, self.ff2.bias)
+        rows = ffn_block_rows(L, self.d_inner, h_BLD.element_size())
+        if rows >= B:
+            return _ffn_block(h_BLD, ctx["m_inner"], ctx["m_ff"], *weights)
+        masks = [_split_rows(ctx[k], rows, B) for k in ("m_inner", "m_ff")]
+        return torch.cat(
+            [_ffn_block(h, m_inner, m_ff, *weights) for h, m_inner, m_ff in zip(h_BLD.split(rows), *masks)]
+        )
 
     def forward(self, z_BLD: torch.Tensor, ctx: dict) -> torch.Tensor:
         a_BLD = self._attention(z_BLD, ctx)
