@@ -153,10 +153,12 @@ def test_ffn_in_row_blocks_is_the_same_function_and_gradients(monkeypatch, dropo
         torch.testing.assert_close(b, a)
 
 
-def test_ffn_row_blocks_shrink_the_vector_jacobian_product_working_memory(monkeypatch):
-    """An adjoint step's vector-Jacobian product through the cell: with one batch row per FFN block its peak
-    live bytes fall below half of those with the whole batch in one block (the d_inner-wide gradients
-    dominate), while the bytes saved for backward stay the same."""
+def test_ffn_working_memory_forward_and_vector_jacobian_product(monkeypatch):
+    """Forward: masking and ReLU in place, so the cell's live bytes never pass what it saves by more than a
+    quarter of one d_inner-wide tensor (out of place: one whole tensor more). An adjoint step's
+    vector-Jacobian product through the cell: under 2.5 d_inner-wide tensors in one block (in-place
+    operations on a view would make autograd copy the base twice: 4), and with one batch row per block
+    under half of that, while the bytes saved for backward stay the same."""
     from functools import partial
 
     import deqlm.models.transformer_cell as tc
@@ -164,20 +166,24 @@ def test_ffn_row_blocks_shrink_the_vector_jacobian_product_working_memory(monkey
     from deqlm.bench.solver import peak_live_bytes
 
     B, L, I = 8, 16, 4096
-    cell, x_BLD, ctx = _cell_and_ctx(I, 0.0, B=B, L=L)
-    cell.float()
-    ctx = cell.context(x_BLD.float(), cell.empty_mem(B, x_BLD.float()))
-    z_BLD = torch.randn(B, L, 16, requires_grad=True)
-    results = []
-    for budget in (tc.FFN_BLOCK_BYTES, L * I * 4):
-        monkeypatch.setattr(tc, "FFN_BLOCK_BYTES", budget)
-        with SavedTensorMeter(exclude=list(cell.parameters())) as meter:
-            out = cell(z_BLD, ctx)
-        y = torch.randn_like(out)
-        peak = peak_live_bytes(partial(torch.autograd.grad, out, z_BLD, y, retain_graph=True))
-        results.append((meter.bytes, peak))
-    (saved1, peak1), (saved8, peak8) = results
-    assert saved8 == saved1
     inner_bytes = B * L * I * 4
-    assert peak1 >= 2 * inner_bytes  # the incoming gradient and its masked copy, both whole
-    assert peak8 < 0.5 * peak1
+    budgets = (tc.FFN_BLOCK_BYTES, L * I * 4)  # the whole batch in one block; one row per block
+    results = []
+    for dropout in (0.0, 0.3):
+        for budget in budgets:
+            monkeypatch.setattr(tc, "FFN_BLOCK_BYTES", budget)
+            torch.manual_seed(0)
+            cell = tc.TransformerCell(16, 2, 8, I, dropout=dropout, weight_norm=True).train()
+            x_BLD = torch.randn(B, L, 16)
+            ctx = cell.context(x_BLD, cell.empty_mem(B, x_BLD))
+            z_BLD = torch.randn(B, L, 16, requires_grad=True)
+            forward_peak = peak_live_bytes(partial(cell, z_BLD, ctx))
+            with SavedTensorMeter(exclude=list(cell.parameters())) as meter:
+                out = cell(z_BLD, ctx)
+            vjp_peak = peak_live_bytes(partial(torch.autograd.grad, out, z_BLD, torch.randn_like(out)))
+            assert forward_peak < meter.bytes + 0.25 * inner_bytes
+            results.append((meter.bytes, vjp_peak))
+        (saved1, peak1), (saved8, peak8) = results[-2:]
+        assert saved8 == saved1
+        assert peak1 < 2.5 * inner_bytes
+        assert peak8 < 0.5 * peak1

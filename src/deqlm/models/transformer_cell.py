@@ -57,11 +57,15 @@ def _ffn_block(
     h_BLD: torch.Tensor, m_inner: torch.Tensor | None, m_ff: torch.Tensor | None,
     w1_ID: torch.Tensor, b1_I: torch.Tensor, w2_DI: torch.Tensor, b2_D: torch.Tensor,
 ) -> torch.Tensor:
-    """mask_ff(ff2(relu(mask_inner(ff1(h))))). Masking and ReLU run in place on ff1's output (its backward
-    needs neither that output nor, for the mask, anything but the mask): one d_inner-wide tensor in the
-    forward. The mask is >= 0, so masking before the ReLU is the same function, and the ReLU's saved output is
-    also ff2's saved input: one d_inner-wide tensor kept for backward instead of two."""
-    pre_BLI = F.linear(h_BLD, w1_ID, b1_I)
+    """mask_ff(ff2(relu(mask_inner(ff1(h))))).
+
+    Bias, mask and ReLU run in place on the product h W1^T (their backwards need none of the values they
+    overwrite): one d_inner-wide tensor in the forward. That product comes from `torch.matmul`, which is not a
+    view of its result as far as autograd is concerned (a 3-d `F.linear` is, and in-place operations on a view
+    make autograd copy the whole base, twice, in every backward). The mask is >= 0, so masking before the
+    ReLU is the same function, and the ReLU's saved output is also ff2's saved input: one d_inner-wide tensor
+    kept for backward instead of two."""
+    pre_BLI = torch.matmul(h_BLD, w1_ID.mT).add_(b1_I)
     if m_inner is not None:
         pre_BLI.mul_(m_inner)
     return apply_mask(F.linear(F.relu(pre_BLI, inplace=True), w2_DI, b2_D), m_ff)
