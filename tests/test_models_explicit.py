@@ -187,3 +187,24 @@ def test_ffn_working_memory_forward_and_vector_jacobian_product(monkeypatch):
         assert saved8 == saved1
         assert peak1 < 2.5 * inner_bytes
         assert peak8 < 0.5 * peak1
+
+
+def test_gather_last_equals_gather_with_its_gradients_and_saves_only_the_index():
+    """GatherLast (the relative-position shift) = torch.gather in value, gradient and second derivative
+    (float64 gradcheck / gradgradcheck, an expanded index as the cell uses), and the bytes it saves for
+    backward are the index's storage, not a copy of the scores."""
+    from deqlm.activation import SavedTensorMeter
+    from deqlm.models.transformer_cell import GatherLast
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 7, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 7, (4, 7)).expand(2, 3, 4, 7)
+    torch.testing.assert_close(GatherLast.apply(x, index), x.gather(-1, index))
+    assert torch.autograd.gradcheck(lambda t: GatherLast.apply(t, index), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: GatherLast.apply(t, index).pow(2), (x,))
+    with SavedTensorMeter() as ours:
+        GatherLast.apply(x, index)
+    with SavedTensorMeter() as autograd_own:
+        x.gather(-1, index)
+    assert ours.bytes == index.untyped_storage().nbytes() == 4 * 7 * 8
+    assert autograd_own.bytes >= x.numel() * 8
