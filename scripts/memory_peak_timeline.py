@@ -54,7 +54,7 @@ def main() -> None:
     mark = [e for e in events if e.name() == C.WINDOW_MARK][-1]
     t0, t1 = mark.start_ns(), mark.end_ns()
     live, trace = 0, []
-    for t, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+    for t, nbytes in C.memory_events(events):
         live += nbytes
         if t0 <= t <= t1:
             trace.append((t, live))

@@ -109,3 +109,24 @@ def test_unknown_row_is_a_one_line_error(tmp_path: Path, capsys):
 
 def test_gpu_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "bench_gpu.sh")]).returncode == 0
+
+
+def test_memory_events_keep_recording_order_at_equal_timestamps():
+    """A concatenation allocated and its inputs freed at the same profiler timestamp: the allocation stays
+    first, so the running peak includes it (sorting by size too would put the frees first)."""
+    from types import SimpleNamespace
+
+    from deqlm.bench.common import memory_events
+
+    def ev(t, n, name="[memory]"):
+        return SimpleNamespace(start_ns=lambda: t, nbytes=lambda: n, name=lambda: name,
+                               device_type=lambda: "DeviceType.CPU")
+
+    recorded = [ev(1, 100), ev(2, 100), ev(3, 200), ev(3, -100), ev(3, -100), ev(0, 0, "other"), ev(4, -200)]
+    events = memory_events(recorded)
+    assert events == [(1, 100), (2, 100), (3, 200), (3, -100), (3, -100), (4, -200)]
+    live, peak = 0, 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    assert peak == 400

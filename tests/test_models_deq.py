@@ -192,21 +192,14 @@ def test_lean_kernel2_conv_equals_the_default_one_in_value_and_gradients():
 def test_lean_kernel2_conv_input_gradient_allocates_little_beyond_the_gradient():
     """Its vector-Jacobian product w.r.t. the input holds at most the gradient plus a small fraction of the
     weight (no copy of the weight: that copy would sit at the DEQ's memory peak once per adjoint step)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    from deqlm.bench.common import peak_live_bytes
     from deqlm.models.trellisnet_cell import causal_conv_k2
 
     x = torch.randn(2, 256, 17, requires_grad=True)
     w = torch.randn(1024, 256, 2, requires_grad=True)  # 2 MiB, the input gradient 34 KiB
     out = causal_conv_k2(x, w, lean_backward=True)
     gy = torch.randn_like(out)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        torch.autograd.grad(out, x, gy, retain_graph=True)
-    live = peak = 0
-    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                            if e.name() == "[memory]"):
-        live += nbytes
-        peak = max(peak, live)
+    peak = peak_live_bytes(lambda: torch.autograd.grad(out, x, gy, retain_graph=True))
     assert peak <= 2 * x.numel() * 4 + w.numel() * 4 // 8
 
 
@@ -236,8 +229,7 @@ def test_fused_lstm_gating_is_the_plain_expression_with_first_and_second_derivat
 def test_fused_lstm_gating_saves_no_more_and_needs_less_working_memory_in_backward():
     """Saved bytes equal autograd's for the plain expression; the backward's peak is below autograd's (which
     holds four gate gradients and their concatenation)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    from deqlm.bench.common import peak_live_bytes
     from deqlm.models.trellisnet_cell import LSTMGating
 
     pre = torch.randn(4, 256, 64, requires_grad=True)
@@ -251,13 +243,7 @@ def test_fused_lstm_gating_saves_no_more_and_needs_less_working_memory_in_backwa
         ):
             out = fn(pre, c_prev)
         gy = torch.randn_like(out)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            torch.autograd.grad(out, (pre, c_prev), gy)
-        live = peak = 0
-        for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                                if e.name() == "[memory]"):
-            live += nbytes
-            peak = max(peak, live)
+        peak = peak_live_bytes(lambda: torch.autograd.grad(out, (pre, c_prev), gy))
         # c_prev is saved by both (in a cell it is a view of the padded state); pre counts when saved
         return sum(v for k, v in saved.items() if k != c_prev.untyped_storage().data_ptr()), peak
 

@@ -20,6 +20,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,6 +247,29 @@ class PeakMemory:
 WINDOW_MARK = "deqlm.bench/window"
 
 
+def memory_events(kineto_events) -> list[tuple[int, int]]:
+    """(ns, bytes) of the profiler's CPU `[memory]` events (bytes > 0 alloc, < 0 free) in time order.
+
+    Events with equal timestamps keep the order they were recorded in: sorting them by size as well would put
+    frees before the allocation they follow (a concatenation, then its inputs freed) and understate a peak."""
+    events = [(e.start_ns(), e.nbytes()) for e in kineto_events
+              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    return sorted(events, key=lambda tb: tb[0])
+
+
+def peak_live_bytes(fn: Callable[[], object]) -> int:
+    """Peak live CPU tensor bytes during fn() above those live at its start (profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for _, nbytes in memory_events(prof.profiler.kineto_results.events()):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def profiler_window_peak(prof, t0_ns: int, t1_ns: int) -> int:
     """Max over the window of the running sum of CPU `[memory]` events (bytes > 0 alloc, < 0 free).
 
@@ -255,9 +279,7 @@ def profiler_window_peak(prof, t0_ns: int, t1_ns: int) -> int:
     marks = [e for e in kineto if e.name() == WINDOW_MARK]
     if marks:
         t0_ns, t1_ns = marks[-1].start_ns(), marks[-1].end_ns()
-    events = [(e.start_ns(), e.nbytes()) for e in kineto
-              if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
-    events.sort()
+    events = memory_events(kineto)
     live = 0
     peak = None
     for t, nbytes in events:

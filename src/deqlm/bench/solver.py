@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deqlm.bench.common import peak_live_bytes
 from deqlm.deq import DEQFixedPoint
 from deqlm.io import atomic_write_json
 from deqlm.solvers import get_solver
@@ -131,22 +132,6 @@ def _rel_res_B(f: Callable, z: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         fz = f(z)
         return (fz - z).flatten(1).norm(dim=1) / fz.flatten(1).norm(dim=1).clamp_min(1e-30)
-
-
-def peak_live_bytes(fn: Callable[[], object]) -> int:
-    """Peak live CPU tensor bytes during fn() above those live at its start (profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
 
 
 def saved_activation_bytes(fn: Callable[[], object], params: list[torch.Tensor]) -> int:
