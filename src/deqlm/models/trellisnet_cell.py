@@ -102,12 +102,14 @@ class LSTMGating(torch.autograd.Function):
         torch.tanh(pre_BCL[:, 3 * H :], out=d_pre_BCL[:, 3 * H :])
         si, sf, so, tg = d_pre_BCL.chunk(4, dim=1)  # the activations, turned into gradients in place below
         dc = torch.mul(tc, tc).neg_().add_(1).mul_(so).mul_(dh).add_(dc_in)  # dL/dc through h and directly
-        dc_prev = torch.mul(dc, sf)
-        si_dc = torch.mul(si, dc)
+        # one (B, H, L) buffer serves twice: first sigmoid(i) * dc (the g gradient needs sigmoid(i), the i
+        # gradient needs tanh(g), so one of them must be kept aside), then dL/dc_prev, the returned gradient
+        buf = torch.mul(si, dc)
         so.addcmul_(so, so, value=-1).mul_(tc).mul_(dh)  # sigmoid' = s - s^2
-        sf.addcmul_(sf, sf, value=-1).mul_(c_prev).mul_(dc)
         si.addcmul_(si, si, value=-1).mul_(tg).mul_(dc)
-        tg.mul_(tg).neg_().add_(1).mul_(si_dc)  # tanh' = 1 - t^2
+        tg.mul_(tg).neg_().add_(1).mul_(buf)  # tanh' = 1 - t^2
+        dc_prev = torch.mul(dc, sf, out=buf)
+        sf.addcmul_(sf, sf, value=-1).mul_(c_prev).mul_(dc)
         return d_pre_BCL, dc_prev
 
 
