@@ -307,3 +307,43 @@ def test_broyden_masked_path_equals_the_unmasked_one_while_no_sample_has_restart
     monkeypatch.setattr(mod, "_next_step", lambda *a, masked: original(*a, masked=True))
     masked = broyden(f, z0, max_iter=40, tol=0.0, stop_mode="abs", rank=8)
     torch.testing.assert_close(masked.abs_trace, fast.abs_trace, rtol=1e-9, atol=1e-14)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts tensor operations dispatched while `counting` is set (views included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.counting = 0, True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += self.counting
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_step(solver, B: int, **kw) -> float:
+    """Tensor operations the solver dispatches outside f, per step, on a contraction that needs every step."""
+    f_inner = _contraction(B=B, n=32, scale=0.9)
+    counter = _OpCounter()
+
+    def f(z):
+        counter.counting = False
+        try:
+            return f_inner(z)
+        finally:
+            counter.counting = True
+
+    with counter:
+        res = solver(f, torch.zeros(B, 32, dtype=torch.float64), max_iter=20, tol=0.0, **kw)
+    assert res.nstep == 20
+    return counter.ops / res.nstep
+
+
+@pytest.mark.parametrize("solver,bound", [(fixed_point, 10), (anderson, 48), (broyden, 110)],
+                         ids=["fixed_point", "anderson", "broyden"])
+def test_a_solver_step_dispatches_a_bounded_number_of_ops_whatever_the_batch(solver, bound):
+    # each dispatch costs microseconds (a kernel launch on a GPU; tens of them on a CPU right after f), so the
+    # per-sample stopping decisions run on the host: the count must not grow with the batch
+    small, large = _ops_per_step(solver, B=2), _ops_per_step(solver, B=64)
+    assert small == large
+    assert small <= bound

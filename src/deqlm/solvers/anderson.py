@@ -30,22 +30,44 @@ def history_slots(m: int, max_iter: int) -> int:
     return max(1, min(m, max_iter))
 
 
-def mixing_weights(gram_BNN: torch.Tensor, lam: float, newest: int) -> torch.Tensor:
-    """Anderson weights (B, N) from the residual Gram matrix; plain iteration (one-hot newest) on failure.
+def mixing_weights(
+    gram_BNN: torch.Tensor, lam: float, plain_1N: torch.Tensor, ones_BN1: torch.Tensor
+) -> torch.Tensor:
+    """Anderson weights (B, N) from the residual Gram matrix; `plain_1N` (the one-hot newest slot, i.e. plain
+    iteration) for a sample whose system is not positive definite or whose weights are not finite.
 
-    A dozen small kernels (each costs microseconds, as much as a small f on a GPU): the regulariser is added
-    to a copy's diagonal in place, and the fallback is a one-hot row built without an identity matrix."""
-    B, N, _ = gram_BNN.shape
+    A dozen small kernels, each dearer than its arithmetic (microseconds on a GPU, tens of them on a CPU
+    right after f): the regulariser goes onto a copy's diagonal in place, and validity is read off the
+    weights' sum, which is 1 whenever all of them are finite (a NaN or an infinity anywhere makes it NaN or
+    infinite)."""
     A_BNN = gram_BNN.clone()
     diag_BN = A_BNN.diagonal(dim1=1, dim2=2)
-    diag_BN.add_(diag_BN.mean(dim=1, keepdim=True).mul_(lam).add_(torch.finfo(A_BNN.dtype).tiny))
+    diag_BN.add_(diag_BN.mean(dim=1, keepdim=True), alpha=lam)
     L_BNN, info_B = torch.linalg.cholesky_ex(A_BNN)
-    a_BN = torch.cholesky_solve(A_BNN.new_ones(B, N, 1), L_BNN)[..., 0]
+    a_BN = torch.cholesky_solve(ones_BN1, L_BNN)[..., 0]
     alpha_BN = a_BN / a_BN.sum(dim=1, keepdim=True)
-    ok_B1 = ((info_B == 0) & torch.isfinite(alpha_BN).all(dim=1))[:, None]
-    plain_1N = A_BNN.new_zeros(1, N)
-    plain_1N[0, newest] = 1.0
+    ok_B1 = (alpha_BN.sum(dim=1, keepdim=True).sub_(1.0).abs_() < 0.5) & (info_B == 0)[:, None]
     return torch.where(ok_B1, alpha_BN, plain_1N)
+
+
+class _History:
+    """The last M pairs (f(z_i), g_i) per sample and the Gram matrix of the g's.
+
+    Slot-major (M, B, F) stores: a slot is one contiguous (B, F) block, so g is computed straight into the
+    slot it will occupy and a step allocates nothing (on a CPU every fresh megabyte costs page faults). Every
+    view a step reads is made here once (each is a dispatcher call too); `fs_BNF[N - 1]` and
+    `gs_BFN[N - 1]` read the first N slots."""
+
+    def __init__(self, g0_BF: torch.Tensor, M: int):
+        B, F = g0_BF.shape
+        self.f_MBF, self.g_MBF = g0_BF.new_empty(M, B, F), g0_BF.new_empty(M, B, F)
+        self.g_MBF[0] = g0_BF
+        self.gram_BMM = torch.zeros(B, M, M, dtype=torch.float64, device=g0_BF.device)
+        self.eye_MM = torch.eye(M, dtype=torch.float64, device=g0_BF.device)
+        self.ones_BM1 = self.gram_BMM.new_ones(B, M, 1)
+        self.g_B1F = [self.g_MBF[i][:, None] for i in range(M)]
+        self.fs_BNF = [self.f_MBF[:N].transpose(0, 1) for N in range(1, M + 1)]
+        self.gs_BFN = [self.g_MBF[:N].permute(1, 2, 0) for N in range(1, M + 1)]
 
 
 def anderson(
@@ -82,34 +104,30 @@ def anderson(
         g_BF = fz_BF - z_BF
         track.observe(z_BF, fz_BF, g_BF)
         M = history_slots(m, max_iter)
-        # slot-major histories (M, B, F): a slot is one contiguous (B, F) block. g is computed straight into
-        # the slot it will occupy, and the next iterate into a spare buffer, so a step allocates nothing
-        # (on a CPU every fresh megabyte costs page faults)
-        f_MBF = g_MBF = gram_BMM = None
+        hist: _History | None = None  # allocated only once a step is needed
         spare_BF = torch.empty_like(z_BF)  # iterates alternate between two buffers (see Tracker)
         nstep = 0
         while nstep < max_iter and track.any_active():
-            slot = nstep % M
-            if f_MBF is None:  # allocated only once a step is needed
-                f_MBF, g_MBF = z_BF.new_empty(M, B, F), z_BF.new_empty(M, B, F)
-                gram_BMM = torch.zeros(B, M, M, dtype=torch.float64, device=z_BF.device)
-                g_MBF[slot] = g_BF
-            f_MBF[slot] = fz_BF
+            slot, N = nstep % M, min(nstep + 1, M)
+            if hist is None:
+                hist = _History(g_BF, M)
+                del g_BF
+            hist.f_MBF[slot] = fz_BF
             del fz_BF  # copied: released before f runs again (one vector less at peak)
-            N = min(nstep + 1, M)
-            fs_BNF, gs_BNF = f_MBF[:N].transpose(0, 1), g_MBF[:N].transpose(0, 1)
-            row_BN = torch.bmm(g_MBF[slot][:, None], gs_BNF.mT)[:, 0].double()
-            gram_BMM[:, slot, :N] = row_BN
-            gram_BMM[:, :N, slot] = row_BN
-            alpha_BN = mixing_weights(gram_BMM[:, :N, :N], lam, newest=slot).to(z_BF.dtype)
+            row_BN = torch.bmm(hist.g_B1F[slot], hist.gs_BFN[N - 1])[:, 0]
+            hist.gram_BMM[:, slot, :N] = row_BN
+            hist.gram_BMM[:, :N, slot] = row_BN
+            alpha_BN = mixing_weights(
+                hist.gram_BMM[:, :N, :N], lam, hist.eye_MM[slot : slot + 1, :N], hist.ones_BM1[:, :N]
+            )
+            alpha_B1N = alpha_BN.to(z_BF.dtype)[:, None]
             z_BF, spare_BF = spare_BF, z_BF
-            z_B1F = z_BF[:, None]
-            torch.bmm(alpha_BN[:, None], fs_BNF, out=z_B1F)
+            torch.bmm(alpha_B1N, hist.fs_BNF[N - 1], out=z_BF[:, None])
             if beta != 1.0:
-                z_B1F.baddbmm_(alpha_BN[:, None], gs_BNF, alpha=-(1.0 - beta))
+                z_BF[:, None].baddbmm_(alpha_B1N, hist.gs_BFN[N - 1].mT, alpha=-(1.0 - beta))
             z_BF = track.freeze(z_BF, inplace=True)
             fz_BF = fmap(z_BF)
             nstep += 1
-            g_BF = torch.sub(fz_BF, z_BF, out=g_MBF[nstep % M])
+            g_BF = torch.sub(fz_BF, z_BF, out=hist.g_MBF[nstep % M])
             track.observe(z_BF, fz_BF, g_BF)
         return track.result(fmap, nstep)

@@ -69,25 +69,25 @@ class _StepBuffer:
         return self.chunks[i // _CHUNK][i % _CHUNK]
 
     def _runs(self, first: int, count: int) -> list[tuple[int, torch.Tensor]]:
-        """(position, (B, C, F) view) covering slots first, first + 1, ... (mod K), `count` in all."""
+        """(position, (B, F, C) view) covering slots first, first + 1, ... (mod K), `count` in all."""
         runs, pos = [], 0
         while pos < count:
             c, off = divmod((first + pos) % self.K, _CHUNK)
             n = min(self.chunks[c].shape[0] - off, count - pos)
-            runs.append((pos, self.chunks[c][off : off + n].transpose(0, 1)))
+            runs.append((pos, self.chunks[c][off : off + n].permute(1, 2, 0)))
             pos += n
         return runs
 
-    def dots(self, v_BF: torch.Tensor, first: int, count: int) -> torch.Tensor:
-        """(B, count): s . v for each slot read, in reading order."""
-        parts = [torch.bmm(v_BF[:, None], run_BCF.mT)[:, 0] for _, run_BCF in self._runs(first, count)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    def dots(self, v_B1F: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        """(B, 1, count): s . v for each slot read, in reading order (v_B1F: a (B, 1, F) view)."""
+        parts = [torch.bmm(v_B1F, run_BFC) for _, run_BFC in self._runs(first, count)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
-    def combine(self, out_BF: torch.Tensor, coef_Bn: torch.Tensor, first: int) -> None:
-        """out += sum over the n slots read from `first` on of coef[position] * s (out: another slot)."""
-        out_B1F = out_BF[:, None]
-        for pos, run_BCF in self._runs(first, coef_Bn.shape[1]):
-            out_B1F.baddbmm_(coef_Bn[:, None, pos : pos + run_BCF.shape[1]], run_BCF)
+    def combine(self, out_B1F: torch.Tensor, coef_B1n: torch.Tensor, first: int) -> None:
+        """out += sum over the n slots read from `first` on of coef[position] * s (out: (B, 1, F) view of
+        another slot)."""
+        for pos, run_BFC in self._runs(first, coef_B1n.shape[2]):
+            out_B1F.baddbmm_(coef_B1n[:, :, pos : pos + run_BFC.shape[2]], run_BFC.mT)
 
 
 def broyden(
@@ -127,7 +127,7 @@ def broyden(
         clean = True  # no sample has restarted yet: the unmasked path applies
         nstep = 0
         restarts = torch.zeros((), dtype=torch.float32, device=dev)
-        while nstep < max_iter and track.any_active(restarts):
+        while nstep < max_iter and track.any_active():
             clean = clean and track.flag == 0
             # s_0 = -H_0 g_0 = g_0; later steps from the stored ones
             if nstep == 0:
@@ -141,7 +141,7 @@ def broyden(
             fz_BF = fmap(z_BF)
             g_BF = fz_BF - z_BF
             nstep += 1
-            track.observe(z_BF, fz_BF, g_BF)
+            track.observe(z_BF, fz_BF, g_BF, flag=restarts)
             del fz_BF
         return track.result(fmap, nstep)
 
@@ -165,7 +165,7 @@ def _next_step(
     K = steps.K
     N = min(k1, K)
     first = (k1 - N) % K  # slot of s_lo
-    e_BN = steps.dots(g_BF, first, N).double()
+    e_BN = steps.dots(g_BF[:, None], first, N)[:, 0].double()
     Q_BNN = gram_BKK[:, :N, :N] if first == 0 else gram_BKK.roll((-first, -first), dims=(1, 2))
     sq_BN = Q_BNN.diagonal(dim1=1, dim2=2)
     tri_BNN = Q_BNN[:, :-1, 1:].tril(-1).neg_()
@@ -193,7 +193,7 @@ def _next_step(
     new = k1 % K
     s_BF = torch.mul(g_BF, inv_B.to(g_BF.dtype)[:, None], out=steps.slot(new))
     coef_BN = (c_BN * (inv_B * ok_B)[:, None]).to(g_BF.dtype)  # restarting samples: all zero
-    steps.combine(s_BF, coef_BN, first=(first + 1) % K)
+    steps.combine(s_BF[:, None], coef_BN[:, None], first=(first + 1) % K)
     bad_B = ~ok_B
     start_B.masked_fill_(bad_B, k1)
     # Gram entries of the new step with the stored ones: s_j . s_{k+1} = v_j / den, or e_j for a plain step

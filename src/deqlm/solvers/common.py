@@ -13,6 +13,7 @@ iterate, and only active rows are updated.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -80,87 +81,105 @@ class FlatMap:
 class Tracker:
     """Per-sample residuals, lowest-residual iterate, convergence and divergence (see module docstring).
 
+    The per-sample decisions are made on the host: `observe` fetches the two (B,) norms in one transfer, the
+    one synchronisation per step that deciding "does any sample go on" needs anyway, and the rest is Python
+    arithmetic on B numbers. On a device the same logic as tensor operations would be three dozen kernels
+    on (B,) tensors per step; on a CPU each of those costs tens of microseconds right after f, whose working
+    set has evicted the dispatcher's code and data, which summed to a third of a solver step's overhead.
+
     The lowest-residual iterate is kept lazily: a sample whose newest iterate is its best so far (the usual
     case) is only marked, and its row is copied into `best_z_BF` only once a later iterate fails to improve on
-    it, or before the rows are read. So a step usually moves no (B, F) data for the record, and whether the
-    copy is needed reaches the host with the one synchronisation per step that `any_active` already makes.
-    The price is a contract with the solver: the z passed to `observe` must stay unchanged until after the
-    next `observe` and `any_active` (solvers alternate between two iterate buffers).
+    it, or before the rows are read. So a step usually moves no (B, F) data for the record. The price is a
+    contract with the solver: the z passed to `observe` must stay unchanged until the next `observe` (solvers
+    alternate between two iterate buffers).
     """
 
     def __init__(self, z0_BF: torch.Tensor, tol: float, stop_mode: str, explode: float):
         B = z0_BF.shape[0]
-        dev = z0_BF.device
-        self.tol, self.stop_mode, self.explode = tol, stop_mode, explode
-        # the kept iterate of every row not marked in pend_B; allocated at the first copy (often never)
+        self.device, self.dtype = z0_BF.device, z0_BF.dtype
+        self.tol, self.rel, self.explode = tol, stop_mode == "rel", explode
+        # the kept iterate of every row not marked in `pend`; allocated at the first copy (often never)
         self.best_z_BF: torch.Tensor | None = None
         self.pend_z_BF: torch.Tensor | None = None  # the newest observed iterate
-        self.pend_B = torch.ones(B, dtype=torch.bool, device=dev)  # rows whose kept iterate is pend_z
-        self.prev_z_BF: torch.Tensor | None = None  # the iterate observed before pend_z ...
-        self.need_B = self.pend_B  # ... and its rows still to be copied into best_z (decided on the host)
-        # per sample, at the kept iterate: [stop-mode residual, abs residual, rel residual, ||f(z)||]
-        self.best_B4 = torch.full((B, 4), float("inf"), dtype=z0_BF.dtype, device=dev)
-        self.first_abs_B: torch.Tensor | None = None
-        self.converged_B = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.active_B = torch.ones(B, dtype=torch.bool, device=dev)
-        self.all_active = False  # host copy of active_B.all(), refreshed by any_active()
-        self.flag: float = 0.0  # host copy of the solver's flag passed to any_active()
-        self.abs_trace: list[torch.Tensor] = []
-        self.rel_trace: list[torch.Tensor] = []
+        self.pend = [True] * B  # rows whose kept iterate is pend_z
+        # per sample, host floats at the kept iterate: stop-mode residual, abs and rel residual, ||f(z)||
+        self.best_res, self.best_abs = [math.inf] * B, [math.inf] * B
+        self.best_rel, self.best_fnorm = [math.inf] * B, [math.inf] * B
+        self.first_abs: list[float] | None = None  # explode x the first absolute residual
+        self.converged = [False] * B
+        self.active = [True] * B
+        self.all_active = True
+        self.active_B1: torch.Tensor | None = None  # device copy of `active`, made when freeze() needs it
+        self.flag: float = 0.0  # host copy of the solver's flag passed to observe()
+        self.abs_trace: list[list[float]] = []
+        self.rel_trace: list[list[float]] = []
 
-    def observe(self, z_BF: torch.Tensor, fz_BF: torch.Tensor, g_BF: torch.Tensor) -> torch.Tensor:
-        """Record the iterate z with f(z) and g = f(z) - z; returns the (B,) mask of samples still
-        iterating. z must stay unchanged until after the next observe() and any_active().
+    def observe(
+        self, z_BF: torch.Tensor, fz_BF: torch.Tensor, g_BF: torch.Tensor, flag: torch.Tensor | None = None
+    ) -> None:
+        """Record the iterate z with f(z) and g = f(z) - z; z must stay unchanged until the next observe().
 
-        Written for few kernel launches (each one costs microseconds on a GPU, as much as a small f): a
-        non-finite f(z) makes g non-finite too, so one finiteness test of ||g|| covers both."""
-        abs_B = torch.linalg.vector_norm(g_BF, dim=1)
-        fnorm_B = torch.linalg.vector_norm(fz_BF, dim=1)
-        rel_B = abs_B / (fnorm_B + _TINY)
+        `flag` (a 0-d tensor the solver wants on the host, e.g. "some sample restarted") travels in the same
+        transfer and is left in `self.flag`. A non-finite f(z) makes g non-finite too, so testing ||g|| covers
+        both."""
+        B = len(self.active)
+        parts = [torch.linalg.vector_norm(g_BF, dim=1), torch.linalg.vector_norm(fz_BF, dim=1)]
+        if flag is not None:
+            parts.append(flag.reshape(1).to(g_BF.dtype))
+        host = torch.cat(parts).tolist()  # the one host sync of a step
+        abs_B, fnorm_B = host[:B], host[B : 2 * B]
+        if flag is not None:
+            self.flag = host[-1]
+        rel_B = [a / (n + _TINY) for a, n in zip(abs_B, fnorm_B)]
         self.abs_trace.append(abs_B)
         self.rel_trace.append(rel_B)
-        res_B = rel_B if self.stop_mode == "rel" else abs_B
-        finite_B = torch.isfinite(abs_B)
-        res_B = res_B.nan_to_num(nan=torch.inf, posinf=torch.inf)
-        # frozen rows are re-evaluated at their kept iterate; only active rows may change the record
-        better_B = self.active_B & (res_B < self.best_B4[:, 0])
-        # rows kept in the previous iterate that z does not improve on must be copied out of it; the first
+        if self.first_abs is None:
+            self.first_abs = [a * self.explode if a == a else math.inf for a in abs_B]
+        better = [False] * B
+        for b in range(B):
+            res = rel_B[b] if self.rel else abs_B[b]
+            if res != res:
+                res = math.inf
+            # frozen rows are re-evaluated at their kept iterate; only active rows may change the record
+            if self.active[b] and res < self.best_res[b]:
+                better[b] = True
+                self.best_res[b], self.best_abs[b] = res, abs_B[b]
+                self.best_rel[b], self.best_fnorm[b] = rel_B[b], fnorm_B[b]
+            done = self.best_res[b] <= self.tol
+            self.converged[b] = self.converged[b] or (self.active[b] and done)
+            # a sample stops when converged, non-finite, or exploded past `explode` times its first residual
+            go_on = not done and math.isfinite(abs_B[b]) and abs_B[b] <= self.first_abs[b]
+            if self.active[b] and not go_on:
+                self.active[b], self.active_B1 = False, None
+        # rows kept in the previous iterate that z does not improve on are copied out of it now; the first
         # iterate is every row's kept one, whatever its residual
         first = self.pend_z_BF is None and self.best_z_BF is None
-        self.prev_z_BF, self.need_B = self.pend_z_BF, self.pend_B & ~better_B
-        self.pend_z_BF, self.pend_B = z_BF, self.pend_B if first else better_B
-        self.best_B4 = torch.where(
-            better_B[:, None], torch.stack([res_B, abs_B, rel_B, fnorm_B], 1), self.best_B4
-        )
-        if self.first_abs_B is None:
-            self.first_abs_B = abs_B.nan_to_num(nan=torch.inf) * self.explode
-        done_B = self.best_B4[:, 0] <= self.tol
-        self.converged_B = self.converged_B | (self.active_B & done_B)
-        # a sample stops when converged, non-finite, or exploded past `explode` times its first residual
-        go_on_B = ~done_B & finite_B & (abs_B <= self.first_abs_B)
-        self.active_B = self.active_B & go_on_B
-        return self.active_B
+        if self.pend_z_BF is not None:
+            need = [p and not bt for p, bt in zip(self.pend, better)]
+            if any(need):
+                self._into_best(need, self.pend_z_BF)
+        if not first:
+            self.pend = better
+        self.pend_z_BF = z_BF
+        self.all_active = all(self.active)
 
-    def _into_best(self, mask_B: torch.Tensor, src_BF: torch.Tensor) -> None:
-        if self.best_z_BF is None:  # rows outside every mask so far are pending: nothing to keep yet
+    def _mask(self, rows: list[bool]) -> torch.Tensor:
+        return torch.tensor(rows, device=self.device)[:, None]
+
+    def _into_best(self, rows: list[bool], src_BF: torch.Tensor) -> None:
+        if self.best_z_BF is None:  # rows outside every copy so far are pending: nothing to keep yet
             self.best_z_BF = torch.empty_like(src_BF)
-        torch.where(mask_B[:, None], src_BF, self.best_z_BF, out=self.best_z_BF)
-
-    def _copy_needed(self) -> None:
-        """Copy the rows of the previous iterate still kept into best_z (before the solver overwrites it)."""
-        if self.prev_z_BF is not None:
-            self._into_best(self.need_B, self.prev_z_BF)
-            self.prev_z_BF = None
+        torch.where(self._mask(rows), src_BF, self.best_z_BF, out=self.best_z_BF)
 
     def kept(self, final: bool = False) -> torch.Tensor:
         """(B, F) lowest-residual iterate of every sample, made whole in best_z. `final`: the solve is over;
         when every row's kept iterate is the newest one, that buffer itself is returned (no copy)."""
-        self._copy_needed()
         if self.pend_z_BF is not None:
             if final and self.best_z_BF is None:
                 return self.pend_z_BF  # nothing was ever copied, so every row is pending
-            self._into_best(self.pend_B, self.pend_z_BF)
-            self.pend_z_BF, self.pend_B = None, torch.zeros_like(self.pend_B)
+            if any(self.pend):
+                self._into_best(self.pend, self.pend_z_BF)
+            self.pend_z_BF, self.pend = None, [False] * len(self.pend)
         assert self.best_z_BF is not None
         return self.best_z_BF
 
@@ -171,44 +190,33 @@ class Tracker:
         """
         if self.all_active:
             return z_new_BF
-        return torch.where(
-            self.active_B[:, None], z_new_BF, self.kept(), out=z_new_BF if inplace else None
-        )
+        if self.active_B1 is None:
+            self.active_B1 = self._mask(self.active)
+        return torch.where(self.active_B1, z_new_BF, self.kept(), out=z_new_BF if inplace else None)
 
-    def any_active(self, flag: torch.Tensor | None = None) -> bool:
-        """Whether any sample still iterates. `flag` (a 0-d tensor a solver wants on the host, e.g. "some
-        sample restarted") is fetched in the same transfer and left in `self.flag`. After this call the
-        solver may overwrite every iterate but the one last observed."""
-        parts = [self.active_B.sum(dtype=torch.float32)]
-        if flag is not None:
-            parts.append(flag.to(torch.float32))
-        if self.prev_z_BF is not None:
-            parts.append(self.need_B.sum(dtype=torch.float32))
-        host = torch.stack(parts).tolist() if len(parts) > 1 else [parts[0].item()]  # the one host sync
-        n_active = int(host[0])
-        if flag is not None:
-            self.flag = host[1]
-        if self.prev_z_BF is not None and host[-1] > 0:
-            self._copy_needed()
-        self.prev_z_BF = None
-        self.all_active = n_active == self.active_B.shape[0]
-        return n_active > 0
+    def any_active(self) -> bool:
+        """Whether any sample still iterates (decided in observe(), no device work)."""
+        return any(self.active)
 
     def result(self, fmap: FlatMap, nstep: int) -> SolverResult:
-        abs_tot = float(torch.linalg.vector_norm(self.best_B4[:, 1]))
-        f_tot = float(torch.linalg.vector_norm(self.best_B4[:, 3]))
+        abs_tot = math.sqrt(sum(a * a for a in self.best_abs))
+        f_tot = math.sqrt(sum(n * n for n in self.best_fnorm))
+
+        def vec(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=self.dtype, device=self.device)
+
         return SolverResult(
             z=self.kept(final=True).to(fmap.in_dtype).view(fmap.shape),
             nstep=nstep,
             f_evals=fmap.evals,
             abs_res=abs_tot,
             rel_res=abs_tot / f_tot if f_tot > 0 else float("inf") if abs_tot > 0 else 0.0,
-            abs_res_B=self.best_B4[:, 1].clone(),
-            rel_res_B=self.best_B4[:, 2].clone(),
-            converged=bool(self.converged_B.all()),
-            converged_B=self.converged_B,
-            abs_trace=torch.stack(self.abs_trace),
-            rel_trace=torch.stack(self.rel_trace),
+            abs_res_B=vec(self.best_abs),
+            rel_res_B=vec(self.best_rel),
+            converged=all(self.converged),
+            converged_B=torch.tensor(self.converged, device=self.device),
+            abs_trace=vec(self.abs_trace),
+            rel_trace=vec(self.rel_trace),
         )
 
 
