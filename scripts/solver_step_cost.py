@@ -1,12 +1,13 @@
-"""Where a Broyden step's time goes on the solver benchmark's workload, in ms per solver step.
+"""Where a Broyden or Anderson step's time goes on the solver benchmark's workload, in ms per solver step.
 
-    python scripts/solver_step_cost.py [--rank 30] [--threads 2] [--repeats 4]
+    python scripts/solver_step_cost.py [--solver broyden|anderson] [--rank 30] [--threads 2] [--repeats 4]
 
-Times f, the two history products (`dots`, `combine`), the rest of the step function (rank x rank algebra,
-the new step and its Gram entries), the stopping test (`observe`, `any_active`) and what remains of the loop
-(the update z += s, the residual g = f(z) - z, the wrappers), by wrapping those functions with wall-clock
-timers during `--repeats` forward solves after two warm-up solves. A diagnostic, not a benchmark: the
-wrappers add a few microseconds per call.
+Times f, the stopping test (`observe`, `any_active`) and what remains of the loop, and per solver: Broyden's
+two history products (`dots`, `combine`) and the rest of its step function (rank x rank algebra, the new step
+and its Gram entries); Anderson's mixing weights (the small Gram system). "Rest of the loop" is then the
+update and the residual, and for Anderson also its history products (the Gram row and the mixing) and the copy
+of f(z) into the history. Wall-clock timers wrap those functions during `--repeats` forward solves after two
+warm-up solves. A diagnostic, not a benchmark: the wrappers add a few microseconds per call.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from deqlm.bench.solver import Workload, _build
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rank", type=int, default=30)
+    ap.add_argument("--solver", choices=["broyden", "anderson"], default="broyden")
+    ap.add_argument("--rank", type=int, default=30, help="Broyden's rank")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=4)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    mod = importlib.import_module("deqlm.solvers.broyden")
+    mod = importlib.import_module(f"deqlm.solvers.{args.solver}")
     spent: dict[str, float] = collections.defaultdict(float)
 
     def timed(owner, name: str, label: str) -> None:
@@ -42,9 +44,12 @@ def main() -> None:
 
         setattr(owner, name, wrapper)
 
-    timed(mod._StepBuffer, "dots", "history products")
-    timed(mod._StepBuffer, "combine", "history products")
-    timed(mod, "_next_step", "step function")
+    if args.solver == "broyden":
+        timed(mod._StepBuffer, "dots", "history products")
+        timed(mod._StepBuffer, "combine", "history products")
+        timed(mod, "_next_step", "step function")
+    else:
+        timed(mod, "mixing_weights", "mixing weights")
     timed(mod.Tracker, "observe", "stopping test")
     timed(mod.Tracker, "any_active", "stopping test")
     w = Workload()
@@ -59,19 +64,24 @@ def main() -> None:
         return out
 
     z0 = torch.zeros_like(x_BLD)
-    kw = dict(max_iter=w.f_max_iter, tol=w.tol, stop_mode="rel", rank=args.rank)
+    kw = dict(max_iter=w.f_max_iter, tol=w.tol, stop_mode="rel")
+    if args.solver == "broyden":
+        kw["rank"] = args.rank
+    solve = getattr(mod, args.solver)
     for _ in range(2):
-        mod.broyden(f, z0, **kw)
+        solve(f, z0, **kw)
     spent.clear()
     steps = 0
     t0 = time.perf_counter()
     for _ in range(args.repeats):
-        steps += mod.broyden(f, z0, **kw).nstep
+        steps += solve(f, z0, **kw).nstep
     total = time.perf_counter() - t0
     per = {k: 1e3 * v / steps for k, v in spent.items()}
-    per["step function"] -= per["history products"]  # nested: keep the rest of the step function only
+    if args.solver == "broyden":
+        per["step function"] -= per["history products"]  # nested: keep the rest of the step function only
     per["rest of the loop"] = 1e3 * total / steps - sum(per.values())
-    print(f"rank {args.rank}, {args.threads} threads, {steps} steps; ms per step:")
+    what = f"broyden rank {args.rank}" if args.solver == "broyden" else "anderson"
+    print(f"{what}, {args.threads} threads, {steps} steps; ms per step:")
     for k, v in sorted(per.items(), key=lambda kv: -kv[1]):
         print(f"  {k:18s} {v:7.3f}")
     print(f"  overhead / f       {(1e3 * total / steps - per['f']) / per['f']:7.3f}")
