@@ -226,14 +226,18 @@ def test_fused_lstm_gating_is_the_plain_expression_with_first_and_second_derivat
     assert torch.autograd.gradgradcheck(LSTMGating.apply, (pre, c_prev))
 
 
-def test_fused_lstm_gating_saves_no_more_and_needs_less_working_memory_in_backward():
-    """Saved bytes equal autograd's for the plain expression; the backward's peak is below autograd's (which
-    holds four gate gradients and their concatenation)."""
+def test_fused_lstm_gating_saves_no_more_than_autograd_and_its_backward_holds_six_gate_sized_buffers():
+    """Saved bytes equal autograd's for the plain expression; the backward's working memory is six (B, H, L)
+    buffers (the four gate gradients, written into the one (B, 4H, L) result, and dL/dc_prev), where autograd
+    holds nine (four gate gradients, their concatenation and temporaries): 589824 bytes at these sizes when
+    its profiler events come in order. Autograd's figure is not asserted: under load the profiler has
+    reported it 3-33% low (equal or near-equal timestamps), which made a relative bound flaky."""
     from deqlm.bench.common import peak_live_bytes
     from deqlm.models.trellisnet_cell import LSTMGating
 
-    pre = torch.randn(4, 256, 64, requires_grad=True)
-    c_prev = torch.randn(4, 64, 64, requires_grad=True)
+    B, H, L = 4, 64, 64
+    pre = torch.randn(B, 4 * H, L, requires_grad=True)
+    c_prev = torch.randn(B, H, L, requires_grad=True)
 
     def saved_and_backward_peak(fn):
         saved = {}
@@ -248,7 +252,8 @@ def test_fused_lstm_gating_saves_no_more_and_needs_less_working_memory_in_backwa
         return sum(v for k, v in saved.items() if k != c_prev.untyped_storage().data_ptr()), peak
 
     ours_saved, ours_peak = saved_and_backward_peak(LSTMGating.apply)
-    ref_saved, ref_peak = saved_and_backward_peak(_lstm_gating_reference)
+    ref_saved, _ = saved_and_backward_peak(_lstm_gating_reference)
     # autograd: four gate activations and tanh(c); ours: the pre-activations and tanh(c)
     assert ours_saved == ref_saved == (pre.numel() + c_prev.numel()) * 4
-    assert ours_peak < 0.8 * ref_peak
+    unit = B * H * L * 4
+    assert ours_peak <= 6 * unit + 1024
