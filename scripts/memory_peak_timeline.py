@@ -54,8 +54,7 @@ def main() -> None:
     mark = [e for e in events if e.name() == C.WINDOW_MARK][-1]
     t0, t1 = mark.start_ns(), mark.end_ns()
     live, trace = 0, []
-    for t, nbytes in C.memory_events(events):
-        live += nbytes
+    for t, live in C.running_live(C.memory_events(events)):
         if t0 <= t <= t1:
             trace.append((t, live))
     start_live = trace[0][1] if trace else live

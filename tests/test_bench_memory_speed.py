@@ -116,7 +116,7 @@ def test_memory_events_keep_recording_order_at_equal_timestamps():
     first, so the running peak includes it (sorting by size too would put the frees first)."""
     from types import SimpleNamespace
 
-    from deqlm.bench.common import memory_events
+    from deqlm.bench.common import memory_events, running_live
 
     def ev(t, n, name="[memory]"):
         return SimpleNamespace(start_ns=lambda: t, nbytes=lambda: n, name=lambda: name,
@@ -125,8 +125,4 @@ def test_memory_events_keep_recording_order_at_equal_timestamps():
     recorded = [ev(1, 100), ev(2, 100), ev(3, 200), ev(3, -100), ev(3, -100), ev(0, 0, "other"), ev(4, -200)]
     events = memory_events(recorded)
     assert events == [(1, 100), (2, 100), (3, 200), (3, -100), (3, -100), (4, -200)]
-    live, peak = 0, 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    assert peak == 400
+    assert max(live for _, live in running_live(events)) == 400

@@ -20,7 +20,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,17 +257,22 @@ def memory_events(kineto_events) -> list[tuple[int, int]]:
     return sorted(events, key=lambda tb: tb[0])
 
 
+def running_live(events: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """(ns, live bytes after the event) along `memory_events(...)`: the running sum peaks are read from."""
+    live = 0
+    for t, nbytes in events:
+        live += nbytes
+        yield t, live
+
+
 def peak_live_bytes(fn: Callable[[], object]) -> int:
     """Peak live CPU tensor bytes during fn() above those live at its start (profiler memory events)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    live = peak = 0
-    for _, nbytes in memory_events(prof.profiler.kineto_results.events()):
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+    events = memory_events(prof.profiler.kineto_results.events())
+    return max([0, *(live for _, live in running_live(events))])
 
 
 def profiler_window_peak(prof, t0_ns: int, t1_ns: int) -> int:
@@ -279,16 +284,15 @@ def profiler_window_peak(prof, t0_ns: int, t1_ns: int) -> int:
     marks = [e for e in kineto if e.name() == WINDOW_MARK]
     if marks:
         t0_ns, t1_ns = marks[-1].start_ns(), marks[-1].end_ns()
-    events = memory_events(kineto)
-    live = 0
+    before = 0  # live bytes before the current event
     peak = None
-    for t, nbytes in events:
+    for t, live in running_live(memory_events(kineto)):
         if t >= t0_ns and peak is None:
-            peak = live
-        live += nbytes
+            peak = before
         if t0_ns <= t <= t1_ns:
             peak = live if peak is None else max(peak, live)
-    return int(peak if peak is not None else live)
+        before = live
+    return int(peak if peak is not None else before)
 
 
 def _rss_bytes() -> int:
