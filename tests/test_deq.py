@@ -54,6 +54,21 @@ def test_implicit_layer_passes_gradcheck():
     assert torch.autograd.gradcheck(run, _params(), eps=1e-6, atol=1e-6)
 
 
+def test_implicit_backward_refuses_create_graph_rather_than_return_a_wrong_second_derivative():
+    W, U, c, x = _params()
+    z_star, _ = _tight_deq()(_closure(W, U, c, x), torch.zeros(B, N, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.grad(z_star.square().sum(), W, create_graph=True)
+
+
+def test_implicit_grad_of_an_f_that_ignores_z_is_the_plain_gradient():
+    W, U, c, x = _params()
+    z_star, _ = _tight_deq()(lambda z: torch.tanh(x @ U.T + c) + 0 * z.detach(), torch.zeros(B, N, dtype=torch.float64))
+    (implicit,) = torch.autograd.grad(z_star.square().sum(), U)
+    (direct,) = torch.autograd.grad(torch.tanh(x @ U.T + c).square().sum(), U)
+    torch.testing.assert_close(implicit, direct)
+
+
 def test_phantom_grad_with_many_steps_approaches_implicit_grad():
     W, U, c, x = _params()
     grads = {}

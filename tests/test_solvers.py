@@ -280,6 +280,34 @@ def test_bad_arguments_raise_value_error():
         broyden(lambda z: z, torch.zeros(1, 2), stop_mode="max")
     with pytest.raises(ValueError, match="m="):
         anderson(lambda z: z, torch.zeros(1, 2), m=0)
+    for explode in (0.0, 0.5, float("nan")):  # below 1 the first iterate would count as exploded
+        with pytest.raises(ValueError, match="explode="):
+            fixed_point(lambda z: z, torch.zeros(1, 2), explode=explode)
+    with pytest.raises(ValueError, match="no elements"):
+        broyden(lambda z: z, torch.zeros(0, 8))
+
+
+@pytest.mark.parametrize("solver", ALL, ids=lambda s: s.__name__)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_residuals_are_those_of_the_returned_z(solver, dtype):
+    """f sees the iterate rounded to z0's dtype; the reported residual must be f's residual at the z returned
+    (solving to a tolerance near that precision's resolution makes any mismatch visible)."""
+    torch.manual_seed(0)
+    W = 0.5 * torch.randn(32, 32) / 32**0.5
+    b = torch.randn(4, 32)
+    f = lambda z: torch.tanh(z.float() @ W.T + b).to(z.dtype)  # noqa: E731
+    res = solver(f, torch.zeros(4, 32, dtype=dtype), max_iter=40, tol=1e-3)
+    fz = f(res.z).float()
+    rel_B = (fz - res.z.float()).norm(dim=1) / fz.norm(dim=1)
+    torch.testing.assert_close(rel_B, res.rel_res_B.float(), rtol=1e-4, atol=1e-7)
+
+
+def test_a_sample_never_finite_makes_batch_residuals_infinite_not_nan():
+    z0 = torch.zeros(3, 4)
+    nan_row = torch.tensor([True, False, False])[:, None]
+    res = broyden(lambda z: torch.where(nan_row, float("nan"), 0.5 * z + 1), z0, max_iter=20, tol=1e-6)
+    assert res.abs_res == float("inf") and res.rel_res == float("inf")
+    assert res.converged_B.tolist() == [False, True, True]
 
 
 def test_solvers_build_no_autograd_graph():

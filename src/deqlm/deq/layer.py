@@ -39,11 +39,17 @@ class _ImplicitBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z: torch.Tensor):
+        if torch.is_grad_enabled():  # backward(create_graph=True): y below would be a constant, silently
+            raise RuntimeError(
+                "the implicit DEQ gradient is first-order only (backward with create_graph=True); "
+                "use grad=K (unrolled steps) for higher-order derivatives"
+            )
         fz, z_in = ctx.saved_tensors
 
         def adjoint_map(y: torch.Tensor) -> torch.Tensor:
-            (yJ,) = torch.autograd.grad(fz, z_in, y, retain_graph=True)
-            return yJ + grad_z
+            # an f that ignores z has J = 0 (autograd would call z unused)
+            (yJ,) = torch.autograd.grad(fz, z_in, y, retain_graph=True, allow_unused=True)
+            return grad_z if yJ is None else yJ + grad_z
 
         # y0 = dL/dz* (the first plain step from 0) saves one vector-Jacobian product
         res: SolverResult = ctx.solve(adjoint_map, grad_z)

@@ -88,7 +88,7 @@ def anderson(
     squared residual norm of the history. Stopping, freezing and the returned lowest-residual iterate per
     sample are as in `deqlm.solvers.common`. Runs without an autograd graph.
     """
-    check_common(max_iter, tol, stop_mode)
+    check_common(max_iter, tol, stop_mode, explode)
     if m < 1:
         raise ValueError(f"m={m!r} must be >= 1")
     if not 0 < beta <= 2:

@@ -9,7 +9,8 @@ alone (Kelley, "Iterative Methods for Linear and Nonlinear Equations", SIAM 1995
 
 So each sample stores one vector per step (the official code stores two, u and v, and preallocates one pair
 per allowed step). Only the last `rank` factors are kept (a circular buffer of rank + 1 steps); older ones are
-dropped, i.e. treated as H_0.
+dropped, i.e. treated as H_0. A step applies the kept factors and the new one built from the newest step, so
+rank 0 is still a one-factor secant method, not plain iteration.
 
 Applying the product to g is a sequential recursion, c_j = s_j.w_j / ||s_j||^2, w_{j+1} = w_j + c_j s_{j+1}.
 Written with the Gram matrix Q = S S^T of the stored steps it becomes a small lower-triangular system,
@@ -102,11 +103,12 @@ def broyden(
 ) -> SolverResult:
     """Find z = f(z) by good Broyden from z0; at most `max_iter` steps (`max_iter + 1` evaluations of f).
 
-    `rank`: how many low-rank factors of the inverse Jacobian each sample keeps (memory: rank + 1 vectors of
-    the sample's size, allocated only as steps are taken). Stopping, freezing and the returned lowest-residual
-    iterate per sample are as in `deqlm.solvers.common`. Runs without an autograd graph.
+    `rank`: how many low-rank factors of the inverse Jacobian each sample keeps between steps (memory:
+    rank + 1 vectors of the sample's size, allocated only as steps are taken); each step applies them and one
+    more, from its newest step. Stopping, freezing and the returned lowest-residual iterate per sample are as
+    in `deqlm.solvers.common`. Runs without an autograd graph.
     """
-    check_common(max_iter, tol, stop_mode)
+    check_common(max_iter, tol, stop_mode, explode)
     if rank < 0:
         raise ValueError(f"rank={rank!r} must be >= 0")
     with solver_mode(z0.device.type) as caller_autocast:

@@ -24,13 +24,15 @@ STOP_MODES = ("abs", "rel")
 _TINY = 1e-30  # keeps ||f(z)|| = 0 from dividing by zero in the relative residual
 
 
-def check_common(max_iter: int, tol: float, stop_mode: str) -> None:
+def check_common(max_iter: int, tol: float, stop_mode: str, explode: float) -> None:
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode={stop_mode!r} is not one of {', '.join(STOP_MODES)}")
     if max_iter < 0:
         raise ValueError(f"max_iter={max_iter!r} must be >= 0")
     if not tol >= 0:
         raise ValueError(f"tol={tol!r} must be >= 0")
+    if not explode >= 1:  # below 1 the first iterate itself would count as exploded
+        raise ValueError(f"explode={explode!r} must be >= 1 (inf: never stop a sample for growing)")
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,8 +70,13 @@ class FlatMap:
 
     def __call__(self, z_BF: torch.Tensor) -> torch.Tensor:
         self.evals += 1
+        z_in = z_BF.to(self.in_dtype)
+        if z_in.dtype != z_BF.dtype:
+            # f sees z rounded to the caller's precision: make that the iterate (solvers pass their own
+            # buffers), so the residual and the returned z refer to the same point
+            z_BF.copy_(z_in)
         with self.caller_autocast():
-            fz = self.f(z_BF.to(self.in_dtype).view(self.shape))
+            fz = self.f(z_in.view(self.shape))
         if fz.shape != self.shape:
             raise ValueError(f"f changed the shape of z: {tuple(self.shape)} -> {tuple(fz.shape)}")
         fz_BF = fz.reshape(z_BF.shape).to(z_BF.dtype)
@@ -210,7 +217,9 @@ class Tracker:
             nstep=nstep,
             f_evals=fmap.evals,
             abs_res=abs_tot,
-            rel_res=abs_tot / f_tot if f_tot > 0 else float("inf") if abs_tot > 0 else 0.0,
+            # a sample never seen finite has abs = ||f(z)|| = inf: the batch's rel residual is inf, not NaN
+            rel_res=(abs_tot / f_tot if f_tot > 0 else math.inf if abs_tot > 0 else 0.0)
+            if math.isfinite(abs_tot) else math.inf,
             abs_res_B=vec(self.best_abs),
             rel_res_B=vec(self.best_rel),
             converged=all(self.converged),
@@ -224,4 +233,6 @@ def flatten_start(z0: torch.Tensor) -> torch.Tensor:
     """z0 as a (B, F) matrix in the working dtype (a copy: solvers never write into the caller's tensor)."""
     if z0.dim() == 0:
         raise ValueError("z0 must have a batch dimension (dim 0)")
+    if z0.numel() == 0:
+        raise ValueError(f"z0 has no elements (shape {tuple(z0.shape)}): nothing to solve")
     return z0.detach().reshape(z0.shape[0], -1).to(working_dtype(z0.dtype), copy=True)

@@ -27,7 +27,7 @@ def fixed_point(
     absolute residual becomes non-finite or exceeds `explode` times the first one. Returns, per sample, the
     lowest-residual iterate. Runs without an autograd graph.
     """
-    check_common(max_iter, tol, stop_mode)
+    check_common(max_iter, tol, stop_mode, explode)
     with solver_mode(z0.device.type) as caller_autocast:
         fmap = FlatMap(f, z0, caller_autocast)
         z_BF = flatten_start(z0)
