@@ -67,10 +67,10 @@ data-wt2: $(STAMP)
 	$(PY) scripts/prepare_data.py --dataset wt2 $(ARGS)
 
 data/wikitext-103/wiki.train.tokens:
-	$(MAKE) data-wt103
+	$(MAKE) data-wt103 ARGS=
 
 data/ptb/ptb.train.txt:
-	$(MAKE) data-ptb
+	$(MAKE) data-ptb ARGS=
 
 train-wt103: $(STAMP) data/wikitext-103/wiki.train.tokens
 	$(LAUNCH) $(EXP) $(ARGS)

@@ -53,6 +53,13 @@ def test_tiny_deq_transformer_trains_and_loss_falls(tmp_path):
     assert valid[-1]["valid/loss"] < losses[0] - 0.2  # held-out loss fell too (uniform guess: ln 51 = 3.93)
 
 
+def test_pretrain_steps_n_trains_exactly_n_unrolled_steps(tmp_path):
+    trainer = train(tiny(tmp_path, "transformer_deq", "train.max_steps=4", "train.log_every=1",
+                         "model.pretrain_steps=2"))
+    modes = [e["mode"] for e in read_jsonl(trainer.run_dir / "metrics.jsonl") if "train/loss" in e]
+    assert modes == ["pretrain", "pretrain", "deq", "deq"]
+
+
 def test_run_directory_holds_config_env_metrics_and_weights_only_checkpoints(tmp_path):
     trainer = train(tiny(tmp_path, "transformer_xl", "train.max_steps=4", "train.eval_every=2",
                          "train.ckpt_every=2", "train.log_every=2"))
@@ -96,6 +103,9 @@ def test_too_many_bad_steps_in_a_row_stop_the_run_naming_the_step(tmp_path, monk
     (["{debug}/transformer_deq.yaml", "train.grad_sync=nccl_magic"], "train.grad_sync"),
     (["{debug}/missing.yaml"], "missing.yaml"),
     (["--resume", "/nonexistent/run"], "/nonexistent/run"),
+    (["{debug}/transformer_deq.yaml", "train.log_every=0"], "train.log_every"),
+    (["{debug}/transformer_deq.yaml", "train.eval_max_tokens=-1"], "train.eval_max_tokens"),
+    (["{debug}/transformer_deq.yaml", "optim.betas=[0.9]"], "optim.betas"),
 ])
 def test_bad_config_gives_a_one_line_error(tmp_path, args, needle):
     args = [a.format(debug=DEBUG) for a in args] + [f"train.run_dir={tmp_path}"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,7 @@ class ModelConfig:
     n_layer: int = 16  # depth of an unrolled core (ignored by deq)
     weight_tied: bool = False  # unrolled core: one cell applied n_layer times (True) or n_layer cells
     grad_checkpoint: bool = False  # unrolled core: recompute each layer in backward (gradient checkpointing)
-    pretrain_steps: int = 0  # deq core: train as an unrolled weight-tied stack for steps < this
+    pretrain_steps: int = 0  # deq core: the first this many steps train an unrolled weight-tied stack
     pretrain_depth: int = 2  # deq core: depth of that pretraining stack
     mem_len: int = 150  # Transformer memory kept across segments in training (base YAMLs set ${data.mem_len})
     # sizes shared by both cells
@@ -128,7 +127,7 @@ class OptimConfig:
 
     name: str = "adam"  # adam | sgd
     lr: float = 2.5e-4  # peak learning rate
-    weight_decay: float = 0.0  # L2 / decoupled weight decay
+    weight_decay: float = 0.0  # L2 penalty added to the gradient (torch Adam / SGD weight_decay)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas
     schedule: str = "cosine"  # cosine | constant | step
     warmup_steps: int = 0  # linear warm-up steps
@@ -218,7 +217,8 @@ def _validate(cfg: ExperimentConfig) -> None:
     grad = cfg.deq.grad
     if grad != "implicit" and not (str(grad).isdigit() and int(grad) > 0):
         raise ConfigError(f"deq.grad={grad!r} must be 'implicit' or a positive integer")
-    positive = ["data.batch_size", "data.tgt_len", "train.max_steps", "eval.batch_size", "eval.tgt_len",
+    positive = ["data.batch_size", "data.tgt_len", "train.max_steps", "train.log_every", "eval.batch_size",
+                "eval.tgt_len",
                 "model.d_model", "model.d_embed", "deq.f_max_iter", "deq.b_max_iter", "model.n_layer"]
     for key in positive:
         section, name = key.split(".")
@@ -229,8 +229,15 @@ def _validate(cfg: ExperimentConfig) -> None:
         value = getattr(getattr(cfg, section), name)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key}={value!r} must lie in [0, 1)")
+    for key in ["train.eval_every", "train.ckpt_every", "train.eval_max_tokens"]:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < 0:
+            raise ConfigError(f"{key}={value!r} must be >= 0")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr!r} must be positive")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas={list(cfg.optim.betas)!r} must hold two numbers")
     if cfg.model.arch == "transformer" and cfg.model.n_head * cfg.model.d_head <= 0:
         raise ConfigError("model.n_head and model.d_head must be positive")
 
@@ -306,9 +313,6 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".yaml")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(to_yaml(cfg))
-    os.replace(tmp, path)
+    from deqlm.io import atomic_write_text
+
+    atomic_write_text(path, to_yaml(cfg))

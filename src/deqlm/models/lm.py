@@ -77,10 +77,14 @@ class SequenceLM(nn.Module):
 
     # --- the contract ---------------------------------------------------------------------------------------
     def mode(self, step: int | None = None) -> str:
-        """'pretrain' (DEQ model, step < pretrain_steps), 'deq', or 'unrolled' (explicit core)."""
+        """'pretrain' (DEQ model, step <= pretrain_steps), 'deq', or 'unrolled' (explicit core).
+
+        `step` is the trainer's: optimizer steps count from 1 (and a checkpoint's step is the last one taken),
+        so the first `pretrain_steps` steps run the unrolled stack, as the official code's 0-based
+        `train_step < pretrain_steps` does."""
         if not isinstance(self.core, DEQCore):
             return "unrolled"
-        return "pretrain" if step is not None and step < self.pretrain_steps else "deq"
+        return "pretrain" if step is not None and step <= self.pretrain_steps else "deq"
 
     def init_mems(self, batch_size: int) -> list[torch.Tensor]:
         like = next(self.parameters())

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from deqlm.config import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -64,7 +66,9 @@ def barrier(info: DistInfo) -> None:
 def column_slice(batch_size: int, info: DistInfo) -> slice:
     """The contiguous batch columns of this rank (the global batch must divide evenly)."""
     if batch_size % info.world_size:
-        raise ValueError(f"data.batch_size={batch_size} is not divisible by the world size {info.world_size}")
+        raise ConfigError(
+            f"data.batch_size={batch_size} is not divisible by the world size {info.world_size}"
+        )
     per = batch_size // info.world_size
     return slice(info.rank * per, (info.rank + 1) * per)
 

@@ -1,10 +1,10 @@
 """Optimizers, learning-rate schedules and gradient clipping (config: `optim.*`).
 
 Schedules are multipliers of `optim.lr` as a function of the optimizer step s (0-based, as LambdaLR counts):
-    cosine:   s / warmup during warm-up, then min_lr/lr + (1 - min_lr/lr) * (1 + cos(pi * t)) / 2,
+    cosine:   (s + 1) / warmup during warm-up, then min_lr/lr + (1 - min_lr/lr) * (1 + cos(pi * t)) / 2,
               t = (s - warmup) / (max_steps - warmup)        (official DEQ/Transformer-XL recipe)
-    constant: s / warmup during warm-up, then 1
-    step:     s / warmup during warm-up, then 10**-k, k = #(optim.decay_steps <= s)  (TrellisNet recipe)
+    constant: (s + 1) / warmup during warm-up, then 1
+    step:     (s + 1) / warmup during warm-up, then 10**-k, k = #(optim.decay_steps <= s)  (TrellisNet recipe)
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ from deqlm.config import OptimConfig
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.name == "adam":
-        betas = tuple(cfg.betas)
-        if len(betas) != 2:
-            raise ValueError(f"optim.betas={list(cfg.betas)!r} must hold two numbers")
-        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"optim.name={cfg.name!r} is not one of adam, sgd")

@@ -162,6 +162,8 @@ class Trainer:
         self.best_valid_ppl = math.inf
         self.history: list[tuple[int, float]] = []  # (step, loss) of every applied step, for tests
         self.wandb_id = None
+        self.window: dict | None = None  # sums over the steps since the last train log event
+        self.bad_run = 0  # non-finite steps in a row
 
         if resume_dir is not None:
             self.run_dir = Path(resume_dir)
@@ -192,7 +194,7 @@ class Trainer:
     def _state(self) -> dict:
         """The checkpoint dict; a collective under DDP (every rank's mems, data position, RNG gathered)."""
         mine = {"rng": ckpt_lib.rng_state(), "data_state": ckpt_lib.to_cpu(self.train_iter.state_dict()),
-                "mems": ckpt_lib.to_cpu(self.mems)}
+                "mems": ckpt_lib.to_cpu(self.mems), "window": self.window, "bad_run": self.bad_run}
         ranks = [mine]
         if self.dist.enabled:
             ranks = [None] * self.dist.world_size
@@ -220,9 +222,19 @@ class Trainer:
         if state.get("vocab_hash") != self.dataset.vocab_hash:
             raise ConfigError(f"checkpoint vocab_hash {state.get('vocab_hash')!r} does not match the data's "
                               f"{self.dataset.vocab_hash!r}")
-        self.model.load_state_dict(state["model"])
+        saved_optim = state.get("config", {}).get("optim", {}).get("name", self.cfg.optim.name)
+        if saved_optim != self.cfg.optim.name:
+            raise ConfigError(f"optim.name={self.cfg.optim.name!r} on resume, but the checkpoint's optimizer "
+                              f"is {saved_optim!r}: its state cannot carry over")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # "Error(s) in loading state_dict for ...:" then one line per mismatch
+            lines = str(exc).splitlines()
+            raise ConfigError("the checkpoint does not fit the configured model (a model.* override on "
+                              f"resume?): {(lines[1] if len(lines) > 1 else lines[0]).strip()}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_optim_config()
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.best_valid_ppl = float(state["best_valid_ppl"])
@@ -238,6 +250,21 @@ class Trainer:
         self.train_iter.load_state_dict(mine["data_state"])
         self.mems = ckpt_lib.to_device(mine["mems"], self.device)
         ckpt_lib.set_rng_state(mine["rng"])
+        self.window, self.bad_run = mine.get("window"), int(mine.get("bad_run", 0))
+
+    def _apply_optim_config(self) -> None:
+        """On resume the config's optimizer settings win over those stored with the optimizer state (its
+        moments are kept): `optim.lr`, `weight_decay` and `betas` given as overrides take effect from the next
+        step, like the schedule and `clip`, which are rebuilt from the config anyway. Unchanged settings give
+        exactly the stored values (the same expression LambdaLR evaluates)."""
+        o = self.cfg.optim
+        mult = self.scheduler.lr_lambdas[0]
+        self.scheduler.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["weight_decay"] = o.lr, o.weight_decay
+            group["lr"] = o.lr * mult(self.scheduler.last_epoch)
+            if "betas" in group:
+                group["betas"] = tuple(o.betas)
 
     def save(self, names: list[str]) -> None:
         if not names:
@@ -351,8 +378,8 @@ class Trainer:
         """Train to `train.max_steps`; returns the last validation result."""
         t = self.cfg.train
         last_valid: dict = {}
-        window = self._new_window()
-        bad_run = 0
+        if self.window is None:  # a resumed run goes on with the window its checkpoint was taken in
+            self.window = self._new_window()
         try:
             while self.step < t.max_steps:
                 self.step += 1
@@ -364,19 +391,20 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
                 self.elapsed_s += dt
+                window = self.window
                 window["time"] += dt
                 if measure:
                     window["act"] = out["activation_bytes"]
                 if out["bad"]:
                     self.skipped += 1
-                    bad_run += 1
+                    self.bad_run += 1
                     window["bad"] += 1
                     self.logger.write(f"step {self.step}: non-finite loss/gradient, update skipped "
-                                      f"({bad_run} in a row)")
-                    if bad_run >= t.max_bad_steps:
-                        self._fail(out, bad_run)
+                                      f"({self.bad_run} in a row)")
+                    if self.bad_run >= t.max_bad_steps:
+                        self._fail(out, self.bad_run)
                 else:
-                    bad_run = 0
+                    self.bad_run = 0
                     self.tokens += out["n_tokens"] * self.dist.world_size
                     self.history.append((self.step, out["loss"]))
                     window["loss"] += out["loss"]
@@ -388,7 +416,7 @@ class Trainer:
                 last = self.step == t.max_steps
                 if self.step % t.log_every == 0 or last:
                     self._log_train(window, self.model.mode(self.step))
-                    window = self._new_window()
+                    self.window = self._new_window()
                 names = []
                 t1 = time.perf_counter()
                 if (t.eval_every and self.step % t.eval_every == 0) or last:
