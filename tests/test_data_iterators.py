@@ -104,3 +104,13 @@ def test_copy_memory_dataset_shuffles_per_epoch_and_resumes():
     assert torch.equal(next(resumed)[0], want[0])
     test = list(ds.eval_batches("test", batch_size=8, tgt_len=0))
     assert sum(x.shape[0] for x, _ in test) == 30 and ds.split_tokens("test") == 30 * 40
+
+
+def test_copy_memory_validation_is_its_own_set_not_the_test_set():
+    cfg = DataConfig(dataset="copy", copy_T=20, copy_n_train=100, copy_n_test=30, copy_n_valid=30)
+    ds = build_dataset(cfg)
+    valid = torch.cat([x for x, _ in ds.eval_batches("valid", 10)])
+    test = torch.cat([x for x, _ in ds.eval_batches("test", 10)])
+    train = {tuple(r) for r in ds.train_x_NL[:, :10].tolist()}
+    assert valid.shape == test.shape == (30, 40) and not torch.equal(valid, test)
+    assert not any(tuple(r) in train for r in valid[:, :10].tolist())  # 8^10 sequences: no accidental overlap

@@ -54,6 +54,15 @@ def test_missing_source_files_are_a_one_line_error(tmp_path, capsys):
     assert code == 2 and "wiki.test.tokens" in err and err.count("\n") == 1
 
 
+def test_a_source_file_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
+    src = wiki_source(tmp_path / "src")
+    (src / "wiki.test.tokens").write_bytes(b" a .\n\xff\xfe b\n")
+    code = prep.main(["--dataset", "wt2", "--data-dir", str(tmp_path / "d"), "--source-dir", str(src)])
+    err = capsys.readouterr().err
+    assert code == 2 and "wiki.test.tokens: line 2 is not UTF-8" in err and err.count("\n") == 1
+    assert not list((tmp_path / "d").iterdir())  # no corpus and no temp folder left behind
+
+
 def test_no_network_gives_a_one_line_error_naming_the_offline_path(tmp_path, monkeypatch, capsys):
     def offline(dataset, split):
         raise OSError("Failed to resolve 'huggingface.co'\nmore detail")

@@ -73,3 +73,10 @@ def test_generation_is_fast_and_counts_tokens():
     nll, n_tok = oracle_nll(lang, lines)
     assert n_tok == sum(len(line.split()) + 1 for line in lines) >= 20_000
     assert np.isfinite(nll) and 2.0 < nll / n_tok < 5.0
+
+
+def test_too_little_train_text_for_the_vocabulary_is_a_clear_error(tmp_path):
+    # seed 99 with 5000 train tokens leaves one valid word type out of train: no <unk> could take it
+    with pytest.raises(DataError, match="synth_train_tokens=5000 is too small for data.synth_vocab=200"):
+        build_dataset(DataConfig(dataset="synthetic", data_dir=str(tmp_path), synth_seed=99, synth_vocab=200,
+                                 synth_train_tokens=5000))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deqlm.config import ExperimentConfig, save_config, to_dict
-from deqlm.eval.perplexity import EvalRequest, eval_settings
+from deqlm.eval.perplexity import EvalRequest, _split_result, eval_settings
 from deqlm.eval.perplexity import main as eval_main
 
 
@@ -204,3 +204,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("error: ") for line in err)
     assert "only eval.* settings" in err[1]
+
+
+def test_word_perplexity_spreads_the_scored_nll_over_the_words_those_tokens_cover():
+    """30 of a split's 32 tokens were scored (the protocol skips each column's first token): word ppl is the
+    mean NLL per token times tokens per word, not the scored sum over all 10 words (which reads low)."""
+    res = _split_result({"nll_sum": 90.0, "n_tokens": 30}, word_count=10, token_count=32, copy_task=False)
+    assert res["word_ppl"] == pytest.approx(math.exp(3.0 * 32 / 10))

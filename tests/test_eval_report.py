@@ -98,6 +98,17 @@ def test_report_contains_every_run_and_pairs_deq_with_its_twin(tmp_path):
         assert (out / png).stat().st_size > 1000 and f"({png})" in md
 
 
+def test_a_subword_run_is_paired_on_its_perplexity_per_word(tmp_path):
+    deq = make_run(tmp_path, "wt103", "tx_deq", "deq", pair="tx", test=60.0)  # per subword token
+    twin = make_run(tmp_path, "wt103", "tx_unrolled", "unrolled", pair="tx", test=35.0)
+    record = json.loads((deq / "eval.json").read_text())
+    (deq / "eval.json").write_text(json.dumps({**record, "test_word_ppl": 33.0}))
+    out = tmp_path / "out"
+    write_report([deq, twin], out, "fixture", log=lambda m: None)
+    assert float(read_csv(out / "pairs.csv")[0]["ppl_gap"]) == pytest.approx(-2.0)
+    assert "test ppl per word" in (out / "summary.md").read_text()
+
+
 def test_report_for_copy_memory_uses_test_loss(tmp_path):
     deq = make_run(tmp_path, "copy", "copy_deq", "deq", pair="copy", test=3.5e-6)
     twin = make_run(tmp_path, "copy", "copy_tcn", "unrolled", pair="copy", test=2.7e-5)

@@ -117,7 +117,8 @@ class DataConfig:
     # copy memory (REFERENCE.md §1)
     copy_T: int = 400  # blank length T (sequence length T+20)
     copy_n_train: int = 20000  # training samples
-    copy_n_test: int = 2000  # test samples (also used as validation)
+    copy_n_test: int = 2000  # test samples
+    copy_n_valid: int = 2000  # validation samples (own stream: checkpoints are chosen on them, not on test)
     copy_seed: int = 1111  # data seed
 
 

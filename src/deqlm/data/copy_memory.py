@@ -96,17 +96,22 @@ class CopyMemoryDataset:
     corpus_dir = None
     tokenizer = "copy"
 
-    def __init__(self, T: int = 400, n_train: int = 20000, n_test: int = 2000, seed: int = 1111):
+    def __init__(self, T: int = 400, n_train: int = 20000, n_test: int = 2000, seed: int = 1111,
+                 n_valid: int = 2000):
         self.T, self.seed = T, seed
         self.train_x_NL, self.train_y_NL = make_copy_memory(n_train, T, seed)
-        # a separate stream: the test set does not change when n_train does
+        # separate streams: the test set does not change when n_train does, and validation (which picks the
+        # best checkpoint) never sees it (the paper's task has train and test only)
         self.test_x_NL, self.test_y_NL = make_copy_memory(n_test, T, seed + 1_000_003)
+        self.valid_x_NL, self.valid_y_NL = make_copy_memory(n_valid, T, seed + 2_000_003)
         self.vocab_hash = f"copy-T{T}"
 
     def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split == "train":
             return self.train_x_NL, self.train_y_NL
-        if split in ("valid", "test"):  # the task has no separate validation set
+        if split == "valid":
+            return self.valid_x_NL, self.valid_y_NL
+        if split == "test":
             return self.test_x_NL, self.test_y_NL
         raise DataError(f"split={split!r} is not one of train, valid, test")
 

@@ -96,7 +96,10 @@ def file_record(path: Path) -> dict:
             h.update(raw)
             n_bytes += len(raw)
             n_lines += 1
-            n_words += len(raw.decode("utf-8").split())
+            try:
+                n_words += len(raw.decode("utf-8").split())
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: line {n_lines} is not UTF-8 text") from None
     return {"bytes": n_bytes, "sha256": h.hexdigest(), "lines": n_lines, "words": n_words,
             "tokens": n_words + n_lines}
 
@@ -143,7 +146,10 @@ def prepare(dataset: str, data_dir: str | os.PathLike = "data", source_dir: str 
         return out
     if source_dir is not None and not Path(source_dir).is_dir():
         raise DataError(f"--source-dir {source_dir} is not a folder")
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"--data-dir {data_dir}: cannot create it ({exc.strerror})") from None
     tmp = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{spec.folder}.tmp-"))
     os.chmod(tmp, 0o755)
     try:

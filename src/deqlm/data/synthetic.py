@@ -288,8 +288,17 @@ def ensure_synthetic(data_dir: str | os.PathLike, seed: int = 1234, vocab: int =
     os.chmod(tmp, 0o755)
     try:
         files, oracle, total_nll, total_tok = {}, {}, 0.0, 0
+        train_words: set[str] = set()
         for split, n in sizes.items():
             lines = generate_lines(lang, split, n)
+            words = {w for line in lines for w in line.split()}
+            if split == "train":
+                train_words = words
+            elif not words <= train_words:  # the word vocabulary is built from train (no <unk> here)
+                raise DataError(
+                    f"data.synth_train_tokens={train_tokens} is too small for data.synth_vocab={vocab}: "
+                    f"the {split} split uses {len(words - train_words)} word type(s) that train never shows; "
+                    "raise synth_train_tokens or lower synth_vocab")
             data = "".join(lines).encode("utf-8")
             path = tmp / f"wiki.{split}.tokens"
             path.write_bytes(data)

@@ -31,7 +31,10 @@ _CHUNK_TOKENS = 1 << 20  # ids buffered before a write while encoding a file
 def read_lines(path: str | os.PathLike) -> Iterator[str]:
     """The lines of a UTF-8 corpus file, split on "\\n" only (as ``wc -l`` counts them), newline included."""
     with open(path, encoding="utf-8", newline="\n") as fh:
-        yield from fh
+        try:
+            yield from fh
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from None
 
 
 def count_file(path: str | os.PathLike) -> tuple[int, int]:

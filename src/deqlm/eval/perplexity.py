@@ -209,8 +209,13 @@ def _load_checkpoint(run_dir: Path, path: Path) -> dict:
     return ckpt
 
 
-def _split_result(raw: dict, *, word_count: int | None, copy_task: bool) -> dict:
-    """Exact token-weighted figures from evaluate()'s sums, plus whatever else it measured (solver means)."""
+def _split_result(raw: dict, *, word_count: int | None, token_count: int | None, copy_task: bool) -> dict:
+    """Exact token-weighted figures from evaluate()'s sums, plus whatever else it measured (solver means).
+
+    `word_count` / `token_count` (subword runs): the split's words and tokens. The protocol scores all but the
+    first token of each batch column, so the scored NLL covers `n_tokens` of `token_count` tokens; word-level
+    perplexity spreads the mean NLL per token over the split's words, exp(loss * tokens / words), instead of
+    dividing the scored sum by all the words (which would read slightly low)."""
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if isinstance(value, (int, float, str, bool)) or value is None:
@@ -222,9 +227,9 @@ def _split_result(raw: dict, *, word_count: int | None, copy_task: bool) -> dict
     out["n_tokens"] = n_tokens
     out["loss"] = nll_sum / n_tokens  # mean NLL per token (nats); for copy memory: mean CE per position
     out["ppl"] = math.exp(min(out["loss"], 700.0))
-    if word_count:
+    if word_count and token_count:
         out["n_words"] = int(word_count)
-        out["word_ppl"] = math.exp(min(nll_sum / word_count, 700.0))
+        out["word_ppl"] = math.exp(min(out["loss"] * token_count / word_count, 700.0))
     if copy_task:
         out["ppl"] = (
             None  # perplexity of a 10-class position classifier means nothing; the loss is the figure
@@ -296,8 +301,9 @@ def evaluate_run(run_dir: str | os.PathLike, req: EvalRequest | None = None, *, 
             raw = evaluate(model, dataset, split, cfg.eval, step, device, max_tokens=req.max_tokens)
         wall_s = time.perf_counter() - t0
         words = dataset.split_words(split) if subword and not req.max_tokens else None
+        tokens = dataset.split_tokens(split) if words else None
         try:
-            res = _split_result(raw, word_count=words, copy_task=copy_task)
+            res = _split_result(raw, word_count=words, token_count=tokens, copy_task=copy_task)
         except (KeyError, ValueError) as exc:
             raise RunError(run_dir, f"evaluation of {split!r} failed ({exc})") from None
         res["wall_s"] = wall_s

@@ -170,9 +170,12 @@ def collect_run(run_dir: str | Path) -> dict:
 
 
 def _headline(row: dict) -> float | None:
-    """The figure a pair is compared on: test ppl (test loss for copy memory), else the valid one."""
+    """The figure a pair is compared on: test ppl (test loss for copy memory), else the valid one; per word
+    for subword runs (test_word_ppl), so a sentencepiece run and a word-level twin compare like for like."""
     if row["corpus"] == "copy":
         return row["test_loss"] if row["test_loss"] is not None else row["valid_loss"]
+    if row["test_word_ppl"] is not None:
+        return row["test_word_ppl"]
     return row["test_ppl"] if row["test_ppl"] is not None else row["valid_ppl"]
 
 
@@ -271,8 +274,10 @@ def render_markdown(
     copy_task = bool(rows) and all(r["corpus"] == "copy" for r in rows)
     metric = "loss" if copy_task else "ppl"
     mib = [None if r["activation_bytes"] is None else r["activation_bytes"] / 2**20 for r in rows]
+    per_word = any(r["test_word_ppl"] is not None for r in rows)  # subword runs: ppl per token above
     runs_table = _md_table(
         ["run", "core", "pair", "params (non-emb)", f"valid {metric}", f"test {metric}"]
+        + (["test ppl per word"] if per_word else [])
         + ([] if copy_task else ["best possible ppl"])
         + [
             "paper test",
@@ -291,6 +296,7 @@ def render_markdown(
                 r[f"valid_{metric}"],
                 r[f"test_{metric}"],
             ]
+            + ([r["test_word_ppl"]] if per_word else [])
             + ([] if copy_task else [r["best_possible_ppl"]])
             + [
                 r["paper_test"],
@@ -321,7 +327,8 @@ def render_markdown(
             "## DEQ vs explicit twin",
             "",
             f"gap = DEQ minus explicit test {metric} (negative: DEQ better); memory ratio = DEQ / explicit "
-            f"peak training memory; speed ratio = explicit / DEQ training tokens/s (>1: DEQ slower).",
+            f"peak training memory; speed ratio = explicit / DEQ training tokens/s (>1: DEQ slower)."
+            + (" Subword runs are compared on their perplexity per word." if per_word else ""),
             "",
             _md_table(
                 [
