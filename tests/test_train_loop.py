@@ -60,6 +60,20 @@ def test_pretrain_steps_n_trains_exactly_n_unrolled_steps(tmp_path):
     assert modes == ["pretrain", "pretrain", "deq", "deq"]
 
 
+def test_seq_splits_trains_a_segment_as_subsequences_with_the_same_loss_and_fewer_activations(tmp_path):
+    """Two subsequences of 8 with the memory passed on (mem_len 16 covers the first) see exactly the context
+    one segment of 16 sees: the first step's loss agrees; one subsequence's activations are held at once."""
+    def first_event(sub: str, *over: str) -> dict:
+        cfg = tiny(tmp_path / sub, "transformer_xl", "train.max_steps=2", "train.log_every=1", *over)
+        trainer = train(cfg)
+        return next(e for e in read_jsonl(trainer.run_dir / "metrics.jsonl") if "train/loss" in e)
+
+    whole, halves = first_event("one"), first_event("two", "data.seq_splits=2")
+    assert halves["train/loss"] == pytest.approx(whole["train/loss"], rel=1e-5)
+    assert halves["train/ppl"] == pytest.approx(whole["train/ppl"], rel=1e-5)
+    assert halves["mem/activation_bytes"] < 0.8 * whole["mem/activation_bytes"]  # 0.71: memory stays
+
+
 def test_run_directory_holds_config_env_metrics_and_weights_only_checkpoints(tmp_path):
     trainer = train(tiny(tmp_path, "transformer_xl", "train.max_steps=4", "train.eval_every=2",
                          "train.ckpt_every=2", "train.log_every=2"))

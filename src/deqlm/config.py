@@ -109,7 +109,7 @@ class DataConfig:
     batch_size: int = 16  # global training batch (split over DDP ranks)
     tgt_len: int = 150  # training segment length
     mem_len: int = 150  # training memory length (Transformer)
-    seq_splits: int = 1  # TrellisNet: a seq_len segment is trained as this many subsequences
+    seq_splits: int = 1  # train a segment as this many subsequences (forward + backward each, memory passed)
     # synthetic corpus (make demo / tests)
     synth_seed: int = 1234  # seed of the embedded stochastic language
     synth_vocab: int = 200  # its vocabulary size (without <eos>)
@@ -218,8 +218,8 @@ def _validate(cfg: ExperimentConfig) -> None:
     grad = cfg.deq.grad
     if grad != "implicit" and not (str(grad).isdigit() and int(grad) > 0):
         raise ConfigError(f"deq.grad={grad!r} must be 'implicit' or a positive integer")
-    positive = ["data.batch_size", "data.tgt_len", "train.max_steps", "train.log_every", "eval.batch_size",
-                "eval.tgt_len",
+    positive = ["data.batch_size", "data.tgt_len", "data.seq_splits", "train.max_steps", "train.log_every",
+                "eval.batch_size", "eval.tgt_len",
                 "model.d_model", "model.d_embed", "deq.f_max_iter", "deq.b_max_iter", "model.n_layer"]
     for key in positive:
         section, name = key.split(".")

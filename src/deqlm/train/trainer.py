@@ -283,22 +283,48 @@ class Trainer:
         return x_BL.to(self.device, non_blocking=True), y_BL.to(self.device, non_blocking=True)
 
     def train_step(self, measure_activation: bool) -> dict:
-        """One optimizer step (or a skipped one). Returns the step's local figures."""
+        """One optimizer step (or a skipped one). Returns the step's local figures.
+
+        With `data.seq_splits` = S > 1 (the official DEQ-TrellisNet's WT103 recipe) the segment is trained as
+        S consecutive subsequences, each with its own forward and backward, the memory passed on between them
+        (detached, so gradients stop at their borders) and the gradients summed into one update; each loss
+        is weighted by its share of the segment's tokens. Only one subsequence's activations are held at a
+        time, and `activation_bytes` is the largest of them."""
         x_BL, y_BL = self._next_batch()
         if not getattr(self.dataset, "carry_mems", True):
             self.mems = self.model.init_mems(x_BL.shape[0])
         self.net.train()
-        with SavedTensorMeter(exclude=self.params, enabled=measure_activation) as meter, \
-                autocast_context(self.amp, self.device):
-            out = self.net(x_BL, y_BL, self.mems, step=self.step)
-        loss = out.loss.float()
-        if self.step in self._nan_steps:
-            loss = loss * float("nan")
-        loss_value = float(loss.detach())
-        bad = dist_lib.any_flag(not math.isfinite(loss_value), self.dist, self.device)
-        grad_norm = None
+        S = self.cfg.data.seq_splits
+        parts = list(zip(x_BL.tensor_split(S, dim=1), y_BL.tensor_split(S, dim=1)))
+        mems, loss_value, nll_sum, n_tokens, act = self.mems, 0.0, 0.0, 0, 0
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        bad, grad_norm = False, None
+        for i, (x_Bl, y_Bl) in enumerate(parts):
+            # DDP reduces gradients once, in the last subsequence's backward
+            last = i == len(parts) - 1
+            ddp_defer = not last and hasattr(self.net, "no_sync")
+            sync = self.net.no_sync() if ddp_defer else contextlib.nullcontext()
+            with sync:
+                with SavedTensorMeter(exclude=self.params, enabled=measure_activation) as meter, \
+                        autocast_context(self.amp, self.device):
+                    out = self.net(x_Bl, y_Bl, mems, step=self.step)
+                _add_stats(out.stats, sums, counts)
+                loss = out.loss.float() * (x_Bl.shape[1] / x_BL.shape[1])
+                if self.step in self._nan_steps:
+                    loss = loss * float("nan")
+                part_loss = float(loss.detach())
+                bad = dist_lib.any_flag(not math.isfinite(part_loss), self.dist, self.device)
+                if bad:
+                    loss_value = part_loss  # what the log and the divergence message report
+                    break
+                self.scaler.scale(loss).backward()
+            loss_value += part_loss
+            nll_sum += float(out.nll_sum)
+            n_tokens += int(out.n_tokens)
+            act = max(act, meter.bytes)
+            mems = out.mems
         if not bad:
-            self.scaler.scale(loss).backward()
             if self.dist.enabled and self.cfg.train.grad_sync == "allreduce":
                 dist_lib.allreduce_grads(self.model, self.dist)
             self.scaler.unscale_(self.optimizer)
@@ -310,12 +336,13 @@ class Trainer:
         else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.mems = out.mems
+            self.mems = mems
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return {"bad": bad, "loss": loss_value, "grad_norm": grad_norm, "nll_sum": float(out.nll_sum),
-                "n_tokens": int(out.n_tokens), "stats": dict(out.stats or {}),
-                "activation_bytes": meter.bytes if measure_activation else None}
+        # the last forward's stats (the failing one's on a bad step), solver figures averaged over the parts
+        stats = {**(out.stats or {}), **{k: sums[k] / counts[k] for k in sums}}
+        return {"bad": bad, "loss": loss_value, "grad_norm": grad_norm, "nll_sum": nll_sum,
+                "n_tokens": n_tokens, "stats": stats, "activation_bytes": act if measure_activation else None}
 
     # ------------------------------------------------------------------------------------------------------
     # the loop
