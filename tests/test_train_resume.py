@@ -30,38 +30,6 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {e["step"]: e["train/loss"] for e in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in e}
 
 
-@pytest.mark.parametrize("exp", ["transformer_deq", "transformer_xl"])
-def test_kill_and_resume_equals_uninterrupted_bitwise(tmp_path, monkeypatch, exp):
-    # DEQ: pretraining until step 3, then DEQ; the checkpoint at 4 sits after the switch
-    extra = ["model.pretrain_steps=3"] if exp == "transformer_deq" else []
-    full = train(tiny(tmp_path / "a", exp, *extra))
-
-    real_step = Trainer.train_step
-
-    def dying_step(self, measure_activation):
-        if self.step == 6:  # killed mid-run, two steps after the checkpoint at step 4
-            raise Killed
-        return real_step(self, measure_activation)
-
-    monkeypatch.setattr(Trainer, "train_step", dying_step)
-    cfg = tiny(tmp_path / "b", exp, *extra)
-    trainer = Trainer(cfg)
-    with pytest.raises(Killed):
-        trainer.fit()
-    run_dir = trainer.run_dir
-    assert max(train_losses(run_dir)) == 5  # step 5 was logged after the checkpoint, and will be redone
-    monkeypatch.setattr(Trainer, "train_step", real_step)
-
-    resumed = Trainer(cfg, resume_dir=run_dir)
-    assert resumed.step == 4
-    resumed.fit()
-    assert resumed.history == [h for h in full.history if h[0] > 4]
-    assert train_losses(run_dir) == train_losses(full.run_dir)  # bitwise: float repr round-trips
-    valid = [(e["step"], e["valid/ppl"]) for e in read_jsonl(run_dir / "metrics.jsonl") if "valid/ppl" in e]
-    assert valid == [(e["step"], e["valid/ppl"]) for e in read_jsonl(full.run_dir / "metrics.jsonl")
-                     if "valid/ppl" in e]
-
-
 def _killed_at(tmp_path: Path, monkeypatch, cfg, step: int) -> Path:
     """Train cfg until `step` is about to run, as if killed there; returns the run directory."""
     real_step = Trainer.train_step
@@ -77,6 +45,25 @@ def _killed_at(tmp_path: Path, monkeypatch, cfg, step: int) -> Path:
         trainer.fit()
     monkeypatch.setattr(Trainer, "train_step", real_step)
     return trainer.run_dir
+
+
+@pytest.mark.parametrize("exp", ["transformer_deq", "transformer_xl"])
+def test_kill_and_resume_equals_uninterrupted_bitwise(tmp_path, monkeypatch, exp):
+    # DEQ: pretraining until step 3, then DEQ; the checkpoint at 4 sits after the switch
+    extra = ["model.pretrain_steps=3"] if exp == "transformer_deq" else []
+    full = train(tiny(tmp_path / "a", exp, *extra))
+    cfg = tiny(tmp_path / "b", exp, *extra)
+    run_dir = _killed_at(tmp_path, monkeypatch, cfg, 6)  # mid-run, two steps after the checkpoint at step 4
+    assert max(train_losses(run_dir)) == 5  # step 5 was logged after the checkpoint, and will be redone
+
+    resumed = Trainer(cfg, resume_dir=run_dir)
+    assert resumed.step == 4
+    resumed.fit()
+    assert resumed.history == [h for h in full.history if h[0] > 4]
+    assert train_losses(run_dir) == train_losses(full.run_dir)  # bitwise: float repr round-trips
+    valid = [(e["step"], e["valid/ppl"]) for e in read_jsonl(run_dir / "metrics.jsonl") if "valid/ppl" in e]
+    assert valid == [(e["step"], e["valid/ppl"]) for e in read_jsonl(full.run_dir / "metrics.jsonl")
+                     if "valid/ppl" in e]
 
 
 def test_resume_inside_a_log_window_logs_what_the_uninterrupted_run_logs(tmp_path, monkeypatch):

@@ -209,10 +209,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _get(cfg: ExperimentConfig, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def _validate(cfg: ExperimentConfig) -> None:
     for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
     grad = cfg.deq.grad
@@ -222,19 +226,15 @@ def _validate(cfg: ExperimentConfig) -> None:
                 "eval.batch_size", "eval.tgt_len",
                 "model.d_model", "model.d_embed", "deq.f_max_iter", "deq.b_max_iter", "model.n_layer"]
     for key in positive:
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) <= 0:
-            raise ConfigError(f"{key}={getattr(getattr(cfg, section), name)!r} must be positive")
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be positive")
     for key in ["model.dropout", "model.dropatt", "model.dropouti", "model.dropouth", "model.dropout_out"]:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _get(cfg, key)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key}={value!r} must lie in [0, 1)")
     for key in ["train.eval_every", "train.ckpt_every", "train.eval_max_tokens"]:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value < 0:
-            raise ConfigError(f"{key}={value!r} must be >= 0")
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr!r} must be positive")
     if len(cfg.optim.betas) != 2:

@@ -21,8 +21,7 @@ def build_dataset(cfg) -> LMDataset | CopyMemoryDataset:
     """The dataset named by ``cfg.dataset`` (a ``deqlm.config.DataConfig``), caches built on first use."""
     if cfg.dataset == "copy":
         return CopyMemoryDataset(T=cfg.copy_T, n_train=cfg.copy_n_train, n_test=cfg.copy_n_test,
-                                 n_valid=cfg.copy_n_valid,
-                                 seed=cfg.copy_seed)
+                                 n_valid=cfg.copy_n_valid, seed=cfg.copy_seed)
     if cfg.dataset == "synthetic":
         corpus_dir = ensure_synthetic(cfg.data_dir, cfg.synth_seed, cfg.synth_vocab, cfg.synth_train_tokens)
         corpus = load_corpus(corpus_dir, WIKITEXT_FILES, cfg.tokenizer, cfg.sp_vocab_size)

@@ -96,8 +96,8 @@ class CopyMemoryDataset:
     corpus_dir = None
     tokenizer = "copy"
 
-    def __init__(self, T: int = 400, n_train: int = 20000, n_test: int = 2000, seed: int = 1111,
-                 n_valid: int = 2000):
+    def __init__(self, T: int = 400, n_train: int = 20000, n_test: int = 2000, n_valid: int = 2000,
+                 seed: int = 1111):
         self.T, self.seed = T, seed
         self.train_x_NL, self.train_y_NL = make_copy_memory(n_train, T, seed)
         # separate streams: the test set does not change when n_train does, and validation (which picks the
