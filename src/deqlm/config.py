@@ -62,7 +62,14 @@ class ModelConfig:
     # sizes shared by both cells
     d_embed: int = 410  # word embedding size (TrellisNet: emsize / ninp)
     d_model: int = 410  # hidden size (Transformer d_model; TrellisNet nhid: h has nhid + nout channels)
-    init_std: float = 0.01  # normal init std of weights (official DEQ-Transformer: 0.01)
+    init_std: float = 0.01  # N(0, std) of embeddings, injection, head (and every weight with init=normal)
+    # Transformer weights: official (as the official code really ran: attention/FFN keep PyTorch's default
+    # U(+-1/sqrt(fan_in)), the injection N(0, init_std)) | normal (every weight N(0, init_std))
+    init: str = "official"
+    ln_affine: bool = False  # Transformer LayerNorms learn a scale and shift (official DEQ-Transformer: none)
+    # injected Transformer cell: qkv (official: x enters only through q/k/v) | residual (the layer's input is
+    # z + x; our departure, docs/models.md)
+    input_path: str = "qkv"
     weight_norm: bool = True  # weight normalisation on attention/FFN/conv weights
     dropout: float = 0.1  # variational dropout on hidden states (mask fixed across solver steps)
     dropouti: float = 0.0  # dropout on the embedded input
@@ -196,6 +203,8 @@ class ExperimentConfig:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("transformer", "trellisnet"),
     "model.core": ("deq", "unrolled"),
+    "model.init": ("official", "normal"),
+    "model.input_path": ("qkv", "residual"),
     "deq.f_solver": ("broyden", "anderson", "fixed_point"),
     "deq.b_solver": ("broyden", "anderson", "fixed_point"),
     "deq.stop_mode": ("rel", "abs"),

@@ -223,6 +223,9 @@ def build_model(cfg_model, cfg_deq, vocab_size: int) -> SequenceLM:
                 same_length=m.same_length,
                 init_std=m.init_std,
                 weight_norm=m.weight_norm,
+                init=m.init,
+                ln_affine=m.ln_affine,
+                input_path=m.input_path,
             )
     else:
         embed = AdaptiveEmbedding(

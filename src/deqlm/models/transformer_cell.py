@@ -9,6 +9,20 @@ Input injection (DEQ cells only, `inject=True`): a learned projection of the emb
 query/key/value of the current positions, so f depends on the input x at every solver step. Explicit
 Transformer-XL layers use `inject=False` and take the embedding as their first input instead.
 
+`input_path` says where else x enters an injected cell (docs/models.md, "Input path"):
+* `qkv` (the official cell): only through that projection. From z0 = 0 the token reaches the state through
+  attention values alone, and with the official small injection the cell starts near the unigram plateau.
+* `residual` (our departure): the layer's input is z + x, as if x were the embedding an explicit first layer
+  receives, so f(0) is one Transformer-XL layer applied to the embedding (RevDEQ feeds its cell the same way).
+
+`init` says how weights are drawn (docs/models.md, "Initialisation"):
+* `official`: as the official DEQ-Transformer really ran. It applied weight norm before writing N(0, init_std)
+  into `.weight`, and the weight is recomputed from g and v before use, so the weight-normed attention and FFN
+  layers kept PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)). The injection (not weight-normed) and the
+  positional biases do get N(0, init_std); all biases start at zero. Without weight norm the layers get the
+  same default draw, so both settings start from one function.
+* `normal`: every weight N(0, init_std) (Transformer-XL's own scheme, used here before the audit).
+
 Everything that is constant across solver steps lives in `ctx`, built once per forward by `context()`: the
 injection, the memory's keys and values, the projected positional embeddings, the causal mask and all dropout
 masks. `forward(z, ctx)` then is one fixed, deterministic map.
@@ -106,10 +120,14 @@ class TransformerCell(nn.Module):
         same_length: bool = False,
         init_std: float = 0.01,
         weight_norm: bool = True,
+        init: str = "official",
+        ln_affine: bool = False,
+        input_path: str = "qkv",
     ):
         super().__init__()
         self.d_model, self.n_head, self.d_head, self.d_inner = d_model, n_head, d_head, d_inner
         self.pre_ln, self.same_length = pre_ln, same_length
+        self.input_residual = inject and input_path == "residual"
         hk = n_head * d_head
         self.qkv = nn.Linear(d_model, 3 * hk, bias=False)
         self.r_net = nn.Linear(d_model, hk, bias=False)
@@ -118,18 +136,21 @@ class TransformerCell(nn.Module):
         self.r_r_bias = nn.Parameter(torch.empty(n_head, d_head).normal_(0.0, init_std))
         self.ff1 = nn.Linear(d_model, d_inner)
         self.ff2 = nn.Linear(d_inner, d_model)
-        self.ln1 = nn.LayerNorm(d_model)
-        self.ln2 = nn.LayerNorm(d_model)
+        self.ln1 = nn.LayerNorm(d_model, elementwise_affine=ln_affine)
+        self.ln2 = nn.LayerNorm(d_model, elementwise_affine=ln_affine)
         self.inject = nn.Linear(d_model, 3 * hk) if inject else None
         self.drop = VariationalDropout(dropout)
         self.dropatt = VariationalDropout(dropatt)
-        linears = [self.qkv, self.r_net, self.o_net, self.ff1, self.ff2] + ([self.inject] if inject else [])
-        for lin in linears:
-            nn.init.normal_(lin.weight, 0.0, init_std)
+        for lin in (self.qkv, self.r_net, self.o_net, self.ff1, self.ff2):
+            if init == "normal":
+                nn.init.normal_(lin.weight, 0.0, init_std)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
             if weight_norm:
                 add_weight_norm(lin)
+        if self.inject is not None:  # never weight-normed: the official inject_conv is a plain 1x1 conv
+            nn.init.normal_(self.inject.weight, 0.0, init_std)
+            nn.init.zeros_(self.inject.bias)
 
     # --- state and memory -----------------------------------------------------------------------------------
     def empty_mem(self, batch_size: int, like: torch.Tensor) -> torch.Tensor:
@@ -166,8 +187,11 @@ class TransformerCell(nn.Module):
         dev = x_BLD.device
         ctx: dict = {}
         ctx["u_BL3"] = self.inject(x_BLD) if self.inject is not None else None
+        ctx["x_BLD"] = x_BLD if self.input_residual else None
         if M > 0:
             z_mem_BMD = mem_BMW[..., : self.d_model]
+            if self.input_residual:
+                z_mem_BMD = z_mem_BMD + mem_BMW[..., self.d_model :]
             w_mem_BM3 = self.qkv(self.ln1(z_mem_BMD) if self.pre_ln else z_mem_BMD)
             if self.inject is not None:
                 w_mem_BM3 = w_mem_BM3 + self.inject(mem_BMW[..., self.d_model :])
@@ -236,6 +260,8 @@ class TransformerCell(nn.Module):
         )
 
     def forward(self, z_BLD: torch.Tensor, ctx: dict) -> torch.Tensor:
+        if ctx["x_BLD"] is not None:
+            z_BLD = z_BLD + ctx["x_BLD"]
         a_BLD = self._attention(z_BLD, ctx)
         if self.pre_ln:
             h_BLD = z_BLD + a_BLD

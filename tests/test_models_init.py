@@ -1,0 +1,106 @@
+"""Transformer cell init (model.init, model.ln_affine) and where the input enters f (model.input_path)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+
+from _model_helpers import VOCAB, tiny_model
+from deqlm.models.transformer_cell import TransformerCell
+
+D, H, K, I = 64, 4, 16, 256  # wide enough for std estimates within a few percent
+TIGHT = ["deq.f_solver=broyden", "deq.broyden_rank=80", "deq.f_tol=1e-6", "deq.f_max_iter=80",
+         "deq.b_tol=1e-6", "deq.b_max_iter=80", "model.init_std=0.25"]
+
+
+def _cell(init: str, **kw) -> TransformerCell:
+    torch.manual_seed(0)
+    return TransformerCell(D, H, K, I, init=init, init_std=0.01, **kw)
+
+
+def _weight(lin: torch.nn.Linear) -> torch.Tensor:
+    """The weight a forward uses (weight norm recomputes it from g and v)."""
+    return lin.weight.detach()
+
+
+@pytest.mark.parametrize("weight_norm", [True, False])
+def test_official_init_keeps_pytorch_default_uniform_in_attention_and_ffn(weight_norm):
+    cell = _cell("official", weight_norm=weight_norm)
+    for lin in (cell.qkv, cell.r_net, cell.o_net, cell.ff1, cell.ff2):
+        w = _weight(lin)
+        bound = 1.0 / math.sqrt(w.size(1))
+        assert float(w.abs().max()) <= bound
+        assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+        assert lin.bias is None or not lin.bias.any()
+    assert parametrize.is_parametrized(cell.qkv) == weight_norm
+
+
+def test_official_init_draws_the_injection_from_init_std_without_weight_norm():
+    cell = _cell("official", weight_norm=True)
+    assert not parametrize.is_parametrized(cell.inject)
+    assert float(cell.inject.weight.detach().std()) == pytest.approx(0.01, rel=0.05)
+    assert not cell.inject.bias.any()
+    biases = torch.cat([cell.r_w_bias.flatten(), cell.r_r_bias.flatten()]).detach()
+    assert float(biases.std()) == pytest.approx(0.01, rel=0.25)
+
+
+def test_normal_init_draws_every_weight_from_init_std():
+    cell = _cell("normal", weight_norm=True)
+    for lin in (cell.qkv, cell.r_net, cell.o_net, cell.ff1, cell.ff2, cell.inject):
+        assert float(_weight(lin).std()) == pytest.approx(0.01, rel=0.05)
+
+
+@pytest.mark.parametrize("ln_affine", [False, True])
+def test_layer_norms_learn_a_scale_and_shift_only_when_asked(ln_affine):
+    cell = _cell("official", ln_affine=ln_affine)
+    n_ln_params = sum(p.numel() for ln in (cell.ln1, cell.ln2) for p in ln.parameters())
+    assert n_ln_params == (4 * D if ln_affine else 0)
+
+
+def test_residual_path_f_of_zero_is_an_explicit_layer_applied_to_the_embedding():
+    """With the injection off, the residual cell at z = 0 is exactly a Transformer-XL first layer."""
+    torch.manual_seed(0)
+    cell = TransformerCell(D, H, K, I, input_path="residual", weight_norm=False).eval()
+    plain = TransformerCell(D, H, K, I, inject=False, weight_norm=False).eval()
+    plain.load_state_dict({k: v for k, v in cell.state_dict().items() if not k.startswith("inject")})
+    torch.nn.init.zeros_(cell.inject.weight)
+    x_BLD = torch.randn(2, 5, D)
+    mem_BMW = torch.zeros(2, 0, 2 * D)
+    with torch.no_grad():
+        f0 = cell(torch.zeros_like(x_BLD), cell.context(x_BLD, mem_BMW))
+        explicit = plain(x_BLD, plain.context(x_BLD, mem_BMW[..., :D]))
+    torch.testing.assert_close(f0, explicit)
+
+
+def _own_state_change(input_path: str) -> float:
+    """Relative change of z*_t when token t changes, at init (the token's reach into its own state)."""
+    sizes = ["model.init_std=0.02", "model.d_model=32", "model.d_embed=32", "model.d_head=16"]
+    model = tiny_model("transformer", "model.core=deq", *TIGHT, f"model.input_path={input_path}", *sizes).eval()
+    x = torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0))
+    x2 = x.clone()
+    x2[:, 5] = (x[:, 5] + 1) % VOCAB
+    with torch.no_grad():
+        z1, z2 = (model.core(model.layers, model.embed(t), model.init_mems(4), mem_len=0).z for t in (x, x2))
+    return float((z1[:, 5] - z2[:, 5]).norm() / z1[:, 5].norm())
+
+
+def test_residual_input_path_carries_the_token_into_its_own_state_far_more_than_qkv():
+    assert _own_state_change("residual") > 5 * _own_state_change("qkv")
+
+
+def test_residual_path_deq_over_two_segments_with_memory_equals_one_long_segment():
+    model = tiny_model("transformer", "model.core=deq", *TIGHT, "model.input_path=residual",
+                       "model.mem_len=6").eval()
+    x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def solve(x_BL, mems):
+        return model.core(model.layers, model.embed(x_BL), mems, mem_len=model.mem_len)
+
+    with torch.no_grad():
+        z_long = solve(x, model.init_mems(2)).z
+        out_a = solve(x[:, :6], model.init_mems(2))
+        z_b = solve(x[:, 6:], out_a.mems).z
+    torch.testing.assert_close(torch.cat([out_a.z, z_b], 1), z_long, atol=1e-4, rtol=1e-4)
