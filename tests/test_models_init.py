@@ -78,7 +78,8 @@ def test_residual_path_f_of_zero_is_an_explicit_layer_applied_to_the_embedding()
 def _own_state_change(input_path: str) -> float:
     """Relative change of z*_t when token t changes, at init (the token's reach into its own state)."""
     sizes = ["model.init_std=0.02", "model.d_model=32", "model.d_embed=32", "model.d_head=16"]
-    model = tiny_model("transformer", "model.core=deq", *TIGHT, f"model.input_path={input_path}", *sizes).eval()
+    path = f"model.input_path={input_path}"
+    model = tiny_model("transformer", "model.core=deq", *TIGHT, path, *sizes).eval()
     x = torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0))
     x2 = x.clone()
     x2[:, 5] = (x[:, 5] + 1) % VOCAB
