@@ -42,7 +42,7 @@ for seed in $SEEDS; do
     for exp in $EXPERIMENTS; do
         # shellcheck disable=SC2086
         timeout -k 10 "$TRAIN_TIMEOUT" "$PYTHON" -m deqlm.train "experiments/copy/gpu/$exp.yaml" \
-            train.seed="$seed" train.device="$DEVICE" train.run_dir="$WORK/seed$seed" log.progress=false \
+            train.seed="$seed" train.device="$DEVICE" train.run_dir="$WORK/seed$seed" log.progress=false log.wandb_mode=disabled \
             $COPY_ARGS > "$WORK/train-$exp-$seed.log" 2>&1 &
     done
 done
