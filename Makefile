@@ -21,7 +21,7 @@ else
 endif
 
 .PHONY: help venv test test-slow lint demo data-ptb data-wt103 data-wt2 train-wt103 train-ptb train-copy \
-        eval compare bench-solver bench-memory bench-speed clean
+        eval compare bench-solver bench-memory bench-speed bench-allocator clean
 
 help:
 	@echo "make venv         create .venv ($(TORCH_SPEC) first, then deqlm with test extras)"
@@ -34,6 +34,7 @@ help:
 	@echo "make eval [RUN=dir]    evaluate runs (writes eval.json)"
 	@echo "make compare [RUNS=...] summary tables + plots under results/<corpus>/"
 	@echo "make bench-solver | bench-memory | bench-speed"
+	@echo "make bench-allocator   glibc default vs tuned allocator: tokens/s, page faults, system time (PTB, copy)"
 
 venv: $(STAMP)
 
@@ -95,6 +96,9 @@ bench-memory: $(STAMP)
 
 bench-speed: $(STAMP)
 	$(PY) -m deqlm.bench speed --out $(OUT) $(ARGS)
+
+bench-allocator: $(STAMP) data/ptb/ptb.train.txt
+	OMP_NUM_THREADS=1 $(PY) -m deqlm.bench allocator --out $(OUT) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from deqlm.allocator import tune_allocator
+
 EXPERIMENTS = ("experiments/demo/transformer_deq.yaml", "experiments/demo/transformer_xl.yaml")
 TITLE = "Demo: DEQ-Transformer vs explicit Transformer-XL twin on the embedded synthetic corpus"
 
@@ -120,4 +122,5 @@ def _compact_table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    tune_allocator()
     raise SystemExit(main())

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deqlm.allocator import allocator_info
 from deqlm.config import ConfigError
 from deqlm.io import atomic_write_json
 
@@ -96,6 +97,7 @@ def env_info(device: torch.device, world_size: int = 1) -> dict:
         "world_size": world_size,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "allocator": allocator_info(),
         "argv": sys.argv,
     }
     return info

@@ -1,2 +1,2 @@
-"""Benchmarks: `python -m deqlm.bench {solver,memory,speed} ...` (each subcommand is
+"""Benchmarks: `python -m deqlm.bench {solver,memory,speed,allocator} ...` (each subcommand is
 deqlm.bench.<name>.main)."""

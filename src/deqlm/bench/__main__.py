@@ -1,9 +1,12 @@
-"""`python -m deqlm.bench <solver|memory|speed> [args]`: dispatch to deqlm.bench.<name>.main(argv)."""
+"""`python -m deqlm.bench <solver|memory|speed|allocator> [args]`: dispatch to
+deqlm.bench.<name>.main(argv)."""
 
 import importlib
 import sys
 
-SUBCOMMANDS = ("solver", "memory", "speed")
+from deqlm.allocator import tune_allocator
+
+SUBCOMMANDS = ("solver", "memory", "speed", "allocator")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,4 +27,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    tune_allocator()
     sys.exit(main())

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deqlm.allocator import tune_allocator
 from deqlm.bench.common import peak_live_bytes
 from deqlm.deq import DEQFixedPoint
 from deqlm.io import atomic_write_json
@@ -456,4 +457,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    tune_allocator()
     sys.exit(main())

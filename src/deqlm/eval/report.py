@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from deqlm.allocator import tune_allocator
 from deqlm.config import ExperimentConfig
 from deqlm.eval.perplexity import (
     CKPT_ORDER,
@@ -470,4 +471,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    tune_allocator()
     raise SystemExit(main())

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from deqlm.activation import SavedTensorMeter
+from deqlm.allocator import summary_line as allocator_summary_line
 from deqlm.config import ConfigError, ExperimentConfig, save_config, to_dict
 from deqlm.metrics import MemoryMeter, MetricLogger, truncate_jsonl
 from deqlm.runtime import make_run_dir, pick_device, seed_everything, set_threads, write_env
@@ -468,5 +469,6 @@ def train(cfg: ExperimentConfig, *, resume_dir: str | os.PathLike | None = None,
         params = ", ".join(f"{k} {v:,}" for k, v in trainer.n_params.items())
         trainer.logger.write(f"{cfg.name}: {params}; device {trainer.device}, "
                              f"world size {trainer.dist.world_size}")
+        trainer.logger.write(allocator_summary_line())
     trainer.fit()
     return trainer
