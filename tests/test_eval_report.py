@@ -20,12 +20,13 @@ REQUIRED = ["run", "experiment", "core", "pair", "params_nonembedding", "valid_p
 
 def make_run(root: Path, corpus: str, name: str, core: str, *, pair: str = "", mem_gib: float = 1.0,
              test: float = 30.0, stamp: str = "20250101-000000", with_eval: bool = True,
-             max_steps: int = 1000) -> Path:  # fmt: skip
+             max_steps: int = 1000, seed: int = 1111) -> Path:  # fmt: skip
     """A run directory as the trainer leaves it, plus an eval.json as deqlm.eval writes it."""
     run = root / corpus / name / stamp
     cfg = ExperimentConfig(name=name, pair=pair, paper_test=test - 1.0)
     cfg.model.core = core
     cfg.train.max_steps = max_steps
+    cfg.train.seed = seed
     cfg.data.dataset = corpus
     save_config(cfg, run / "config.yaml")
     lines = []
@@ -178,6 +179,16 @@ def test_deq_runs_pair_only_with_twins_of_the_same_budget(tmp_path):
     # a DEQ run without a same-budget twin still gets compared, with the difference spelled out
     odd = [r for k, r in pairs.items() if k[0] == "odd_deq"]
     assert len(odd) == 2 and all("max_steps differs" in r["notes"] for r in odd)
+
+
+def test_a_seed_study_pairs_every_deq_seed_with_the_twin_of_its_own_seed(tmp_path):
+    runs = [make_run(tmp_path, "copy", name, core, pair="copy", seed=seed, stamp=f"20250101-00000{seed}")
+            for name, core, seeds in (("deq", "deq", (1, 2, 3)), ("twin", "unrolled", (1, 2)))
+            for seed in seeds]  # fmt: skip
+    rows = write_report(runs, tmp_path / "out", "fixture", log=lambda _: None)
+    assert len(rows) == 5 and sorted(r["seed"] for r in rows) == [1, 1, 2, 2, 3]
+    pairs = [(r["deq_run"][-1], r["explicit_run"][-1]) for r in read_csv(tmp_path / "out" / "pairs.csv")]
+    assert sorted(pairs) == [("1", "1"), ("2", "2")]  # seed 3 has no twin of its own: unpaired
 
 
 def test_deq_activation_figure_leaves_out_the_pretraining_steps(tmp_path):

@@ -36,7 +36,8 @@ from deqlm.eval.plots import log_values, plot_curves, plot_memory, plot_solver, 
 from deqlm.io import atomic_write_text
 
 COLUMNS = [
-    "run", "experiment", "corpus", "arch", "core", "pair", "steps", "params_total", "params_nonembedding",
+    "run", "experiment", "corpus", "arch", "core", "pair", "seed", "steps", "params_total",
+    "params_nonembedding",
     "valid_ppl", "test_ppl", "valid_loss", "test_loss", "test_word_ppl", "best_possible_ppl", "paper_test",
     "paper_row", "last_logged_valid_ppl", "peak_train_mem_gib", "peak_mem_kind", "activation_bytes",
     "tokens_per_s", "eval_tokens_per_s", "f_nstep_mean", "f_rel_res_mean", "b_nstep_mean",
@@ -102,6 +103,7 @@ def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: 
         arch=cfg.model.arch,
         core=cfg.model.core,
         pair=cfg.pair or None,
+        seed=cfg.train.seed,
         steps=_int(_agg(log_values(events, "step"), max)),
         params_total=ev.get("params_total"),
         params_nonembedding=ev.get("params_nonembedding"),
@@ -188,24 +190,29 @@ def pair_runs(runs: list[dict]) -> list[dict]:
     """DEQ run x explicit twin rows; fills ``twin``, ``mem_ratio`` and ``ppl_gap`` in the runs' own rows.
 
     Runs pair when they share corpus and a non-empty ``pair`` and one is ``core=deq``, the other ``unrolled``.
-    Of several runs of one experiment, the newest evaluated one (else the newest) represents it. A DEQ run
-    pairs only with the twins trained on the same budget (data, batch, segment, steps, eval settings) when it
-    has any; otherwise with every twin, and the pair's notes say what differs.
+    Of several runs of one experiment and seed, the newest evaluated one (else the newest) represents it. A
+    DEQ run pairs only with the twins trained on the same budget (data, batch, segment, steps, eval settings)
+    when it has any, otherwise with every twin, and the pair's notes say what differs. In a seed study
+    (several twins, one of them with a DEQ's seed) runs pair seed by seed; a DEQ seed without its twin stays
+    unpaired.
     """
-    latest: dict[tuple[str, str, str], dict] = {}
+    latest: dict[tuple[str, str, str, int], dict] = {}
     for run in sorted(runs, key=lambda r: (r["eval"] is not None, r["dir"].name)):
         row = run["row"]
         if row["pair"]:
-            latest[(row["corpus"], row["pair"], row["experiment"])] = run
+            latest[(row["corpus"], row["pair"], row["experiment"], row["seed"])] = run
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for (corpus, pair, _), run in sorted(latest.items()):
+    for (corpus, pair, _, _), run in sorted(latest.items()):
         groups[(corpus, pair)].append(run)
     pairs = []
     for (_, pair), members in groups.items():
         twins = [m for m in members if m["row"]["core"] == "unrolled"]
-        for d in (m for m in members if m["row"]["core"] == "deq"):
+        deqs = [m for m in members if m["row"]["core"] == "deq"]
+        by_seed = len(twins) > 1 and any(x["row"]["seed"] == d["row"]["seed"] for x in twins for d in deqs)
+        for d in deqs:
             same = [x for x in twins if not _budget_differences(d["cfg"], x["cfg"], d["row"], x["row"])]
-            for x in same or twins:
+            same = same or twins
+            for x in [x for x in same if x["row"]["seed"] == d["row"]["seed"]] if by_seed else same:
                 dr, xr = d["row"], x["row"]
                 gap = (
                     None if _headline(dr) is None or _headline(xr) is None else _headline(dr) - _headline(xr)
