@@ -2,12 +2,13 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 
 from deqlm.config import DataConfig
-from deqlm.data import DataError, build_dataset
+from deqlm.data import DataError, build_dataset, synthetic
 from deqlm.data.synthetic import SynthLanguage, SynthParams, ensure_synthetic, generate_lines, oracle_nll
 
 
@@ -80,3 +81,23 @@ def test_too_little_train_text_for_the_vocabulary_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="synth_train_tokens=5000 is too small for data.synth_vocab=200"):
         build_dataset(DataConfig(dataset="synthetic", data_dir=str(tmp_path), synth_seed=99, synth_vocab=200,
                                  synth_train_tokens=5000))
+
+
+def test_a_corpus_another_run_finished_meanwhile_is_kept_with_its_cache(tmp_path, monkeypatch):
+    """Two runs starting together both generate; the slower one must not replace the folder (and the token
+    cache being built inside it) that the faster one already put in place with the same settings."""
+    kw = {"seed": 3, "vocab": 20, "train_tokens": 2000}
+    first = ensure_synthetic(tmp_path / "other", **kw)
+    real_generate = synthetic.generate_lines
+    out = synthetic.synthetic_dir(tmp_path, 3)
+
+    def generate_while_the_other_run_finishes(*args):
+        if not out.exists():
+            shutil.copytree(first, out)
+            (out / "cache").mkdir()
+            (out / "cache" / "being-built").write_text("x")
+        return real_generate(*args)
+
+    monkeypatch.setattr(synthetic, "generate_lines", generate_while_the_other_run_finishes)
+    assert ensure_synthetic(tmp_path, **kw) == out
+    assert (out / "cache" / "being-built").is_file()

@@ -266,6 +266,14 @@ def synthetic_dir(data_dir: str | os.PathLike, seed: int) -> Path:
     return Path(data_dir) / f"synthetic-{seed}"
 
 
+def _holds(out: Path, wanted: dict) -> bool:
+    """Whether the corpus folder was generated with exactly these settings."""
+    try:
+        return json.loads((out / "SOURCE.json").read_text())["params"] == wanted
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def ensure_synthetic(data_dir: str | os.PathLike, seed: int = 1234, vocab: int = 200,
                      train_tokens: int = 200000) -> Path:
     """``<data_dir>/synthetic-<seed>/`` with wiki.{train,valid,test}.tokens and SOURCE.json, generated on
@@ -275,11 +283,8 @@ def ensure_synthetic(data_dir: str | os.PathLike, seed: int = 1234, vocab: int =
     params = SynthParams(seed=seed, vocab=vocab, train_tokens=train_tokens)
     out = synthetic_dir(data_dir, seed)
     wanted = {**asdict(params), "format_version": FORMAT_VERSION}
-    try:
-        if json.loads((out / "SOURCE.json").read_text())["params"] == wanted:
-            return out
-    except (OSError, ValueError, KeyError):
-        pass
+    if _holds(out, wanted):
+        return out
     lang = SynthLanguage(params)
     n_eval = max(train_tokens // 10, 2000)
     sizes = {"train": train_tokens, "valid": n_eval, "test": n_eval}
@@ -320,6 +325,8 @@ def ensure_synthetic(data_dir: str | os.PathLike, seed: int = 1234, vocab: int =
             "files": files,
         }
         (tmp / "SOURCE.json").write_text(json.dumps(source, indent=2) + "\n")
+        if _holds(out, wanted):  # a concurrent run wrote the same corpus meanwhile, and may be caching it
+            return out
         if out.exists():  # settings changed: replace the old folder (its cache goes with it)
             trash = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{out.name}-old-"))
             os.rename(out, trash / "old")
