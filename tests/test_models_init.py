@@ -105,3 +105,18 @@ def test_residual_path_deq_over_two_segments_with_memory_equals_one_long_segment
         out_a = solve(x[:, :6], model.init_mems(2))
         z_b = solve(x[:, 6:], out_a.mems).z
     torch.testing.assert_close(torch.cat([out_a.z, z_b], 1), z_long, atol=1e-4, rtol=1e-4)
+
+
+def test_pre_ln_residual_path_does_not_pile_up_the_input_over_applications():
+    """Pre-LN: x enters the attention branch only, so a tied stack's state does not grow by one x per layer."""
+    torch.manual_seed(0)
+    cell = TransformerCell(D, H, K, I, pre_ln=True, input_path="residual", weight_norm=False).eval()
+    torch.nn.init.zeros_(cell.o_net.weight)  # both branches off: only the residual stream is left
+    torch.nn.init.zeros_(cell.ff2.weight)
+    x_BLD = torch.randn(2, 5, D)
+    ctx = cell.context(x_BLD, torch.zeros(2, 0, 2 * D))
+    with torch.no_grad():
+        z = torch.zeros_like(x_BLD)
+        for _ in range(3):
+            z = cell(z, ctx)
+    assert float(z.abs().max()) == 0.0

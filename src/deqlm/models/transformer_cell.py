@@ -13,7 +13,8 @@ Transformer-XL layers use `inject=False` and take the embedding as their first i
 * `qkv` (the official cell): only through that projection. From z0 = 0 the token reaches the state through
   attention values alone, and with the official small injection the cell starts near the unigram plateau.
 * `residual` (our departure): the layer's input is z + x, as if x were the embedding an explicit first layer
-  receives, so f(0) is one Transformer-XL layer applied to the embedding (RevDEQ feeds its cell the same way).
+  receives, so f(0) is one Transformer-XL layer applied to the embedding (plus the injection). Pre-LN feeds
+  z + x to the attention branch and keeps z as the residual stream, as RevDEQ's cell does.
 
 `init` says how weights are drawn (docs/models.md, "Initialisation"):
 * `official`: as the official DEQ-Transformer really ran. It applied weight norm before writing N(0, init_std)
@@ -260,11 +261,12 @@ class TransformerCell(nn.Module):
         )
 
     def forward(self, z_BLD: torch.Tensor, ctx: dict) -> torch.Tensor:
-        if ctx["x_BLD"] is not None:
-            z_BLD = z_BLD + ctx["x_BLD"]
-        a_BLD = self._attention(z_BLD, ctx)
+        # residual input path: the layer reads z + x. Pre-LN keeps z as its residual stream (adding x there
+        # would pile up one x per application); post-LN's LN1 absorbs it.
+        in_BLD = z_BLD if ctx["x_BLD"] is None else z_BLD + ctx["x_BLD"]
+        a_BLD = self._attention(in_BLD, ctx)
         if self.pre_ln:
             h_BLD = z_BLD + a_BLD
             return h_BLD + self._ffn(self.ln2(h_BLD), ctx)
-        h_BLD = self.ln1(z_BLD + a_BLD)
+        h_BLD = self.ln1(in_BLD + a_BLD)
         return self.ln2(h_BLD + self._ffn(h_BLD, ctx))
