@@ -2,7 +2,7 @@
 # Copy memory T=400 on one GPU: the DEQ-Transformer and its explicit twin (experiments/copy/gpu/*.yaml), several
 # seeds at once, each run evaluated on all 2,000 test sequences (python -m deqlm.eval), the runs' small files
 # (config.yaml, env.json, metrics.jsonl, eval.json; no checkpoints) packed into OUTDIR/copy-runs.tar.gz with
-# paths <experiment>/<stamp>-seed<seed>/, ready for results/copy/runs/.
+# paths <experiment>/<stamp>-seed<seed>/, ready for results/copy/runs/; the console logs go to copy-logs.tar.gz.
 #
 #   scripts/copy_seeds.sh OUTDIR
 #
@@ -63,7 +63,9 @@ for run in "$WORK"/seed*/copy/*/*/; do
     mkdir -p "$dest"
     find "$run" -maxdepth 1 -type f ! -name '*.pt' -exec cp {} "$dest/" \;
 done
-cp "$WORK"/train-*.log "$WORK/eval.log" "$WORK/pack/" 2>/dev/null
+mkdir -p "$WORK/logs"
+cp "$WORK"/train-*.log "$WORK/eval.log" "$WORK/logs/" 2>/dev/null
 tar -czf "$OUT/copy-runs.tar.gz" -C "$WORK/pack" .
+tar -czf "$OUT/copy-logs.tar.gz" -C "$WORK/logs" .
 rm -rf "$WORK"
 log "done: $(ls "$OUT" | tr '\n' ' ')"
