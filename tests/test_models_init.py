@@ -108,7 +108,7 @@ def test_residual_path_deq_over_two_segments_with_memory_equals_one_long_segment
 
 
 def test_pre_ln_residual_path_does_not_pile_up_the_input_over_applications():
-    """Pre-LN: x enters the attention branch only, so a tied stack's state does not grow by one x per layer."""
+    """Pre-LN: x enters the attention branch only; a tied stack does not gain one x per layer."""
     torch.manual_seed(0)
     cell = TransformerCell(D, H, K, I, pre_ln=True, input_path="residual", weight_norm=False).eval()
     torch.nn.init.zeros_(cell.o_net.weight)  # both branches off: only the residual stream is left
