@@ -8,6 +8,9 @@ from deqlm.config import load_config
 from deqlm.models import build_model
 
 VOCAB = 23
+# solver settings that converge to 1e-6 on the tiny models (with init_std 0.25 for the Transformer cell)
+TIGHT = ["deq.f_solver=broyden", "deq.broyden_rank=80", "deq.f_tol=1e-6", "deq.f_max_iter=80",
+         "deq.b_tol=1e-6", "deq.b_max_iter=80"]
 
 TINY = {
     "transformer": [

@@ -6,10 +6,8 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from _model_helpers import VOCAB, core_readout, tiny_model
+from _model_helpers import TIGHT, VOCAB, core_readout, tiny_model
 
-TIGHT = ["deq.f_solver=broyden", "deq.broyden_rank=80", "deq.f_tol=1e-6", "deq.f_max_iter=80",
-         "deq.b_tol=1e-6", "deq.b_max_iter=80"]
 # A post-LN cell LN(z + g(z)) contracts by about 1/std(z + g(z)). At small init the map is close to the
 # projection LN(z), whose eigenvalues are near 1, so tiny widths need larger weights to converge to 1e-6.
 STABLE = {"transformer": ["model.init_std=0.25"], "trellisnet": []}

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
+from _model_helpers import TIGHT as _TIGHT_SOLVER
 from _model_helpers import VOCAB, tiny_model
 from deqlm.models.transformer_cell import TransformerCell
 
 D, H, K, I = 64, 4, 16, 256  # wide enough for std estimates within a few percent
-TIGHT = ["deq.f_solver=broyden", "deq.broyden_rank=80", "deq.f_tol=1e-6", "deq.f_max_iter=80",
-         "deq.b_tol=1e-6", "deq.b_max_iter=80", "model.init_std=0.25"]
+TIGHT = [*_TIGHT_SOLVER, "model.init_std=0.25"]
 
 
 def _cell(init: str, **kw) -> TransformerCell:
