@@ -274,6 +274,22 @@ def _holds(out: Path, wanted: dict) -> bool:
         return False
 
 
+def _install(tmp: Path, out: Path, wanted: dict) -> None:
+    """Rename the finished folder into place. A folder of other settings is replaced (its cache goes with it);
+    one a concurrent run has just written with the same settings is kept (it may be caching into it)."""
+    if _holds(out, wanted):
+        return
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-old-"))
+        os.rename(out, trash / "old")
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / "SOURCE.json").is_file():  # a concurrent writer of the same folder won the race
+            raise
+
+
 def ensure_synthetic(data_dir: str | os.PathLike, seed: int = 1234, vocab: int = 200,
                      train_tokens: int = 200000) -> Path:
     """``<data_dir>/synthetic-<seed>/`` with wiki.{train,valid,test}.tokens and SOURCE.json, generated on
@@ -325,17 +341,7 @@ def ensure_synthetic(data_dir: str | os.PathLike, seed: int = 1234, vocab: int =
             "files": files,
         }
         (tmp / "SOURCE.json").write_text(json.dumps(source, indent=2) + "\n")
-        if _holds(out, wanted):  # a concurrent run wrote the same corpus meanwhile, and may be caching it
-            return out
-        if out.exists():  # settings changed: replace the old folder (its cache goes with it)
-            trash = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{out.name}-old-"))
-            os.rename(out, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / "SOURCE.json").is_file():  # a concurrent writer of the same folder won the race
-                raise
+        _install(tmp, out, wanted)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
