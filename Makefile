@@ -12,7 +12,7 @@ EXP ?= experiments/wt103/transformer_deq_medium_adaptive.yaml
 ARGS ?=
 RUN ?=
 RUNS ?=
-OUT ?= results/bench
+OUT ?=
 
 ifeq ($(NPROC),1)
   LAUNCH := $(PY) -m deqlm.train
@@ -32,7 +32,7 @@ help:
 	@echo "make train-wt103 [EXP=...] [NPROC=N] [ARGS='k=v ...']   train a WikiText-103 row"
 	@echo "make train-ptb | train-copy [ARGS=...]"
 	@echo "make eval [RUN=dir]    evaluate runs (writes eval.json)"
-	@echo "make compare [RUNS=...] summary tables + plots under results/<corpus>/"
+	@echo "make compare [RUNS=...] [OUT=dir]  summary tables + plots under results/compare/<corpus>/"
 	@echo "make bench-solver | bench-memory | bench-speed"
 	@echo "make bench-allocator   glibc default vs tuned allocator: tokens/s, page faults, system time (PTB, copy)"
 
@@ -86,19 +86,19 @@ eval: $(STAMP)
 	$(PY) -m deqlm.eval $(if $(RUN),$(RUN),results/runs) $(ARGS)
 
 compare: $(STAMP)
-	$(PY) -m deqlm.eval.report $(if $(RUNS),$(RUNS),results/runs)
+	$(PY) -m deqlm.eval.report $(if $(RUNS),$(RUNS),results/runs) --out $(or $(OUT),results/compare)
 
 bench-solver: $(STAMP)
 	$(PY) -m deqlm.bench solver --json
 
 bench-memory: $(STAMP)
-	$(PY) -m deqlm.bench memory --paper --out $(OUT) $(ARGS)
+	$(PY) -m deqlm.bench memory --paper --out $(or $(OUT),results/bench) $(ARGS)
 
 bench-speed: $(STAMP)
-	$(PY) -m deqlm.bench speed --out $(OUT) $(ARGS)
+	$(PY) -m deqlm.bench speed --out $(or $(OUT),results/bench) $(ARGS)
 
 bench-allocator: $(STAMP) data/ptb/ptb.train.txt
-	OMP_NUM_THREADS=1 $(PY) -m deqlm.bench allocator --out $(OUT) $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m deqlm.bench allocator --out $(or $(OUT),results/bench) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

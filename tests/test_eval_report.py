@@ -150,7 +150,7 @@ def test_report_cli_bad_run_is_a_one_line_error(tmp_path, capsys, breakage, mess
         (run / "metrics.jsonl").write_text("[1, 2]\n")
     else:
         (run / "eval.json").unlink()
-    assert report_main([str(run), "--out", str(tmp_path / "out")]) == 1
+    assert report_main([str(run), "--out", str(tmp_path / "out")]) == 2  # bad input (deqlm.exits)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {run}: ") and message in err[0]
 
@@ -198,3 +198,40 @@ def test_deq_activation_figure_leaves_out_the_pretraining_steps(tmp_path):
     write_report([run], tmp_path / "out", "fixture", log=lambda _: None)
     (row,) = read_csv(tmp_path / "out" / "summary.csv")
     assert int(row["activation_bytes"]) == 2**20 * 30
+
+
+def test_a_deq_run_evaluated_in_its_warmup_is_labelled_and_not_paired(tmp_path):
+    deq = make_run(tmp_path, "ptb", "tx_deq", "deq", pair="tx", test=30.0)
+    twin = make_run(tmp_path, "ptb", "tx_unrolled", "unrolled", pair="tx", test=35.0)
+    record = json.loads((deq / "eval.json").read_text())
+    (deq / "eval.json").write_text(json.dumps({**record, "mode": "pretrain"}))
+    logs: list[str] = []
+    out = tmp_path / "out"
+    write_report([deq, twin], out, "fixture", log=logs.append)
+    table = {r["experiment"]: r for r in read_csv(out / "summary.csv")}
+    assert table["tx_deq"]["mode"] == "pretrain" and table["tx_deq"]["twin"] == ""
+    assert not (out / "pairs.csv").exists()
+    assert "deq (warm-up only)" in (out / "summary.md").read_text()
+    assert any("never left its warm-up" in m for m in logs)
+
+
+def test_the_summary_header_names_the_partially_evaluated_runs(tmp_path):
+    whole = make_run(tmp_path, "ptb", "a", "unrolled")
+    part = make_run(tmp_path, "ptb", "b", "unrolled")
+    record = json.loads((part / "eval.json").read_text())
+    record["settings"]["max_tokens"] = 5000
+    (part / "eval.json").write_text(json.dumps({**record, "partial": True}))
+    out = tmp_path / "out"
+    rows = write_report([whole, part], out, "fixture", log=lambda m: None)
+    header = (out / "summary.md").read_text().split("## Runs")[0]
+    partial_run = next(r["run"] for r in rows if r["experiment"] == "b")
+    whole_run = next(r["run"] for r in rows if r["experiment"] == "a")
+    assert f"except partial evals of {partial_run}" in header and whole_run not in header
+
+
+def test_the_report_cli_never_writes_the_committed_results_unless_asked(tmp_path, monkeypatch):
+    make_run(tmp_path / "runs", "ptb", "a", "unrolled")
+    monkeypatch.chdir(tmp_path)
+    assert report_main(["runs"]) == 0
+    assert (tmp_path / "results" / "compare" / "ptb" / "summary.md").is_file()
+    assert not (tmp_path / "results" / "ptb").exists()

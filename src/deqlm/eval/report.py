@@ -3,7 +3,11 @@
 Reads each run's ``config.yaml``, ``metrics.jsonl`` and ``eval.json`` (never a checkpoint) and writes
 ``summary.md``, ``summary.csv`` and PNG plots. The command line groups runs by corpus:
 
-    python -m deqlm.eval.report [RUNS ...] [--out results] [--title TEXT]  ->  results/<corpus>/summary.md
+    python -m deqlm.eval.report [RUNS ...] [--out DIR] [--title TEXT]  ->  DIR/<corpus>/summary.md
+
+DIR defaults to ``results/compare`` (ignored by git), so comparing one's own runs never rewrites the committed
+reproduction under ``results/<corpus>/``; regenerating that is the explicit ``--out results`` of
+results/README.md.
 
 Test and validation figures come from ``eval.json`` (whole split, Transformer-XL protocol); the training log's
 last validation figure is shown only as ``last_logged_valid_ppl``. Pairing rules are in docs/evaluation.md.
@@ -33,10 +37,11 @@ from deqlm.eval.perplexity import (
     read_eval_json,
 )
 from deqlm.eval.plots import log_values, plot_curves, plot_memory, plot_solver, run_styles
+from deqlm.exits import BAD_INPUT, OK, error, warn
 from deqlm.io import atomic_write_text
 
 COLUMNS = [
-    "run", "experiment", "corpus", "arch", "core", "pair", "seed", "steps", "params_total",
+    "run", "experiment", "corpus", "arch", "core", "mode", "pair", "seed", "steps", "params_total",
     "params_nonembedding",
     "valid_ppl", "test_ppl", "valid_loss", "test_loss", "test_word_ppl", "best_possible_ppl", "paper_test",
     "paper_row", "last_logged_valid_ppl", "peak_train_mem_gib", "peak_mem_kind", "activation_bytes",
@@ -44,6 +49,7 @@ COLUMNS = [
     "converged_frac_mean", "train_time_s", "eval_step", "eval_batch_size", "eval_tgt_len", "eval_mem_len",
     "eval_clamp_len", "eval_f_max_iter", "eval_f_tol", "eval_partial", "twin", "mem_ratio", "ppl_gap",
 ]  # fmt: skip
+DEFAULT_OUT = "results/compare"  # a user's comparisons; the committed results/<corpus>/ only on request
 PAIR_COLUMNS = [
     "pair", "deq_run", "explicit_run", "deq_test", "explicit_test", "ppl_gap", "deq_mem_gib",
     "explicit_mem_gib", "mem_ratio", "deq_params_nonembedding", "explicit_params_nonembedding", "speed_ratio",
@@ -95,6 +101,7 @@ def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: 
     deq_events = [e for e in events if e.get("mode", "deq") == "deq"]
     # a DEQ run's activation figure is its DEQ mode's, not the shallow warm-up stack's that precedes it
     own_events = [e for e in events if e.get("mode") != "pretrain"] if cfg.model.core == "deq" else events
+    logged_mode = next((e["mode"] for e in reversed(events) if "mode" in e), None)
     row: dict[str, Any] = {c: None for c in COLUMNS}
     row.update(
         run="/".join(run_dir.resolve().parts[-3:]),
@@ -102,6 +109,8 @@ def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: 
         corpus=cfg.data.dataset,
         arch=cfg.model.arch,
         core=cfg.model.core,
+        # the mode the evaluated weights ran in: "pretrain" marks a DEQ run that never left its warm-up
+        mode=ev.get("mode") or logged_mode,
         pair=cfg.pair or None,
         seed=cfg.train.seed,
         steps=_int(_agg(log_values(events, "step"), max)),
@@ -158,14 +167,19 @@ def collect_run(run_dir: str | Path) -> dict:
         warnings.append(
             f"warning: {run_dir}: eval.json was made with max_tokens={ev['settings']['max_tokens']}"
         )
-    return {
-        "dir": run_dir,
-        "cfg": cfg,
-        "events": events,
-        "eval": ev,
-        "row": summarize_run(run_dir, cfg, events, ev),
-        "warnings": warnings,
-    }
+    row = summarize_run(run_dir, cfg, events, ev)
+    if warmup_only(row):
+        warnings.append(
+            f"warning: {run_dir}: a DEQ run that never left its warm-up (model.pretrain_steps "
+            f"{cfg.model.pretrain_steps} >= the evaluated step {row['eval_step'] or row['steps']}): its "
+            f"figures are the unrolled warm-up stack's, so it is labelled warm-up only and not paired"
+        )
+    return {"dir": run_dir, "cfg": cfg, "events": events, "eval": ev, "row": row, "warnings": warnings}
+
+
+def warmup_only(row: dict) -> bool:
+    """A DEQ run whose evaluated weights only ever ran the shallow warm-up stack, never the solver."""
+    return row["core"] == "deq" and row["mode"] == "pretrain"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,7 +221,7 @@ def pair_runs(runs: list[dict]) -> list[dict]:
     pairs = []
     for (_, pair), members in groups.items():
         twins = [m for m in members if m["row"]["core"] == "unrolled"]
-        deqs = [m for m in members if m["row"]["core"] == "deq"]
+        deqs = [m for m in members if m["row"]["core"] == "deq" and not warmup_only(m["row"])]
         by_seed = len(twins) > 1 and any(x["row"]["seed"] == d["row"]["seed"] for x in twins for d in deqs)
         for d in deqs:
             same = [x for x in twins if not _budget_differences(d["cfg"], x["cfg"], d["row"], x["row"])]
@@ -298,7 +312,7 @@ def render_markdown(
         [
             [
                 r["run"],
-                r["core"],
+                "deq (warm-up only)" if warmup_only(r) else r["core"],
                 r["pair"],
                 r["params_nonembedding"],
                 r[f"valid_{metric}"],
@@ -317,11 +331,13 @@ def render_markdown(
             for r, m in zip(rows, mib)
         ],
     )
+    partial = [r["run"] for r in rows if r["eval_partial"]]
+    extent = "whole split" if not partial else f"whole split, except partial evals of {', '.join(partial)}"
     out = [
         f"# {title}",
         "",
         f"Generated {_dt.date.today().isoformat()} by `python -m deqlm.eval.report` from {len(rows)} run(s). "
-        f"Valid/test figures come from each run's `eval.json` (whole split, Transformer-XL protocol, memory "
+        f"Valid/test figures come from each run's `eval.json` ({extent}; Transformer-XL protocol, memory "
         f"carried across segments); memory, speed and solver figures from `metrics.jsonl` (training). "
         f"Columns are described in docs/evaluation.md; every column is in `summary.csv`.",
         "",
@@ -437,20 +453,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "runs", nargs="*", default=["results/runs"], help="run directories or folders of runs"
     )
-    parser.add_argument("--out", default="results", help="output root (default: results)")
+    parser.add_argument(
+        "--out", default=DEFAULT_OUT,
+        help=f"output root (default: {DEFAULT_OUT}; `--out results` regenerates the committed results)",
+    )
     parser.add_argument("--title", default="", help="report title (default: '<corpus>: DEQ vs explicit')")
     args = parser.parse_args(argv)
 
     paths = [Path(p) for p in args.runs]
     for p in paths:
         if not p.exists():
-            print(f"error: {p}: no such directory", file=sys.stderr)
-            return 1
+            return error(f"{p}: no such directory", BAD_INPUT)
     single = len(paths) == 1 and is_run_dir(paths[0])
     run_dirs = [r for p in paths for r in discover_runs(p)]
     if not run_dirs:
-        print(f"error: {', '.join(map(str, paths))}: no run directories found", file=sys.stderr)
-        return 1
+        return error(f"{', '.join(map(str, paths))}: no run directories found", BAD_INPUT)
     by_corpus: dict[str, list[Path]] = defaultdict(list)
     n_bad = 0
     for run_dir in run_dirs:
@@ -458,10 +475,9 @@ def main(argv: list[str] | None = None) -> int:
             by_corpus[load_run_config(run_dir).data.dataset].append(run_dir)
         except RunError as exc:
             if single:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
+                return error(str(exc), BAD_INPUT)
             n_bad += 1
-            print(f"warning: {exc} (skipped)", file=sys.stderr)
+            warn(f"{exc} (skipped)")
     for corpus, dirs in sorted(by_corpus.items()):
         title = args.title or f"{corpus}: DEQ vs explicit"
 
@@ -471,10 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows = write_report(dirs, Path(args.out) / corpus, title, skip_bad=not single, log=log)
         except RunError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return error(str(exc), BAD_INPUT)
         n_bad += len(dirs) - len(rows)
-    return 1 if n_bad == len(run_dirs) else 0
+    return BAD_INPUT if n_bad == len(run_dirs) else OK
 
 
 if __name__ == "__main__":
