@@ -15,28 +15,34 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from deqlm.data import build_dataset
-from deqlm.eval.perplexity import _load_checkpoint, find_checkpoint, load_run_config
+from deqlm.eval.perplexity import _load_checkpoint, load_run_config
 from deqlm.io import atomic_write_json
-from deqlm.models import build_model
 
 _LATE_STEP = 10**9  # past any warm-up: DEQ mode
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--ranks", type=int, nargs="+", default=[10, 30])
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    # torch and the model code load only now, once the arguments are understood: `--help` answers at once
+    import torch
+
+    from deqlm.data import build_dataset
+    from deqlm.models import build_model
+
     torch.set_num_threads(args.threads)
     cfg = load_run_config(args.run_dir)
     dataset = build_dataset(cfg.data)
-    ckpt = _load_checkpoint(args.run_dir, find_checkpoint(args.run_dir))
+    _, ckpt = _load_checkpoint(args.run_dir, print)
     lines = []
     for rank in args.ranks:
         torch.manual_seed(0)

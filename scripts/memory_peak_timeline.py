@@ -15,23 +15,30 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from deqlm.bench import common as C
+from deqlm.bench import protocol as P
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("row", choices=sorted(C.ROWS))
-    ap.add_argument("--batch", type=int, default=C.PAPER_BATCH)
+    ap.add_argument("row", choices=sorted(P.ROWS))
+    ap.add_argument("--batch", type=int, default=P.PAPER_BATCH)
     ap.add_argument("--steps", type=int, default=12, help="solver step cap for DEQ rows (both solves)")
     ap.add_argument("--points", type=int, default=24, help="timeline points")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    # torch and the model code load only now, once the arguments are understood: `--help` answers at once
+    import torch
+
+    from deqlm.bench import common as C
+
     C.set_threads(args.threads)
     extra = list(args.set)
-    if C.get_row(args.row).core == "deq":
+    if P.get_row(args.row).core == "deq":
         extra = ["deq.f_tol=0", "deq.b_tol=0", f"deq.f_max_iter={args.steps}", f"deq.b_max_iter={args.steps}",
                  *extra]
     cpu = torch.device("cpu")
@@ -39,7 +46,7 @@ def main() -> None:
     peak.start()
     try:
         built = C.build_row(args.row, "full", batch=args.batch, extra=extra, device=cpu)
-        step = C.CoreStep(built, args.batch, C.PAPER_TGT_LEN, C.PAPER_MEM_LEN, cpu)
+        step = C.CoreStep(built, args.batch, P.PAPER_TGT_LEN, P.PAPER_MEM_LEN, cpu)
         with torch.no_grad():
             step.mems = step.forward(train=False)[1].mems
         step.materialise_optimizer_state()

@@ -13,20 +13,27 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from deqlm.bench import common as C
+from deqlm.bench import protocol as P
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--row", default="wt103-deq-trellisnet")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", default="full", choices=("full", "reduced"))
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    # torch and the model code load only now, once the arguments are understood: `--help` answers at once
+    import torch
+
+    from deqlm.bench import common as C
+
     device = C.pick_device(args.device)
     built = C.build_row(args.row, args.size, device=device)
-    step = C.CoreStep(built, C.PAPER_BATCH, C.PAPER_TGT_LEN, C.PAPER_MEM_LEN, device)
+    step = C.CoreStep(built, P.PAPER_BATCH, P.PAPER_TGT_LEN, P.PAPER_MEM_LEN, device)
     model = step.model
     deq = model.core.deq
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -18,16 +18,22 @@ import argparse
 import statistics
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from deqlm.bench.solver import Block, Workload, _build, _rel_res_B
 from deqlm.io import atomic_write_json
-from deqlm.solvers import get_solver
+
+if TYPE_CHECKING:
+    import torch
+
+    from deqlm.bench.solver import Block, Workload
 
 
 def problems(n_seeds: int, w: Workload) -> list[tuple[Block, torch.Tensor]]:
     """(block, injection u) for the benchmark's workload and `n_seeds` redraws."""
+    import torch  # loaded on use, as in main: `--help` answers without torch
+
+    from deqlm.bench.solver import Block, _build
+
     out = []
     block, _, x_BLD, _ = _build(w)
     out.append((block, x_BLD))
@@ -51,13 +57,23 @@ def parse_solver(spec: str) -> tuple[str, dict]:
     return name, kwargs
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=8, help="redraws besides the benchmark's own workload")
     ap.add_argument("--solvers", nargs="+", default=["broyden", "anderson", "fixed_point"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    # torch and the solver code load only now, once the arguments are understood: `--help` answers at once
+    import torch
+
+    from deqlm.bench.solver import Workload, _rel_res_B
+    from deqlm.solvers import get_solver
+
     torch.set_num_threads(args.threads)
     w = Workload()
     probs = problems(args.seeds, w)

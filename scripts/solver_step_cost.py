@@ -17,41 +17,47 @@ import collections
 import importlib
 import time
 
-import torch
 
-from deqlm.bench.solver import Workload, _build
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--solver", choices=["broyden", "anderson"], default="broyden")
     ap.add_argument("--rank", type=int, default=30, help="Broyden's rank")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=4)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def timed(spent: dict[str, float], owner, name: str, label: str) -> None:
+    """Replace owner.name by a wrapper that adds its wall-clock time to spent[label]."""
+    inner = getattr(owner, name)
+
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        out = inner(*a, **k)
+        spent[label] += time.perf_counter() - t0
+        return out
+
+    setattr(owner, name, wrapper)
+
+
+def main() -> None:
+    args = parse_args()
+    # torch and the solver code load only now, once the arguments are understood: `--help` answers at once
+    import torch
+
+    from deqlm.bench.solver import Workload, _build
+
     torch.set_num_threads(args.threads)
     mod = importlib.import_module(f"deqlm.solvers.{args.solver}")
     spent: dict[str, float] = collections.defaultdict(float)
-
-    def timed(owner, name: str, label: str) -> None:
-        inner = getattr(owner, name)
-
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            out = inner(*a, **k)
-            spent[label] += time.perf_counter() - t0
-            return out
-
-        setattr(owner, name, wrapper)
-
     if args.solver == "broyden":
-        timed(mod._StepBuffer, "dots", "history products")
-        timed(mod._StepBuffer, "combine", "history products")
-        timed(mod, "_next_step", "step function")
+        timed(spent, mod._StepBuffer, "dots", "history products")
+        timed(spent, mod._StepBuffer, "combine", "history products")
+        timed(spent, mod, "_next_step", "step function")
     else:
-        timed(mod, "mixing_weights", "mixing weights")
-    timed(mod.Tracker, "observe", "stopping test")
-    timed(mod.Tracker, "any_active", "stopping test")
+        timed(spent, mod, "mixing_weights", "mixing weights")
+    timed(spent, mod.Tracker, "observe", "stopping test")
+    timed(spent, mod.Tracker, "any_active", "stopping test")
     w = Workload()
     block, _, x_BLD, _ = _build(w)
     with torch.no_grad():

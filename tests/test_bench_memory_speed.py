@@ -13,6 +13,7 @@ import torch
 
 from deqlm.bench import common as C
 from deqlm.bench import memory, speed
+from deqlm.bench import protocol as P
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_FIELDS = {"row", "core", "pair", "device", "status", "reason", "peak_train_mem_gib",
@@ -29,14 +30,14 @@ def memory_out(tmp_path_factory) -> Path:
 
 
 def test_every_paper_row_has_an_experiment_yaml():
-    for row in C.PAPER_ROWS:
-        path, _ = C.find_experiment(row)
+    for row in P.PAPER_ROWS:
+        path, _ = P.find_experiment(row)
         assert path.is_file(), row.key
 
 
 def test_each_pair_holds_one_deq_and_one_explicit_row():
-    table = C.pairs()
-    assert set(C.PAPER_SPEED) <= set(table)
+    table = P.pairs()
+    assert set(P.PAPER_SPEED) <= set(table)
     for deq_row, exp_row in table.values():
         assert deq_row.core == "deq" and exp_row.core == "unrolled"
 

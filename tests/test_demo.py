@@ -25,7 +25,7 @@ def check_outputs(out: Path, stdout: str) -> None:
 def test_short_demo_trains_both_models_and_writes_the_report(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "deqlm.demo", "--steps", "6", "--out", str(out),
-                           "--runs", str(tmp_path / "runs"), "--wandb", "disabled", "--threads", "1"],
+                           "--runs", str(tmp_path / "runs"), "--threads", "1"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_outputs(out, proc.stdout)

@@ -162,7 +162,7 @@ def fake_run(tmp_path: Path, name: str = "r") -> Path:
     [
         ("config", "missing config.yaml"),
         ("ckpt", "no checkpoint"),
-        ("corrupt_ckpt", "cannot read ckpt/last.pt"),
+        ("corrupt_ckpt", "ckpt/last.pt is damaged"),
     ],
 )
 def test_bad_run_gives_one_line_error(tmp_path, capsys, breakage, message):
@@ -174,7 +174,7 @@ def test_bad_run_gives_one_line_error(tmp_path, capsys, breakage, message):
         (run / "ckpt" / "last.pt").unlink()
     elif breakage == "corrupt_ckpt":
         (run / "ckpt" / "last.pt").write_bytes(b"\x00not a checkpoint")
-    assert eval_main(args) == 1
+    assert eval_main(args) == 2  # a bad run directory is bad input, as for the trainer (deqlm.exits)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {run}: ") and message in err[0]
 
@@ -199,8 +199,8 @@ def test_root_mode_warns_about_bad_runs_and_continues(tmp_path, capsys):
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert eval_main([str(tmp_path), "split=train"]) == 2
     assert eval_main([str(tmp_path), "model.d_model=3"]) == 2  # the checkpoint fixes everything but eval.*
-    assert eval_main([str(tmp_path / "missing")]) == 1
-    assert eval_main([str(tmp_path)]) == 1  # a folder with no runs
+    assert eval_main([str(tmp_path / "missing")]) == 2
+    assert eval_main([str(tmp_path)]) == 2  # a folder with no runs
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("error: ") for line in err)
     assert "only eval.* settings" in err[1]

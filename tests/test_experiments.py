@@ -69,8 +69,8 @@ def test_every_paper_row_has_an_experiment_file():
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_experiment_loads_and_a_tiny_version_trains_one_step(path):
-    cfg = load_config(path)
-    assert cfg.name and cfg.log.wandb_mode == "offline"
+    cfg = load_config(path, env={})
+    assert cfg.name and cfg.log.wandb_mode == "disabled"  # wandb only when asked (WANDB_MODE, log.wandb_mode)
     assert cfg.model.mem_len == cfg.data.mem_len
     ov, vocab = _tiny_overrides(cfg)
     tiny = load_config(path, ov)

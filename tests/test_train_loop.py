@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deqlm.config import load_config
+from deqlm.config import load_config, save_config
 from deqlm.metrics import read_jsonl
 from deqlm.train import TrainingDiverged, train
 from deqlm.train.trainer import NAN_ENV
@@ -136,3 +137,36 @@ def test_every_debug_config_trains_a_few_steps(tmp_path, exp):
                          "model.pretrain_steps=2"))
     assert len(trainer.history) == 4 and all(math.isfinite(loss) for _, loss in trainer.history)
     assert (trainer.run_dir / "ckpt" / "last.pt").is_file()
+
+
+def test_the_saved_config_keeps_the_overrides_next_to_the_files_note(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text('name: x\nnote: "d_inner 64 to match the twin"\nmodel:\n  d_inner: 64\n')
+    cfg = load_config(exp, ["model.d_inner=32", "train.max_steps=3"])
+    assert cfg.note == "d_inner 64 to match the twin"
+    assert cfg.overrides == ["model.d_inner=32", "train.max_steps=3"]
+    save_config(cfg, tmp_path / "config.yaml")
+    resumed = load_config(tmp_path / "config.yaml", ["train.max_steps=5"])
+    assert resumed.overrides == ["model.d_inner=32", "train.max_steps=3", "train.max_steps=5"]
+
+
+def test_a_run_that_never_leaves_the_warmup_says_so_at_start(tmp_path):
+    out = io.StringIO()
+    train(tiny(tmp_path, "transformer_deq", "train.max_steps=2", "model.pretrain_steps=2"), stream=out)
+    assert "the DEQ solver never runs" in out.getvalue()
+    out = io.StringIO()
+    train(tiny(tmp_path, "transformer_deq", "train.max_steps=3", "model.pretrain_steps=2"), stream=out)
+    assert "never runs" not in out.getvalue()
+
+
+def test_console_lines_show_only_the_figures_a_model_has(tmp_path):
+    out = io.StringIO()
+    train(tiny(tmp_path, "transformer_xl", "train.max_steps=2", "train.eval_every=2"), stream=out)
+    valid_line = next(line for line in out.getvalue().splitlines() if " valid " in line)
+    assert "ppl" in valid_line and "f_max_iter" not in valid_line  # an explicit model has no solver
+    out = io.StringIO()
+    copy = tiny(tmp_path, "copy_transformer_deq", "train.max_steps=2", "train.eval_every=2",
+                "train.log_every=1")
+    train(copy, stream=out)
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("step ")]
+    assert lines and not any("ppl" in line for line in lines)  # copy memory: a loss, never a perplexity

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+WANDB_MODE_ENV = "WANDB_MODE"  # wandb's own switch, read by load_config
 
 
 class ConfigError(ValueError):
@@ -179,7 +182,9 @@ class EvalConfig:
 class LogConfig:
     """Where metrics go (deqlm.metrics.MetricLogger)."""
 
-    wandb_mode: str = "disabled"  # disabled | offline | online
+    # disabled | offline | online; WANDB_MODE in the environment overrides the experiment file, and
+    # log.wandb_mode=... on the command line overrides both
+    wandb_mode: str = "disabled"
     wandb_project: str = "deqlm"  # wandb project
     progress: bool = True  # progress bar on a terminal (plain lines when not a TTY)
 
@@ -190,7 +195,9 @@ class ExperimentConfig:
     pair: str = ""  # name shared by a DEQ run and its explicit twin in comparisons
     paper_row: str = ""  # the row of REFERENCE.md this experiment reproduces ("" if none)
     paper_test: float | None = None  # the paper's test figure for that row (ppl, or loss for copy memory)
-    note: str = ""  # free text: where sizes come from, deviations from the paper
+    note: str = ""  # the experiment file's free text: where sizes come from, deviations from the paper
+    # the key=value overrides the run was started (then resumed) with, in order; they may make `note` untrue
+    overrides: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     deq: DEQConfig = field(default_factory=DEQConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -223,33 +230,106 @@ def _get(cfg: ExperimentConfig, key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
+# The interval each numeric setting must lie in: "[" / "]" include the bound, "(" / ")" exclude it. Infinite
+# ends are always open, so NaN and infinities are refused everywhere; None passes (an optional setting unset).
+# A bad value here would otherwise surface only deep inside a run (a solver after the whole warm-up, say).
+_RANGES: dict[str, str] = {
+    "model.n_layer": "[1, inf)",
+    "model.pretrain_steps": "[0, inf)",
+    "model.pretrain_depth": "[1, inf)",
+    "model.mem_len": "[0, inf)",
+    "model.d_embed": "[1, inf)",
+    "model.d_model": "[1, inf)",
+    "model.init_std": "(0, inf)",
+    "model.dropout": "[0, 1)",
+    "model.dropouti": "[0, 1)",
+    "model.dropout_out": "[0, 1)",
+    "model.emb_dropout": "[0, 1)",
+    "model.dropatt": "[0, 1)",
+    "model.dropouth": "[0, 1)",
+    "model.wdrop": "[0, 1)",
+    "model.n_head": "[1, inf)",
+    "model.d_head": "[1, inf)",
+    "model.d_inner": "[1, inf)",
+    "model.clamp_len": "[-1, inf)",
+    "model.d_out": "[1, inf)",
+    "model.rec_gain": "[0, inf)",
+    "model.inject_gain": "[0, inf)",
+    "model.aux_weight": "[0, inf)",
+    "model.aux_every": "[0, inf)",
+    "model.div_val": "[1, inf)",
+    "model.n_classes": "[0, inf)",
+    "model.jac_weight": "[0, inf)",
+    "model.jac_freq": "[0, 1]",
+    "model.jac_samples": "[1, inf)",
+    "deq.f_max_iter": "[1, inf)",
+    "deq.b_max_iter": "[1, inf)",
+    # tolerance 0: the solver takes every step its cap allows (the benchmarks' "cap" setting)
+    "deq.f_tol": "[0, inf)",
+    "deq.b_tol": "[0, inf)",
+    "deq.eval_f_max_iter": "[1, inf)",
+    "deq.broyden_rank": "[1, inf)",
+    "deq.anderson_m": "[1, inf)",
+    "deq.anderson_beta": "(0, 1]",
+    "deq.anderson_lam": "[0, inf)",
+    "data.sp_vocab_size": "[1, inf)",
+    "data.batch_size": "[1, inf)",
+    "data.tgt_len": "[1, inf)",
+    "data.mem_len": "[0, inf)",
+    "data.seq_splits": "[1, inf)",
+    "data.synth_vocab": "[1, inf)",
+    "data.synth_train_tokens": "[1, inf)",
+    "data.copy_T": "[1, inf)",
+    "data.copy_n_train": "[1, inf)",
+    "data.copy_n_test": "[1, inf)",
+    "data.copy_n_valid": "[1, inf)",
+    "optim.lr": "(0, inf)",
+    "optim.weight_decay": "[0, inf)",
+    "optim.warmup_steps": "[0, inf)",
+    "optim.min_lr": "[0, inf)",
+    "optim.clip": "(-inf, inf)",
+    "train.max_steps": "[1, inf)",
+    "train.log_every": "[1, inf)",
+    "train.eval_every": "[0, inf)",
+    "train.eval_max_tokens": "[0, inf)",
+    "train.ckpt_every": "[0, inf)",
+    "train.max_bad_steps": "[1, inf)",
+    "train.threads": "[0, inf)",
+    "eval.batch_size": "[1, inf)",
+    "eval.tgt_len": "[1, inf)",
+    "eval.mem_len": "[0, inf)",
+    "eval.clamp_len": "[-1, inf)",
+    # 0 means "the model's own setting" (deq.eval_f_max_iter or deq.f_max_iter, deq.f_tol): every saved run
+    # stores 0 here, so 0 stays the documented default rather than a refused value
+    "eval.f_max_iter": "[0, inf)",
+    "eval.f_tol": "[0, inf)",
+}
+_BETA_RANGE = "[0, 1)"  # each of optim.betas
+
+
+def _in_range(value: float, interval: str) -> bool:
+    """Whether `value` lies in `interval`, written as in `_RANGES` ("[0, 1)", "(0, inf)")."""
+    low, high = (float(end) for end in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
 def _validate(cfg: ExperimentConfig) -> None:
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    for key, interval in _RANGES.items():
+        value = _get(cfg, key)
+        if value is not None and not _in_range(value, interval):
+            raise ConfigError(f"{key}={value!r} must lie in {interval}")
     grad = cfg.deq.grad
     if grad != "implicit" and not (str(grad).isdigit() and int(grad) > 0):
         raise ConfigError(f"deq.grad={grad!r} must be 'implicit' or a positive integer")
-    positive = ["data.batch_size", "data.tgt_len", "data.seq_splits", "train.max_steps", "train.log_every",
-                "eval.batch_size", "eval.tgt_len",
-                "model.d_model", "model.d_embed", "deq.f_max_iter", "deq.b_max_iter", "model.n_layer"]
-    for key in positive:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} must be positive")
-    for key in ["model.dropout", "model.dropatt", "model.dropouti", "model.dropouth", "model.dropout_out"]:
-        value = _get(cfg, key)
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{key}={value!r} must lie in [0, 1)")
-    for key in ["train.eval_every", "train.ckpt_every", "train.eval_max_tokens"]:
-        if _get(cfg, key) < 0:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr={cfg.optim.lr!r} must be positive")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError(f"optim.betas={list(cfg.optim.betas)!r} must hold two numbers")
-    if cfg.model.arch == "transformer" and cfg.model.n_head * cfg.model.d_head <= 0:
-        raise ConfigError("model.n_head and model.d_head must be positive")
+    betas = list(cfg.optim.betas)
+    if len(betas) != 2 or not all(_in_range(b, _BETA_RANGE) for b in betas):
+        raise ConfigError(f"optim.betas={betas!r} must hold two numbers in {_BETA_RANGE}")
 
 
 def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -264,6 +344,8 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"{path}: cannot parse YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    if not node:  # empty, comments only or {}: training the dataclass defaults is never what was meant
+        raise ConfigError(f"{path}: the file holds no settings (empty, comments only or {{}})")
     base = node.pop("base", None)
     if base is None:
         return node
@@ -284,14 +366,31 @@ def _merge(schema: DictConfig, *layers: Any) -> ExperimentConfig:
     return cfg
 
 
+def _environment_layer(env: Mapping[str, str]) -> dict:
+    """Settings the environment asks for: wandb's own WANDB_MODE (so `WANDB_MODE=offline python -m
+    deqlm.train ...` turns wandb on, and WANDB_MODE=disabled turns off what a file turned on)."""
+    mode = env.get(WANDB_MODE_ENV, "").strip()
+    if not mode:
+        return {}
+    choices = _CHOICES["log.wandb_mode"]
+    if mode not in choices:
+        raise ConfigError(f"{WANDB_MODE_ENV}={mode!r} (environment) is not one of {', '.join(choices)}")
+    return {"log": {"wandb_mode": mode}}
+
+
 def load_config(
-    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+    env: Mapping[str, str] | None = None,
 ) -> ExperimentConfig:
-    """Load an experiment: defaults <- YAML chain (``base:``) <- dotlist overrides (``key=value``)."""
+    """Load an experiment: defaults <- YAML chain (``base:``) <- environment (``env``, default os.environ)
+    <- dotlist overrides (``key=value``): what is typed on the command line wins."""
     schema = OmegaConf.structured(ExperimentConfig)
     layers: list[Any] = []
     if path is not None:
         layers.append(_read_yaml_chain(Path(path)))
+    from_env = _environment_layer(os.environ if env is None else env)
+    if from_env:
+        layers.append(OmegaConf.create(from_env))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -300,7 +399,9 @@ def load_config(
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         except OmegaConfBaseException as exc:
             raise ConfigError(f"bad override: {str(exc).splitlines()[0]}") from None
-    return _merge(schema, *layers)
+    cfg = _merge(schema, *layers)
+    cfg.overrides = [*cfg.overrides, *overrides]
+    return cfg
 
 
 def config_from_dict(data: dict) -> ExperimentConfig:

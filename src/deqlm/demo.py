@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from deqlm.allocator import tune_allocator
+from deqlm.exits import FAILED, OK, error
 
 EXPERIMENTS = ("experiments/demo/transformer_deq.yaml", "experiments/demo/transformer_xl.yaml")
 TITLE = "Demo: DEQ-Transformer vs explicit Transformer-XL twin on the embedded synthetic corpus"
@@ -58,13 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/demo", help="report folder (summary.md/csv, plots)")
     parser.add_argument("--runs", default="results/runs", help="root of the run directories")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: the configs')")
-    parser.add_argument("--wandb", default="offline", choices=("disabled", "offline"), help="wandb mode")
     args = parser.parse_args(argv)
 
     root = _repo_root()
     out = Path(args.out)
     runs_root = Path(args.runs)
-    overrides = [f"train.run_dir={runs_root}", f"log.wandb_mode={args.wandb}", "log.progress=false"]
+    overrides = [f"train.run_dir={runs_root}", "log.progress=false"]  # wandb: only when WANDB_MODE asks
     if args.steps > 0:
         # a shortened demo keeps the schedule's shape: pretraining takes the same fraction of the steps
         overrides += [f"train.max_steps={args.steps}", f"train.log_every={max(1, args.steps // 10)}",
@@ -75,14 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, flush=True)
 
-    os.environ.setdefault("WANDB_SILENT", "true")
     t0 = time.perf_counter()
     run_dirs = []
     for exp in EXPERIMENTS:
         extra = []
         if args.steps > 0 and exp.endswith("transformer_deq.yaml"):
             extra = [f"model.pretrain_steps={max(1, args.steps // 4)}"]
-        run_dirs.append(run_training(root / exp, overrides + extra, log))
+        try:
+            run_dirs.append(run_training(root / exp, overrides + extra, log))
+        except RuntimeError as exc:  # the child printed its own error line above
+            return error(str(exc), FAILED)
     t_train = time.perf_counter() - t0
 
     import torch
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     print(_compact_table(rows))
     total = time.perf_counter() - t0
     print(f"demo: training {t_train:.0f}s, total {total:.0f}s; report in {out}/ (summary.md/csv, plots)")
-    return 0
+    return OK
 
 
 def _compact_table(rows: list[dict]) -> str:

@@ -9,13 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+TMP_SUFFIX = ".tmp"  # temp files are named .<target name>.<random><TMP_SUFFIX> next to their target
+
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """write(fh) into a temp file in the same folder, fsync, then rename over ``path``: a reader (or a crash)
     never sees a half-written file, and no temp file is left behind on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -45,3 +47,20 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     import torch
 
     _atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> tuple[int, int]:
+    """Delete the temp files that interrupted atomic writes left in ``folder``; returns (files, bytes).
+
+    A SIGKILL between the temp file's creation and the rename skips the cleanup above, and at WT103 size each
+    leftover checkpoint temp holds as much as the checkpoint itself. Call it only while nothing writes there
+    (a run about to resume), or a write in flight would lose its temp file."""
+    n_files = n_bytes = 0
+    for path in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:  # another rank or process removed it first
+            continue
+        n_files, n_bytes = n_files + 1, n_bytes + size
+    return n_files, n_bytes

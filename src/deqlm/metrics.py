@@ -1,9 +1,10 @@
 """MetricLogger: one flat dict per event, the same keys in metrics.jsonl, wandb and the console.
 
 Keys are namespaced (`train/loss`, `valid/ppl`, `solver/f_nstep`, `mem/peak_gib`, ...); docs/training.md lists
-the schema. JSONL is always written (rank 0); wandb is opt-in (`log.wandb_mode`: disabled | offline | online)
-and imported only when enabled; its run id is kept in the run directory so a resumed run continues the same
-wandb run. On a terminal a tqdm bar shows loss, ppl, tokens/s and solver steps; otherwise plain lines.
+the schema. JSONL is always written (rank 0); wandb is opt-in (`log.wandb_mode` or WANDB_MODE: disabled |
+offline | online), imported only when enabled and kept silent apart from one line saying where its run is; its
+run id is kept in the run directory so a resumed run continues the same wandb run. On a terminal a tqdm bar
+shows loss, ppl, tokens/s and solver steps; otherwise plain lines.
 
 Memory meters: on CUDA the allocator peak of the logging window (reset after each read); on CPU the process's
 RSS high-water mark, which cannot be reset, so it is reported as the maximum so far with
@@ -98,6 +99,7 @@ class MetricLogger:
         self._wandb = None
         self._bar = None
         self.wandb_id: str | None = None
+        self.wandb_note = ""  # one line for the run header saying where the wandb run is ("" when off)
         if not enabled:
             return
         if self.run_dir is not None:
@@ -121,9 +123,14 @@ class MetricLogger:
             self.wandb_id = uuid.uuid4().hex[:12]
             if id_path is not None:
                 atomic_write_text(id_path, self.wandb_id + "\n")
+        # silent: no banner and no history/summary tables at finish (they buried the run's own last lines);
+        # console="off": wandb does not capture stdout/stderr, which metrics.jsonl already records as events
+        quiet = wandb.Settings(silent=True, console="off")
         self._wandb = wandb.init(project=project, name=name or None, id=self.wandb_id, resume="allow",
-                                 mode=mode, config=config,
+                                 mode=mode, config=config, settings=quiet,
                                  dir=str(self.run_dir) if self.run_dir is not None else None)
+        where = self._wandb.url if mode == "online" else f"{self._wandb.settings.sync_dir} (`wandb sync` it)"
+        self.wandb_note = f"wandb: {mode} run {self.wandb_id}: {where}"
 
     def log(self, event: dict) -> dict:
         """Record one flat event; returns its JSON-safe form."""
@@ -141,23 +148,29 @@ class MetricLogger:
 
     def _console(self, event: dict) -> None:
         step = event.get("step")
-        if "valid/ppl" in event:
-            text = (f"step {step} valid ppl {_fmt(event['valid/ppl'])} loss {_fmt(event.get('valid/loss'))} "
-                    f"(tgt_len {event.get('valid/tgt_len')}, mem_len {event.get('valid/mem_len')}, "
-                    f"f_max_iter {event.get('valid/f_max_iter')})")
-            self.write(text)
+        if "valid/loss" in event:
+            ppl = event.get("valid/ppl")  # None for a position classifier (copy memory): loss is its figure
+            settings = f"tgt_len {event.get('valid/tgt_len')}, mem_len {event.get('valid/mem_len')}"
+            if event.get("valid/f_max_iter") is not None:  # explicit models have no solver
+                settings += f", f_max_iter {event['valid/f_max_iter']}"
+            self.write(f"step {step} valid " + ("" if ppl is None else f"ppl {_fmt(ppl)} ")
+                       + f"loss {_fmt(event['valid/loss'])} ({settings})")
         elif "train/loss" in event:
             if self._bar is not None:
                 self._bar.n = int(step)
-                post = {"loss": _fmt(event["train/loss"]), "ppl": _fmt(event.get("train/ppl")),
-                        "tok/s": _fmt(event.get("speed/tokens_per_s"), 0)}
+                post = {"loss": _fmt(event["train/loss"])}
+                if event.get("train/ppl") is not None:
+                    post["ppl"] = _fmt(event["train/ppl"])
+                post["tok/s"] = _fmt(event.get("speed/tokens_per_s"), 0)
                 if event.get("solver/f_nstep") is not None:
                     post["f_nstep"] = _fmt(event["solver/f_nstep"], 1)
                 self._bar.set_postfix(post, refresh=True)
             else:
+                ppl = event.get("train/ppl")
                 text = (f"step {step} {event.get('mode')} loss {_fmt(event['train/loss'])} "
-                        f"ppl {_fmt(event.get('train/ppl'))} lr {_fmt(event.get('optim/lr'), 6)} "
-                        f"tok/s {_fmt(event.get('speed/tokens_per_s'), 0)}")
+                        + ("" if ppl is None else f"ppl {_fmt(ppl)} ")
+                        + f"lr {_fmt(event.get('optim/lr'), 6)} "
+                        + f"tok/s {_fmt(event.get('speed/tokens_per_s'), 0)}")
                 if event.get("solver/f_nstep") is not None:
                     text += (f" f_nstep {_fmt(event['solver/f_nstep'], 1)}"
                              f" f_res {_fmt(event.get('solver/f_rel_res'), 6)}")

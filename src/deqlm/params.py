@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
-
 from deqlm.config import ConfigError, load_config
+from deqlm.exits import BAD_INPUT, OK, error
+
+USAGE = "usage: python -m deqlm.params CONFIG [key=value ...]"
 
 # word-level vocabulary sizes (REFERENCE.md §4); copy memory has 10 input symbols
 VOCAB_SIZES = {"ptb": 10000, "wt103": 267735, "wt2": 33278, "copy": 10}
@@ -29,6 +30,10 @@ def vocab_size_of(cfg_data) -> int:
 
 
 def count_experiment(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    # the models load torch: imported here, not at the top, so that `python -m deqlm.params --help` and a bad
+    # config answer at once
+    import torch
+
     from deqlm.models import build_model, count_params
 
     cfg = load_config(path, overrides)
@@ -40,15 +45,16 @@ def count_experiment(path: str | None, overrides: list[str] | tuple[str, ...] = 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m deqlm.params CONFIG [key=value ...]", file=sys.stderr)
-        return 0 if argv else 2
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"{USAGE}\n\n{__doc__.strip()}")
+        return OK
+    if not argv:
+        return error(f"no experiment given ({USAGE[7:]})", BAD_INPUT)
     try:
         print(json.dumps(count_experiment(argv[0], argv[1:])))
     except (ConfigError, ValueError) as exc:
-        print(f"deqlm.params: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return error(str(exc), BAD_INPUT)
+    return OK
 
 
 if __name__ == "__main__":

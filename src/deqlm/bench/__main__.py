@@ -3,27 +3,38 @@ deqlm.bench.<name>.main(argv)."""
 
 import importlib
 import sys
+import textwrap
 
 from deqlm.allocator import tune_allocator
+from deqlm.bench.cli import PARSERS, summary
+from deqlm.exits import BAD_INPUT, OK, error
 
-SUBCOMMANDS = ("solver", "memory", "speed", "allocator")
+USAGE = f"usage: python -m deqlm.bench {{{','.join(PARSERS)}}} [args]   (SUBCOMMAND --help for its options)"
+
+
+def overview() -> str:
+    """The top-level help: each subcommand with what its module's docstring says it measures."""
+    lines = [USAGE, "", "benchmarks (results and commands: docs/benchmarks.md):"]
+    for name in PARSERS:
+        head = f"  {name:<11}"
+        lines.append(textwrap.fill(summary(name), 110, initial_indent=head, subsequent_indent=" " * 13))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in SUBCOMMANDS:
+    if argv and argv[0] in ("-h", "--help"):
+        print(overview())
+        return OK
+    if not argv or argv[0] not in PARSERS:
         got = repr(argv[0]) if argv else "nothing"
-        print(f"error: expected a subcommand ({', '.join(SUBCOMMANDS)}), got {got}", file=sys.stderr)
-        return 2
-    name = f"deqlm.bench.{argv[0]}"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-        print(f"error: benchmark {argv[0]!r} is not available ({name} is missing)", file=sys.stderr)
-        return 1
-    return int(module.main(argv[1:]) or 0)
+        return error(f"expected a subcommand ({', '.join(PARSERS)}), got {got}; --help lists them", BAD_INPUT)
+    name, rest = argv[0], argv[1:]
+    if any(a in ("-h", "--help") for a in rest):
+        PARSERS[name]().print_help()  # before importing the benchmark: most of them load torch
+        return OK
+    module = importlib.import_module(f"deqlm.bench.{name}")
+    return int(module.main(rest) or 0)
 
 
 if __name__ == "__main__":

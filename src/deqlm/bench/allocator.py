@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deqlm.allocator import SWITCH, USER_VARIABLES, glibc_version
+from deqlm.exits import FAILED, OK, describe, error
 from deqlm.io import atomic_write_json
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -157,7 +158,7 @@ def table(result: dict, variants: list[str]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deqlm.bench allocator", description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), help="named cases")
     p.add_argument("--exp", help="measure this experiment YAML instead of the named cases")
@@ -168,11 +169,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per child")
     p.add_argument("--out", help="folder for allocator.json")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.exp:
         cases = {Path(args.exp).stem: Case(str(Path(args.exp).resolve()), args.steps or 10, tuple(args.set))}
     else:
@@ -183,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_all(cases, args.variants, args.reps, args.timeout, log)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 1
+        return error(describe(exc), FAILED)
     result = {"command": "python -m deqlm.bench allocator " + " ".join(argv if argv is not None
                                                                         else sys.argv[1:]),
               "glibc": glibc_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
@@ -194,4 +194,4 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         atomic_write_json(Path(args.out) / "allocator.json", result, indent=1)
     print(json.dumps(result) if args.json else table(result, args.variants))
-    return 0
+    return OK

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
+from deqlm.bench import cli
 from deqlm.bench import common as C
+from deqlm.bench import protocol as P
+from deqlm.exits import BAD_INPUT, OK, error
 
-SWEEP_DEPTHS = (1, 2, 4, 8, 16, 32, 48, 70)
-SWEEP_SOLVER_STEPS = (5, 10, 20, 30, 40, 60)
-SWEEP_SEQ_LENS = (50, 100, 150, 200, 300)
 QUICK = {"depths": (1, 3), "steps": (2, 6), "seq_lens": (8, 16), "batch": 2, "tgt_len": 8, "mem_len": 8,
          "rows": ("wt103-txl-small-4l", "wt103-txl-small-tied-16l", "wt103-deq-transformer-small",
                   "ptb-trellisnet-60l", "ptb-deq-trellisnet")}
@@ -60,7 +60,7 @@ def _measure(key: str, device: torch.device, size: str, peak: C.PeakMemory, rec:
     from deqlm.activation import SavedTensorMeter
 
     t0 = time.perf_counter()
-    if tol == "cap" and C.get_row(key).core == "deq":
+    if tol == "cap" and P.get_row(key).core == "deq":
         extra = ["deq.f_tol=0", "deq.b_tol=0", *extra]
     built = C.build_row(key, size, batch=batch, tgt_len=tgt_len, mem_len=mem_len, extra=extra, device=device)
     cfg = built.cfg
@@ -111,7 +111,7 @@ def _row_facts(built: C.BuiltRow) -> dict:
 
 def run_child(args: argparse.Namespace) -> dict:
     """`--row`: measure in this process; errors come back as a skipped record (the parent keeps going)."""
-    row = C.get_row(args.row)
+    row = P.get_row(args.row)
     base = {"key": row.key, "row": row.row, "core": row.core, "corpus": row.corpus,
             "paper_mem_gib": row.paper_mem_gib, "size": args.size, "device": args.device}
     try:
@@ -160,8 +160,8 @@ def run_one(args: argparse.Namespace, child: list[str]) -> dict:
 def run_paper(args: argparse.Namespace, say) -> list[dict]:
     """Every row with a memory figure, one fresh process each; one output object per (row, pair)."""
     for key in args.rows or ():
-        C.get_row(key)  # ValueError naming the valid rows
-    rows = [C.ROWS[k] for k in args.rows] if args.rows else list(C.PAPER_ROWS)  # --rows sets the order
+        P.get_row(key)  # ValueError naming the valid rows
+    rows = [P.ROWS[k] for k in args.rows] if args.rows else list(P.PAPER_ROWS)  # --rows sets the order
     # every row is in the output from the start, so a run cut short says which rows it never reached
     done: dict[str, list[dict]] = {
         r.key: [{"key": r.key, "row": r.row, "core": r.core, "corpus": r.corpus, "pair": p,
@@ -187,7 +187,7 @@ def run_paper(args: argparse.Namespace, say) -> list[dict]:
     return [x for recs in done.values() for x in recs]
 
 
-def project_depth(args: argparse.Namespace, r: C.PaperRow, say) -> dict:
+def project_depth(args: argparse.Namespace, r: P.PaperRow, say) -> dict:
     """A row too big for this machine: measure it at two shallow depths and extrapolate linearly in depth
     (explicit-depth memory is affine in the number of layers). Reported as `projected_peak_gib`, never as a
     measurement."""
@@ -210,11 +210,11 @@ def project_depth(args: argparse.Namespace, r: C.PaperRow, say) -> dict:
                           f"{peaks[0]:.3f}, {peaks[1]:.3f} GiB"}
 
 
-def _yaml_depth(r: C.PaperRow) -> int | None:
+def _yaml_depth(r: P.PaperRow) -> int | None:
     try:
         from deqlm.config import load_config
 
-        path, overrides = C.find_experiment(r)
+        path, overrides = P.find_experiment(r)
         return load_config(path, list(overrides)).model.n_layer
     except (FileNotFoundError, ValueError):
         return None
@@ -223,9 +223,9 @@ def _yaml_depth(r: C.PaperRow) -> int | None:
 def sweep_plan(args: argparse.Namespace) -> list[tuple[str, str, int, dict]]:
     """(axis, row key, x, child kwargs) for the three sweeps."""
     quick = args.quick
-    depths = args.depths or (QUICK["depths"] if quick else SWEEP_DEPTHS)
-    steps = args.solver_steps or (QUICK["steps"] if quick else SWEEP_SOLVER_STEPS)
-    lens = args.seq_lens or (QUICK["seq_lens"] if quick else SWEEP_SEQ_LENS)
+    depths = args.depths or (QUICK["depths"] if quick else P.SWEEP_DEPTHS)
+    steps = args.solver_steps or (QUICK["steps"] if quick else P.SWEEP_SOLVER_STEPS)
+    lens = args.seq_lens or (QUICK["seq_lens"] if quick else P.SWEEP_SEQ_LENS)
     b, L, M = args.batch, args.tgt_len, args.mem_len
     plan = []
     for key in ("wt103-txl-small-4l", "ptb-trellisnet-60l"):
@@ -250,7 +250,7 @@ def run_sweep(args: argparse.Namespace, say) -> list[dict]:
     for axis, key, x, kw in sweep_plan(args):
         say(f"[memory sweep] {axis}={x} {key} ...")
         rec = run_one(args, child_args(args, key, **kw))
-        r = C.get_row(key)
+        r = P.get_row(key)
         rec = {"key": key, "row": r.row, "core": r.core, "axis": axis, "x": x, "size": args.size,
                "device": args.device, **rec}
         rec.setdefault("reason", "")
@@ -267,41 +267,7 @@ def run_sweep(args: argparse.Namespace, say) -> list[dict]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m deqlm.bench memory", description=__doc__.splitlines()[0])
-    what = p.add_argument_group("what to measure")
-    what.add_argument("--paper", action="store_true", help="every paper row with a memory figure")
-    what.add_argument("--sweep", action="store_true", help="memory against depth, solver steps, length")
-    what.add_argument("--row", choices=list(C.ROWS), help="one row in this process (what --paper runs)")
-    what.add_argument("--rows", nargs="*", default=None, help="--paper: only these row keys")
-    what.add_argument("--depths", type=int, nargs="*", default=None,
-                      help=f"--sweep: explicit depths (default {' '.join(map(str, SWEEP_DEPTHS))})")
-    what.add_argument("--solver-steps", type=int, nargs="*", default=None,
-                      help=f"--sweep: solver caps (default {' '.join(map(str, SWEEP_SOLVER_STEPS))})")
-    what.add_argument("--seq-lens", type=int, nargs="*", default=None,
-                      help=f"--sweep: sequence lengths (default {' '.join(map(str, SWEEP_SEQ_LENS))})")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--size", default=None, choices=list(C.SIZES),
-                   help="full (paper widths) | reduced (widths / 4) | quick (CI); default: --paper full, "
-                        "--sweep reduced on CPU and full on CUDA")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few points, seconds (CI)")
-    p.add_argument("--batch", type=int, default=None, help=f"batch (default {C.PAPER_BATCH})")
-    p.add_argument("--tgt-len", type=int, default=None, help=f"segment length (default {C.PAPER_TGT_LEN})")
-    p.add_argument("--mem-len", type=int, default=None,
-                   help=f"Transformer memory (default {C.PAPER_MEM_LEN})")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (--row)")
-    p.add_argument("--warmup", default="step", choices=["step", "light"],
-                   help="step: one full training step; light: graph-free forward + optimizer state")
-    p.add_argument("--tol", default="cap", choices=["cap", "config"],
-                   help="DEQ rows: cap = tolerance 0, both solvers run to their step limits (worst case); "
-                        "config = the YAML's tolerances")
-    p.add_argument("--row-timeout", type=float, default=None, help="seconds per fresh process")
-    p.add_argument("--no-project", dest="project", action="store_false",
-                   help="do not extrapolate explicit rows that do not fit")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    p.add_argument("--inprocess", action="store_true",
-                   help="run rows in this process, not fresh ones (implied by --quick; CI only)")
-    p.add_argument("--out", default="results/bench", help="output folder")
-    p.add_argument("--json", action="store_true", help="print one JSON line per record")
+    p = cli.memory_parser()
     args = p.parse_args(argv)
     if not (args.paper or args.sweep or args.row):
         p.error("choose --paper, --sweep or --row NAME")
@@ -312,10 +278,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.size = "quick"
         args.rows = args.rows or list(QUICK["rows"])
         args.inprocess = True
-    args.batch = args.batch or (QUICK["batch"] if args.quick else C.PAPER_BATCH)
-    args.tgt_len = args.tgt_len or (QUICK["tgt_len"] if args.quick else C.PAPER_TGT_LEN)
+    args.batch = args.batch or (QUICK["batch"] if args.quick else P.PAPER_BATCH)
+    args.tgt_len = args.tgt_len or (QUICK["tgt_len"] if args.quick else P.PAPER_TGT_LEN)
     args.mem_len = args.mem_len if args.mem_len is not None else (
-        QUICK["mem_len"] if args.quick else C.PAPER_MEM_LEN)
+        QUICK["mem_len"] if args.quick else P.PAPER_MEM_LEN)
     if args.row_timeout is None:
         args.row_timeout = 120.0 if args.quick else (300.0 if args.device == "cuda" else 3600.0)
     return args
@@ -327,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.row:
             rec = run_child(args)
             print(json.dumps(rec) if args.json else _human(rec))
-            return 0
+            return OK
 
         def say(msg: str) -> None:
             print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -345,10 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps(rec))
         write_md(out)
         say(f"[memory] wrote {out}/memory.md")
-        return 0
+        return OK
     except (ValueError, FileNotFoundError) as exc:
-        print(f"deqlm.bench memory: error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc), BAD_INPUT)
 
 
 def _human(rec: dict) -> str:
@@ -364,7 +329,7 @@ def _human(rec: dict) -> str:
 def pair_table(records: list[dict]) -> list[dict]:
     """One summary per pair: our and the paper's DEQ / explicit ratio, and whether we meet the paper's."""
     out = []
-    for name, (deq_row, exp_row) in C.pairs().items():
+    for name, (deq_row, exp_row) in P.pairs().items():
         d = next((r for r in records if r.get("pair") == name and r.get("core") == "deq"), None)
         e = next((r for r in records if r.get("pair") == name and r.get("core") != "deq"), None)
         if d is None and e is None:
@@ -394,7 +359,7 @@ def _merge(path: Path, records: list[dict], ident) -> list[dict]:
 def write_paper(out: Path, records: list[dict]) -> None:
     from deqlm.io import atomic_write_json
 
-    order = {r.key: i for i, r in enumerate(C.PAPER_ROWS)}
+    order = {r.key: i for i, r in enumerate(P.PAPER_ROWS)}
     merged = _merge(out / "memory.json", records, lambda r: (r.get("key"), r.get("pair")))
     records = sorted(merged, key=lambda r: order.get(r.get("key"), len(order)))
     atomic_write_json(out / "memory.json", records)

@@ -27,7 +27,6 @@ implementation that keeps the history in float32 can avoid.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import statistics
@@ -35,13 +34,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from deqlm.allocator import tune_allocator
+from deqlm.bench import cli
 from deqlm.bench.common import peak_live_bytes
 from deqlm.deq import DEQFixedPoint
 from deqlm.io import atomic_write_json
@@ -416,16 +415,7 @@ def run(w: Workload, with_torchdeq: bool = True, report: Callable[[dict], None] 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deqlm.bench solver", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON line per configuration")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (CI)")
-    parser.add_argument("--out", type=Path, help="also write the list of lines as JSON to this file")
-    parser.add_argument("--no-torchdeq", action="store_true", help="skip TorchDEQ even if installed")
-    parser.add_argument(
-        "--rank-sweep",
-        metavar="R,R,...",
-        help="instead: Broyden by rank: forward residual at the step cap, adjoint steps of 4 training steps",
-    )
+    parser = cli.solver_parser()
     args = parser.parse_args(argv)
     torch.set_num_threads(1 if args.quick else 2)  # quick: CI boxes are shared; one thread avoids spin-waits
     w = QUICK if args.quick else Workload()

@@ -27,7 +27,10 @@ from pathlib import Path
 
 import torch
 
+from deqlm.bench import cli
 from deqlm.bench import common as C
+from deqlm.bench import protocol as P
+from deqlm.exits import BAD_INPUT, OK, error
 
 QUICK_PAIRS = ("wt103-transformer-small", "ptb-trellisnet")
 QUICK = {"batch": 2, "tgt_len": 8, "mem_len": 8}
@@ -48,7 +51,7 @@ class Clock:
 def time_row(key: str, device: torch.device, size: str, *, batch: int, tgt_len: int, mem_len: int,
              extra: list[str], tol: str, steps: int, warmup_steps: int) -> dict:
     """Training-step and inference timings of row `key` in this process."""
-    row = C.get_row(key)
+    row = P.get_row(key)
     if tol == "cap" and row.core == "deq":
         extra = ["deq.f_tol=0", "deq.b_tol=0", *extra]
     built = C.build_row(key, size, batch=batch, tgt_len=tgt_len, mem_len=mem_len, extra=extra, device=device)
@@ -145,7 +148,7 @@ def _mean(xs: list) -> float | None:
 
 
 def run_child(args: argparse.Namespace) -> dict:
-    row = C.get_row(args.row)
+    row = P.get_row(args.row)
     base = {"key": row.key, "row": row.row, "core": row.core, "size": args.size, "device": args.device}
     try:
         device = C.pick_device(args.device)
@@ -172,7 +175,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def pair_record(name: str, deq: dict, exp: dict, args: argparse.Namespace) -> dict:
-    paper = C.PAPER_SPEED.get(name, {})
+    paper = P.PAPER_SPEED.get(name, {})
     ok = deq.get("status") == "ok" and exp.get("status") == "ok"
     rec = {
         "pair": name, "device": deq.get("device", args.device), "size": args.size,
@@ -195,7 +198,7 @@ def pair_record(name: str, deq: dict, exp: dict, args: argparse.Namespace) -> di
 
 
 def run_pairs(args: argparse.Namespace, say) -> list[dict]:
-    table = C.pairs()
+    table = P.pairs()
     names = args.pairs or list(table)
     for n in names:
         if n not in table:
@@ -303,27 +306,7 @@ def write_outputs(out: Path, records: list[dict]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m deqlm.bench speed", description=__doc__.splitlines()[0])
-    p.add_argument("--row", choices=list(C.ROWS), help="one row in this process (what the pairs run)")
-    p.add_argument("--pairs", nargs="*", default=None, help="only these pairs (default: all)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--size", default=None, choices=list(C.SIZES),
-                   help="default: full on CUDA, reduced on CPU (widths / 4)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, two pairs, seconds (CI)")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--tgt-len", type=int, default=None)
-    p.add_argument("--mem-len", type=int, default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (--row)")
-    p.add_argument("--tol", default="cap", choices=["cap", "config"],
-                   help="cap: tolerance 0, every solve runs to its limit; config: the YAML's tolerances")
-    p.add_argument("--steps", type=int, default=3, help="timed training steps and inference forwards")
-    p.add_argument("--warmup-steps", type=int, default=1)
-    p.add_argument("--row-timeout", type=float, default=None, help="seconds per fresh process")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--inprocess", action="store_true",
-                   help="run rows in this process, not fresh ones (implied by --quick; CI only)")
-    p.add_argument("--out", default="results/bench")
-    p.add_argument("--json", action="store_true", help="print one JSON line per record")
+    p = cli.speed_parser()
     args = p.parse_args(argv)
     if args.quick:
         args.size = "quick"
@@ -332,10 +315,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.inprocess = True
     if args.size is None:
         args.size = "full" if args.device == "cuda" else "reduced"
-    args.batch = args.batch or (QUICK["batch"] if args.quick else C.PAPER_BATCH)
-    args.tgt_len = args.tgt_len or (QUICK["tgt_len"] if args.quick else C.PAPER_TGT_LEN)
+    args.batch = args.batch or (QUICK["batch"] if args.quick else P.PAPER_BATCH)
+    args.tgt_len = args.tgt_len or (QUICK["tgt_len"] if args.quick else P.PAPER_TGT_LEN)
     args.mem_len = args.mem_len if args.mem_len is not None else (
-        QUICK["mem_len"] if args.quick else C.PAPER_MEM_LEN)
+        QUICK["mem_len"] if args.quick else P.PAPER_MEM_LEN)
     if args.row_timeout is None:
         args.row_timeout = 120.0 if args.quick else (300.0 if args.device == "cuda" else 3600.0)
     if args.steps <= 0 or args.warmup_steps < 0:
@@ -349,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.row:
             rec = run_child(args)
             print(json.dumps(rec) if args.json else "  ".join(f"{k}={v}" for k, v in rec.items()))
-            return 0
+            return OK
 
         def say(msg: str) -> None:
             print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -359,7 +342,6 @@ def main(argv: list[str] | None = None) -> int:
             for rec in records:
                 print(json.dumps({k: v for k, v in rec.items() if k not in ("deq", "explicit")}))
         say(f"[speed] wrote {args.out}/speed.md")
-        return 0
+        return OK
     except (ValueError, FileNotFoundError) as exc:
-        print(f"deqlm.bench speed: error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc), BAD_INPUT)

@@ -7,7 +7,8 @@ import json
 import sys
 
 from deqlm.config import DataConfig
-from deqlm.data import DATASETS, DataError, build_dataset
+from deqlm.data import DATASETS, SPLITS, DataError
+from deqlm.exits import BAD_INPUT, OK, error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,23 +20,25 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--tokenizer", default="word", choices=("word", "sentencepiece"))
     ins.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     args = parser.parse_args(argv)
+    # the datasets load torch: imported once the arguments are understood, so that --help answers at once
+    from deqlm.data import build_dataset
+
     try:
         ds = build_dataset(DataConfig(dataset=args.dataset, data_dir=args.data_dir, tokenizer=args.tokenizer))
         if args.dataset == "copy":
             info = {"dataset": "copy", "vocab_size": ds.vocab_size,
-                    **{f"{s}_tokens": ds.split_tokens(s) for s in ("train", "valid", "test")},
+                    **{f"{s}_tokens": ds.split_tokens(s) for s in SPLITS},
                     "oov_valid": 0, "oov_test": 0}
         else:
             info = ds.summary()
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc), BAD_INPUT)
     if args.json:
         print(json.dumps(info))
     else:
         for key, value in info.items():
             print(f"{key:>14}  {value:,}" if isinstance(value, int) else f"{key:>14}  {value}")
-    return 0
+    return OK
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Word-level corpora on disk -> cached token ids -> a language-modelling ``LMDataset``.
+"""Word-level corpora on disk -> cached token ids, ``TokenizedCorpus`` (dataset.py batches them).
 
 Layout of a corpus folder (written by ``scripts/prepare_data.py``)::
 
@@ -18,14 +18,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from deqlm.data.errors import DataError
-from deqlm.data.iterators import LMOrderedIterator
 from deqlm.data.tokenizers import SentencePieceVocab, WordVocab
 
 SPLITS = ("train", "valid", "test")
@@ -204,61 +202,3 @@ def _load_cache(corpus_dir: Path, cache_dir: Path, key: str) -> TokenizedCorpus:
             raise mismatch(f"{split}.bin has ids beyond the vocabulary of {vocab.vocab_size}")
         ids[split] = arr
     return TokenizedCorpus(corpus_dir, cache_dir, vocab, ids, meta["splits"])
-
-
-class LMDataset:
-    """A language-modelling corpus: vocabulary, split sizes and ordered batches (see iterators.py)."""
-
-    carry_mems = True
-
-    def __init__(self, name: str, corpus: TokenizedCorpus, entropy_rate: float | None = None):
-        self.name = name
-        self.corpus = corpus
-        self.corpus_dir = corpus.corpus_dir
-        self.vocab = corpus.vocab
-        self.tokenizer = corpus.vocab.kind
-        self.vocab_size = corpus.vocab.vocab_size
-        self.n_classes = self.vocab_size
-        self.vocab_hash = corpus.vocab.hash
-        self.entropy_rate = entropy_rate  # nats/token incl. <eos> of the generating process (synthetic only)
-
-    def _check_split(self, split: str) -> str:
-        if split not in SPLITS:
-            raise DataError(f"split={split!r} is not one of {', '.join(SPLITS)}")
-        return split
-
-    def ids(self, split: str) -> np.ndarray:
-        return self.corpus.ids[self._check_split(split)]
-
-    def split_tokens(self, split: str) -> int:
-        """Tokens of the split in this tokenizer's units (words + one <eos> per line for the word vocab)."""
-        return int(self.corpus.stats[self._check_split(split)]["tokens"])
-
-    def split_words(self, split: str) -> int:
-        """Words incl. one <eos> per line, whatever the tokenizer: the denominator of word-level ppl."""
-        return int(self.corpus.stats[self._check_split(split)]["words"])
-
-    def split_oov(self, split: str) -> int:
-        """Words of the split outside the train vocabulary (mapped to <unk>)."""
-        return int(self.corpus.stats[self._check_split(split)]["oov"])
-
-    def train_iterator(self, batch_size: int, tgt_len: int, rank: int = 0,
-                       world_size: int = 1) -> LMOrderedIterator:
-        """Endless ordered training batches; ``batch_size`` is global, a rank gets batch_size/world_size."""
-        return LMOrderedIterator(self.ids("train"), batch_size, tgt_len, rank, world_size, loop=True)
-
-    def eval_batches(self, split: str, batch_size: int, tgt_len: int) -> Iterator:
-        """One ordered pass over a whole split, last short segment kept."""
-        return LMOrderedIterator(self.ids(split), batch_size, tgt_len, loop=False)
-
-    def check_vocab_hash(self, expected: str) -> None:
-        """Refuse a checkpoint whose vocabulary differs from this corpus's."""
-        if expected != self.vocab_hash:
-            raise DataError(f"vocabulary mismatch: checkpoint has {expected}, corpus {self.corpus_dir} has "
-                            f"{self.vocab_hash} (tokenizer {self.tokenizer})")
-
-    def summary(self) -> dict:
-        """The figures ``python -m deqlm.data inspect`` prints."""
-        return {"dataset": self.name, "vocab_size": self.vocab_size,
-                **{f"{s}_tokens": self.split_tokens(s) for s in SPLITS},
-                "oov_valid": self.split_oov("valid"), "oov_test": self.split_oov("test")}

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from urllib.parse import urlparse
 from deqlm.data.corpus import CORPORA, SPLITS
 from deqlm.data.errors import DataError
 from deqlm.data.synthetic import ensure_synthetic
+from deqlm.exits import BAD_INPUT, OK, describe, error
 
 HUB = {  # dataset -> (repo id, config or path template, revision)
     "wt103": ("Salesforce/wikitext", "wikitext-103-v1", None),
@@ -125,8 +125,7 @@ def _fill_from_hub(dataset: str, tmp: Path) -> str:
         try:
             paths = download_parquet(dataset, split)
         except Exception as exc:  # the hub client raises many types (HTTP, offline, DNS, OSError)
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise DataError(f"cannot download {repo} ({config}) from the Hugging Face hub ({reason}); "
+            raise DataError(f"cannot download {repo} ({config}) from the Hugging Face hub ({describe(exc)}); "
                             f"without network pass --source-dir DIR holding "
                             f"{', '.join(names.values())}") from None
         with open(tmp / names[split], "w", encoding="utf-8", newline="\n") as fh:
@@ -195,6 +194,5 @@ def main(argv: list[str] | None = None) -> int:
         else:
             prepare(args.dataset, args.data_dir, args.source_dir, args.force)
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return error(str(exc), BAD_INPUT)
+    return OK

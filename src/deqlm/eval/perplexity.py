@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from deqlm.config import ConfigError, ExperimentConfig, load_config, to_dict
+from deqlm.data.errors import DataError
+from deqlm.exits import BAD_INPUT, FAILED, OK, describe, error, warn
 from deqlm.io import atomic_write_json
 
 EVAL_FILE = "eval.json"
@@ -195,18 +197,26 @@ def _peak_memory_gib(device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30, "cpu_max_rss"
 
 
-def _load_checkpoint(run_dir: Path, path: Path) -> dict:
-    import torch
+def _load_checkpoint(run_dir: Path) -> tuple[Path, dict]:
+    """The first readable checkpoint of CKPT_ORDER. A damaged best.pt falls back to an intact last.pt, said in
+    one line: the last weights still give a result where stopping gives none, and eval.json names the file."""
+    from deqlm.train.checkpoint import CheckpointError, load_checkpoint
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated / foreign files
-        raise RunError(
-            run_dir, f"cannot read {path.relative_to(run_dir)} ({str(exc).splitlines()[0][:120]})"
-        ) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise RunError(run_dir, f"{path.relative_to(run_dir)} has no 'model' state dict")
-    return ckpt
+    first = find_checkpoint(run_dir)
+    damaged: list[str] = []
+    for name in CKPT_ORDER[CKPT_ORDER.index(first.name) :]:
+        path = run_dir / "ckpt" / name
+        if not path.is_file():
+            continue
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as exc:
+            damaged.append(f"ckpt/{name} is damaged ({exc.reason})")
+            continue
+        if damaged:
+            warn(f"{run_dir}: {damaged[0]}; evaluating ckpt/{name} instead")
+        return path, ckpt
+    raise RunError(run_dir, "; ".join(damaged))
 
 
 def _split_result(raw: dict, *, word_count: int | None, token_count: int | None, copy_task: bool) -> dict:
@@ -243,8 +253,7 @@ def evaluate_run(run_dir: str | os.PathLike, req: EvalRequest | None = None, *, 
 
     run_dir, req = Path(run_dir), req or EvalRequest()
     cfg = load_run_config(run_dir, req.eval_overrides)
-    ckpt_path = find_checkpoint(run_dir)
-    ckpt = _load_checkpoint(run_dir, ckpt_path)
+    ckpt_path, ckpt = _load_checkpoint(run_dir)
 
     from deqlm.data import build_dataset
     from deqlm.models import build_model, count_params
@@ -416,40 +425,41 @@ def _plan(run_dir: Path, req: EvalRequest) -> bool:
     )
 
 
+def _exit_code(exc: Exception) -> int:
+    """BAD_INPUT for a problem with what was asked (a bad run directory, setting or corpus), as train says it;
+    FAILED for a crash inside the model or data code."""
+    return BAD_INPUT if isinstance(exc, (RunError, ConfigError, DataError)) else FAILED
+
+
+def _failure(run: Path, exc: Exception) -> str:
+    return str(exc) if isinstance(exc, RunError) else f"{run}: {type(exc).__name__}: {describe(exc)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
-        return 0
+        return OK
     try:
         paths, req = parse_args(argv)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return error(str(exc), BAD_INPUT)
     missing = [p for p in paths if not p.exists()]
     if missing:
-        print(f"error: {missing[0]}: no such directory", file=sys.stderr)
-        return 1
+        return error(f"{missing[0]}: no such directory", BAD_INPUT)
 
     if len(paths) == 1 and is_run_dir(paths[0]):  # one named run: always evaluate, failures are errors
         try:
             evaluate_run(paths[0], req)
-        except RunError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        except Exception as exc:  # a crash inside the model or data code: still one line, still non-zero
-            print(
-                f"error: {paths[0]}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                file=sys.stderr,
-            )
-            return 1
-        return 0
+        except Exception as exc:  # a crash inside the model or data code too: one line, not a traceback
+            return error(_failure(paths[0], exc), _exit_code(exc))
+        return OK
 
     runs = [r for p in paths for r in discover_runs(p)]
     if not runs:
-        print(f"error: {', '.join(map(str, paths))}: no run directories found", file=sys.stderr)
-        return 1
-    n_done = n_failed = n_fresh = 0
+        return error(f"{', '.join(map(str, paths))}: no run directories found", BAD_INPUT)
+    n_done = n_fresh = 0
+    failed: list[int] = []  # the exit code each skipped run would have had on its own
     for run in runs:
         try:
             if not req.force and not _plan(run, req):
@@ -458,12 +468,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             evaluate_run(run, req)
             n_done += 1
-        except RunError as exc:
-            n_failed += 1
-            print(f"warning: {exc} (skipped)", file=sys.stderr)
         except Exception as exc:  # one broken run must not stop the others
-            n_failed += 1
-            msg = str(exc).splitlines()[0] if str(exc) else ""
-            print(f"warning: {run}: {type(exc).__name__}: {msg} (skipped)", file=sys.stderr)
-    print(f"evaluated {n_done}, up to date {n_fresh}, skipped {n_failed} of {len(runs)} runs")
-    return 1 if n_failed and not (n_done or n_fresh) else 0
+            failed.append(_exit_code(exc))
+            warn(f"{_failure(run, exc)} (skipped)")
+    print(f"evaluated {n_done}, up to date {n_fresh}, skipped {len(failed)} of {len(runs)} runs")
+    if not failed or n_done or n_fresh:
+        return OK
+    return failed[0] if len(set(failed)) == 1 else FAILED

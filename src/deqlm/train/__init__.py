@@ -1,8 +1,18 @@
 """Training: `python -m deqlm.train EXPERIMENT.yaml [key=value ...]` or `--resume RUN_DIR`."""
 
-from deqlm.train.trainer import Trainer, TrainingDiverged, evaluate, train
-
 __all__ = ["Trainer", "TrainingDiverged", "evaluate", "train", "main"]
+
+# The trainer loads torch, and `python -m deqlm.train` imports this package before its __main__: the trainer's
+# names are looked up on first use (PEP 562) so that `--help` answers without loading torch.
+_TRAINER_NAMES = ("Trainer", "TrainingDiverged", "evaluate", "train")
+
+
+def __getattr__(name: str):
+    if name in _TRAINER_NAMES:
+        from deqlm.train import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'deqlm.train' has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

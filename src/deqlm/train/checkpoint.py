@@ -16,17 +16,32 @@ A checkpoint is a dict of tensors, numbers, strings and containers only (it load
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from deqlm.io import atomic_torch_save
+from deqlm.io import atomic_torch_save, remove_stale_temps
 
 LAST = "last.pt"
 BEST = "best.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: cut short (a full disk, an interrupted copy), not a checkpoint,
+    or holding objects other than tensors and plain data. The message names the file, then says what to do."""
+
+    def __init__(self, path: Path, reason: str, advice: str = ""):
+        super().__init__(f"{path} is damaged ({reason})" + (f"; {advice}" if advice else ""))
+        self.path, self.reason = path, reason
+
+
+class NothingToDo(Exception):
+    """A resume whose checkpoint is already at `train.max_steps`: not an error, and nothing gets written."""
 
 
 def rng_state() -> dict:
@@ -80,9 +95,58 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     atomic_torch_save(state, path)
 
 
+def _why_unreadable(exc: Exception, path: Path) -> str:
+    """What went wrong, in words a user can act on (torch's own messages run to several sentences)."""
+    if isinstance(exc, EOFError) or path.stat().st_size == 0:
+        return "empty or cut short"
+    if isinstance(exc, pickle.UnpicklingError):
+        return "not a checkpoint of tensors and plain data"
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return first.split(". ")[0]
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load with weights_only=True: a checkpoint can hold data, never code."""
+    """Load with weights_only=True (a checkpoint can hold data, never code); CheckpointError if unreadable."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a truncated or foreign file
+        raise CheckpointError(path, _why_unreadable(exc, path)) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(path, "no model state in it")
+    return state
+
+
+def load_for_resume(ckpt_dir: str | os.PathLike) -> dict:
+    """The run's last.pt; when it is damaged, the one-line error says whether best.pt can stand in."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        return load_checkpoint(ckpt_dir / LAST)
+    except CheckpointError as exc:
+        best, last = ckpt_dir / BEST, ckpt_dir / LAST
+        try:
+            step = load_checkpoint(best).get("step")
+        except (FileNotFoundError, CheckpointError):
+            raise CheckpointError(last, exc.reason, f"no intact {BEST} either: start a new run") from None
+        raise CheckpointError(last, exc.reason, f"{BEST} (step {step}) is intact: resume from it with "
+                              f"`cp {best} {last}` and --resume again (later steps are redone), or start a "
+                              "new run") from None
+
+
+def open_for_resume(run_dir: Path, max_steps: int, is_main: bool = True, stream=None) -> dict:
+    """The state to resume `run_dir` from, read before anything is built or written, so that a damaged
+    checkpoint (CheckpointError) or a run already at `max_steps` (NothingToDo) leaves the run as it was.
+    Temp files that interrupted checkpoint writes left behind are removed first (nothing writes them now)
+    and said so on `stream`."""
+    ckpt_dir = run_dir / "ckpt"
+    n_files, n_bytes = remove_stale_temps(ckpt_dir) if is_main else (0, 0)
+    if n_files:
+        print(f"removed {n_files} temp file(s) ({n_bytes / 2**20:.1f} MiB) left in {ckpt_dir} by an "
+              "interrupted checkpoint write", file=stream or sys.stdout, flush=True)
+    state = load_for_resume(ckpt_dir)
+    if int(state["step"]) >= max_steps:
+        raise NothingToDo(f"{run_dir} is already at step {state['step']} (train.max_steps={max_steps}): "
+                          "nothing to do; raise train.max_steps to train on")
+    return state

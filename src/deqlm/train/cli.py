@@ -5,52 +5,77 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from deqlm import config_reference
+from deqlm.config import ConfigError, load_config
+from deqlm.exits import BAD_INPUT, FAILED, INTERRUPTED, OK, error
+
 USAGE = ("usage: python -m deqlm.train EXPERIMENT.yaml [key=value ...]\n"
          "       python -m deqlm.train --resume RUN_DIR [key=value ...]")
+ABOUT = """\
+Trains one experiment into a new run directory under train.run_dir; --resume continues RUN_DIR from its
+ckpt/last.pt. Each setting comes from, last one winning: the defaults below, the experiment file (and the
+files its `base:` names), WANDB_MODE in the environment (log.wandb_mode only), key=value on the command line.
+
+example (seconds on a CPU, the embedded synthetic corpus, no download):
+  python -m deqlm.train experiments/debug/transformer_deq.yaml train.max_steps=20 train.log_every=5
+  python -m deqlm.train --resume results/runs/synthetic/debug_transformer_deq/STAMP train.max_steps=40"""
+MORE = ("More in docs/training.md: the run directory, the metrics, resuming, multi-GPU, and the exit codes\n"
+        "(0 ok, 1 the run failed, 2 bad input, 128+N stopped by signal N after saving a checkpoint).")
 
 
-def _error(msg: str, code: int) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return code
+def help_text() -> str:
+    """The full `--help`: usage, a worked example and every setting with its default and meaning."""
+    return "\n\n".join([USAGE, ABOUT, "settings (key=default  meaning):", config_reference.render(), MORE])
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    from deqlm.config import ConfigError, load_config
+    if argv and argv[0] in ("-h", "--help"):
+        print(help_text())
+        return OK
+    if not argv:
+        return error(f"no experiment given ({USAGE[7:].splitlines()[0]}; --help lists every setting)",
+                     BAD_INPUT)
 
     resume_dir = None
     if argv[0] == "--resume":
         if len(argv) < 2:
-            return _error("--resume needs a run directory", 2)
+            return error("--resume needs a run directory", BAD_INPUT)
         resume_dir, overrides = Path(argv[1]), argv[2:]
         config_path = resume_dir / "config.yaml"
         if not (resume_dir / "ckpt" / "last.pt").is_file():
-            return _error(f"{resume_dir}: no checkpoint ckpt/last.pt to resume from", 2)
+            return error(f"{resume_dir}: no checkpoint ckpt/last.pt to resume from", BAD_INPUT)
     else:
         config_path, overrides = Path(argv[0]), argv[1:]
     flags = [a for a in overrides if a.startswith("-")]
     if flags:
-        return _error(f"unknown option {flags[0]!r} ({USAGE.splitlines()[0][7:]})", 2)
+        return error(f"unknown option {flags[0]!r} ({USAGE.splitlines()[0][7:]}; --help for more)", BAD_INPUT)
     try:
         cfg = load_config(config_path, overrides)
     except ConfigError as exc:
-        return _error(str(exc), 2)
+        return error(str(exc), BAD_INPUT)
 
+    # the trainer's modules load torch: imported only once the command line is understood, so that --help
+    # and usage errors answer at once
     from deqlm.data.errors import DataError
     from deqlm.train import distributed
+    from deqlm.train.checkpoint import CheckpointError, NothingToDo
+    from deqlm.train.signals import Stopped
     from deqlm.train.trainer import TrainingDiverged, train
 
     try:
         train(cfg, resume_dir=resume_dir)
-    except (ConfigError, DataError) as exc:
-        return _error(str(exc), 2)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        return error(str(exc), BAD_INPUT)
+    except NothingToDo as exc:
+        print(exc)
+        return OK
     except TrainingDiverged as exc:
-        return _error(str(exc), 1)
+        return error(str(exc), FAILED)
+    except Stopped as exc:
+        return error(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        return _error("interrupted (resume with --resume RUN_DIR)", 130)
+        return error("interrupted (resume with --resume RUN_DIR)", INTERRUPTED)
     finally:
         distributed.cleanup()
     return 0

@@ -9,7 +9,8 @@ One step:  batch -> forward (bytes saved for backward counted on the last step o
            check -> optimizer / scheduler step.  A non-finite loss or gradient skips the update (counted in
            `train/skipped_steps`); `train.max_bad_steps` of them in a row stop the run (TrainingDiverged).
 Per step order: train, log, validate, checkpoint -- so a checkpoint at step k holds the state after all of
-them and a resumed run repeats exactly what the uninterrupted one did from step k+1 on.
+them and a resumed run repeats exactly what the uninterrupted one did from step k+1 on. SIGTERM or Ctrl-C
+(deqlm.train.signals) ends the run after the step in flight, with a checkpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from deqlm.runtime import make_run_dir, pick_device, seed_everything, set_thread
 from deqlm.train import checkpoint as ckpt_lib
 from deqlm.train import distributed as dist_lib
 from deqlm.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from deqlm.train.signals import Stopped, StopRequest
 
 SOLVER_KEYS = ("f_nstep", "f_rel_res", "b_nstep", "b_rel_res", "converged_frac")
 NAN_ENV = "DEQLM_INJECT_NAN_STEPS"  # testing hook: comma-separated steps whose loss is replaced by NaN
@@ -128,7 +130,11 @@ class Trainer:
         if t.grad_sync not in GRAD_SYNC:
             raise ConfigError(f"train.grad_sync={t.grad_sync!r} is not one of {', '.join(GRAD_SYNC)}")
         self.cfg = cfg
+        self._is_lm = cfg.model.n_classes == 0  # False: a position classifier (copy memory)
         self.dist = dist_lib.init_distributed(t.device)
+        state = None
+        if resume_dir is not None:  # read first: a damaged or finished run must be left as it was
+            state = ckpt_lib.open_for_resume(Path(resume_dir), t.max_steps, self.dist.is_main, stream)
         set_threads(t.threads)
         self.device = pick_device(t.device, self.dist.local_rank)
         self.amp = t.amp if self.device.type == "cuda" else "none"
@@ -168,7 +174,6 @@ class Trainer:
 
         if resume_dir is not None:
             self.run_dir = Path(resume_dir)
-            state = ckpt_lib.load_checkpoint(self.run_dir / "ckpt" / ckpt_lib.LAST)
             self._restore(state)
         else:
             path = None
@@ -363,7 +368,8 @@ class Trainer:
             "step": self.step,
             "mode": mode,
             "train/loss": loss if w["steps"] else None,
-            "train/ppl": math.exp(min(vals[1] / vals[2], 700.0)) if vals[2] else None,
+            # a position classifier (copy memory) has a loss, not a perplexity
+            "train/ppl": math.exp(min(vals[1] / vals[2], 700.0)) if vals[2] and self._is_lm else None,
             "train/tokens": self.tokens,
             "train/skipped_steps": self.skipped,
             "optim/lr": self.optimizer.param_groups[0]["lr"],
@@ -385,7 +391,8 @@ class Trainer:
         f_max_iter = cfg.eval.f_max_iter or cfg.deq.eval_f_max_iter or cfg.deq.f_max_iter
         f_max_iter = f_max_iter if is_deq else None
         event = {"step": self.step, "mode": self.model.mode(self.step), "valid/loss": res["loss"],
-                 "valid/ppl": res["ppl"], "valid/tokens": res["n_tokens"], "valid/tgt_len": cfg.eval.tgt_len,
+                 "valid/ppl": res["ppl"] if self._is_lm else None, "valid/tokens": res["n_tokens"],
+                 "valid/tgt_len": cfg.eval.tgt_len,
                  "valid/mem_len": cfg.eval.mem_len, "valid/f_max_iter": f_max_iter,
                  "valid/tokens_per_s": res["tokens_per_s"],
                  **{f"valid/{k}": res[k] for k in SOLVER_KEYS if k in res},
@@ -408,6 +415,7 @@ class Trainer:
         last_valid: dict = {}
         if self.window is None:  # a resumed run goes on with the window its checkpoint was taken in
             self.window = self._new_window()
+        stop = StopRequest().install()
         try:
             while self.step < t.max_steps:
                 self.step += 1
@@ -445,20 +453,32 @@ class Trainer:
                 if self.step % t.log_every == 0 or last:
                     self._log_train(window, self.model.mode(self.step))
                     self.window = self._new_window()
-                names = []
-                t1 = time.perf_counter()
-                if (t.eval_every and self.step % t.eval_every == 0) or last:
-                    last_valid = self.validate()
-                    if last_valid["ppl"] < self.best_valid_ppl:
-                        self.best_valid_ppl = last_valid["ppl"]
-                        names.append(ckpt_lib.BEST)
-                if (t.ckpt_every and self.step % t.ckpt_every == 0) or last:
-                    names.insert(0, ckpt_lib.LAST)
-                self.elapsed_s += time.perf_counter() - t1
-                self.save(names)
+                # every rank must agree, or the ranks that stop would wait forever in the others' collectives
+                stopping = dist_lib.any_flag(stop.signum is not None, self.dist, self.device)
+                last_valid = self._validate_and_save(last, stopping) or last_valid
+                if stopping and not last:
+                    raise Stopped(stop.signum, self.step, self.run_dir)
         finally:
+            stop.restore()
             self.logger.close()
         return last_valid
+
+    def _validate_and_save(self, last: bool, stopping: bool) -> dict | None:
+        """Validation and checkpoints due after this step (a stop request adds last.pt); None: no validation
+        was due."""
+        t = self.cfg.train
+        names, valid = [], None
+        t1 = time.perf_counter()
+        if (t.eval_every and self.step % t.eval_every == 0) or last:
+            valid = self.validate()
+            if valid["ppl"] < self.best_valid_ppl:
+                self.best_valid_ppl = valid["ppl"]
+                names.append(ckpt_lib.BEST)
+        if (t.ckpt_every and self.step % t.ckpt_every == 0) or last or stopping:
+            names.insert(0, ckpt_lib.LAST)
+        self.elapsed_s += time.perf_counter() - t1
+        self.save(names)
+        return valid
 
 
 def train(cfg: ExperimentConfig, *, resume_dir: str | os.PathLike | None = None, stream=None) -> Trainer:
@@ -470,5 +490,13 @@ def train(cfg: ExperimentConfig, *, resume_dir: str | os.PathLike | None = None,
         trainer.logger.write(f"{cfg.name}: {params}; device {trainer.device}, "
                              f"world size {trainer.dist.world_size}")
         trainer.logger.write(allocator_summary_line())
+        if trainer.logger.wandb_note:
+            trainer.logger.write(trainer.logger.wandb_note)
+        m, steps = cfg.model, cfg.train.max_steps
+        if m.core == "deq" and steps <= m.pretrain_steps:  # mode(step) is "pretrain" up to pretrain_steps
+            trainer.logger.write(
+                f"note: train.max_steps={steps} <= model.pretrain_steps={m.pretrain_steps}: each step trains "
+                f"the {m.pretrain_depth}-layer unrolled warm-up stack and the DEQ solver never runs; reports "
+                f"label this run warm-up only (raise train.max_steps or lower model.pretrain_steps)")
     trainer.fit()
     return trainer
