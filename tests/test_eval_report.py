@@ -20,20 +20,22 @@ REQUIRED = ["run", "experiment", "core", "pair", "params_nonembedding", "valid_p
 
 def make_run(root: Path, corpus: str, name: str, core: str, *, pair: str = "", mem_gib: float = 1.0,
              test: float = 30.0, stamp: str = "20250101-000000", with_eval: bool = True,
-             max_steps: int = 1000, seed: int = 1111) -> Path:  # fmt: skip
+             max_steps: int = 1000, seed: int = 1111, n_layer: int = 16) -> Path:  # fmt: skip
     """A run directory as the trainer leaves it, plus an eval.json as deqlm.eval writes it."""
     run = root / corpus / name / stamp
     cfg = ExperimentConfig(name=name, pair=pair, paper_test=test - 1.0)
     cfg.model.core = core
     cfg.train.max_steps = max_steps
     cfg.train.seed = seed
+    cfg.model.n_layer = n_layer
     cfg.data.dataset = corpus
     save_config(cfg, run / "config.yaml")
     lines = []
     for step in (10, 20, 30):
         ev = {"step": step, "train/loss": 5.0 - step / 10, "speed/tokens_per_s": 1000.0 + step,
               "mem/peak_gib": mem_gib * step / 30, "mem/peak_kind": "cuda_max_allocated",
-              "mem/activation_bytes": 2**20 * step, "time/elapsed_s": 60.0 * step, "mode": core}  # fmt: skip
+              "mem/activation_bytes": 2**20 * step, "mem/state_bytes": 2**20, "time/elapsed_s": 60.0 * step,
+              "mode": core}  # fmt: skip
         if core == "deq":
             ev.update({"solver/f_nstep": 10.0 + step / 10, "solver/f_rel_res": 1e-3 / step,
                        "solver/b_nstep": 12.0, "solver/b_rel_res": 1e-4})  # fmt: skip
@@ -235,3 +237,18 @@ def test_the_report_cli_never_writes_the_committed_results_unless_asked(tmp_path
     assert report_main(["runs"]) == 0
     assert (tmp_path / "results" / "compare" / "ptb" / "summary.md").is_file()
     assert not (tmp_path / "results" / "ptb").exists()
+
+
+def test_a_depth_sweep_gets_the_tradeoff_figure_and_a_plain_pair_does_not(tmp_path):
+    plain = [make_run(tmp_path, "ptb", "p_deq", "deq", pair="p"),
+             make_run(tmp_path, "ptb", "p_x", "unrolled", pair="p")]
+    write_report(plain, tmp_path / "plain", "fixture", log=lambda m: None)
+    assert not (tmp_path / "plain" / "tradeoff.png").exists()
+    sweep = [make_run(tmp_path, "ptb", f"s_L{n}", "unrolled", pair="s", n_layer=n, test=40.0 - n)
+             for n in (2, 4, 8)]
+    sweep.append(make_run(tmp_path, "ptb", "s_deq", "deq", pair="s", test=33.0))
+    rows = write_report(sweep, tmp_path / "sweep", "fixture", log=lambda m: None)
+    assert (tmp_path / "sweep" / "tradeoff.png").stat().st_size > 1000
+    assert "(tradeoff.png)" in (tmp_path / "sweep" / "summary.md").read_text()
+    # activations (30 MiB at the last logged step) plus the logged weights/gradients/optimizer state (1 MiB)
+    assert all(r["model_mem_mib"] == 31.0 for r in rows)

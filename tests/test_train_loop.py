@@ -22,8 +22,8 @@ DEBUG = ROOT / "experiments" / "debug"
 TRAIN_KEYS = {
     "step", "mode", "train/loss", "train/ppl", "train/tokens", "train/skipped_steps", "optim/lr",
     "optim/grad_norm", "speed/tokens_per_s", "speed/step_ms", "mem/peak_gib", "mem/peak_kind",
-    "mem/activation_bytes", "solver/f_nstep", "solver/f_rel_res", "solver/b_nstep", "solver/b_rel_res",
-    "solver/converged_frac", "time/elapsed_s",
+    "mem/activation_bytes", "mem/state_bytes", "solver/f_nstep", "solver/f_rel_res", "solver/b_nstep",
+    "solver/b_rel_res", "solver/converged_frac", "time/elapsed_s",
 }
 VALID_KEYS = {"step", "mode", "valid/loss", "valid/ppl", "valid/tgt_len", "valid/mem_len", "valid/f_max_iter",
               "train/tokens", "time/elapsed_s"}
@@ -170,3 +170,12 @@ def test_console_lines_show_only_the_figures_a_model_has(tmp_path):
     train(copy, stream=out)
     lines = [line for line in out.getvalue().splitlines() if line.startswith("step ")]
     assert lines and not any("ppl" in line for line in lines)  # copy memory: a loss, never a perplexity
+
+
+def test_state_bytes_count_parameters_gradients_and_both_adam_moments(tmp_path):
+    trainer = train(tiny(tmp_path, "transformer_xl", "train.max_steps=2", "train.log_every=1"))
+    n_tensors, n_values = len(trainer.params), sum(p.numel() for p in trainer.params)
+    events = read_jsonl(trainer.run_dir / "metrics.jsonl")
+    logged = [e["mem/state_bytes"] for e in events if "train/loss" in e]
+    # fp32 weights, gradients, exp_avg and exp_avg_sq, plus Adam's one-element step counter per tensor
+    assert logged[-1] == 4 * 4 * n_values + 4 * n_tensors

@@ -185,3 +185,53 @@ def plot_solver(runs: list[dict], path: Path, title: str, style: dict[str, dict]
     fig.suptitle(f"{title}: equilibrium solver over training (DEQ mode only)")
     _legend_below_and_save(fig, ax_n, 2, path)
     return True
+
+
+def depth_families(runs: list[dict]) -> dict[str, list[dict]]:
+    """Pairs whose explicit runs differ in depth (a depth sweep), each with its runs (DEQ ones included)."""
+    by_pair: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        if r["row"]["pair"]:
+            by_pair[r["row"]["pair"]].append(r)
+    return {
+        pair: members
+        for pair, members in sorted(by_pair.items())
+        if len({r["cfg"].model.n_layer for r in members if r["row"]["core"] == "unrolled"}) >= 2
+    }
+
+
+def plot_tradeoff(runs: list[dict], path: Path, title: str, style: dict[str, dict]) -> bool:
+    """The paper's claim in one figure: test ppl against the memory the model's own tensors take (activations
+    saved for backward + parameters, gradients, optimizer state), one point per run of a depth sweep. Explicit
+    runs are joined in order of depth; the DEQ is one star."""
+    import matplotlib.pyplot as plt
+
+    def point(r: dict) -> tuple[float, float] | None:
+        x, y = as_number(r["row"]["model_mem_mib"]), as_number(r["row"]["test_ppl"])
+        return None if x is None or y is None else (x, y)
+
+    families = {p: [r for r in rs if point(r)] for p, rs in depth_families(runs).items()}
+    families = {p: rs for p, rs in families.items() if len(rs) >= 2}
+    if not families:
+        return False
+    fig, axes = plt.subplots(1, len(families), figsize=(6.5 * len(families), 4.8), squeeze=False)
+    for ax, (pair, members) in zip(axes[0], families.items()):
+        explicit = [r for r in members if r["row"]["core"] == "unrolled"]
+        explicit.sort(key=lambda r: r["cfg"].model.n_layer)
+        xs, ys = zip(*(point(r) for r in explicit)) if explicit else ((), ())
+        ax.plot(xs, ys, marker="o", color="tab:blue", label="explicit, by depth")
+        for r, x, y in zip(explicit, xs, ys):
+            ax.annotate(f" {r['cfg'].model.n_layer} levels", (x, y), fontsize=8)
+        for r in (r for r in members if r["row"]["core"] == "deq"):
+            x, y = point(r)
+            ax.plot([x], [y], marker="*", markersize=14, linestyle="", color="tab:red",
+                    label=style[r["row"]["run"]]["label"])
+        ax.set(xlabel="model memory in training (MiB): activations saved for backward + weights, gradients, "
+                      "optimizer state", ylabel="test perplexity (whole split)", title=pair)
+        ax.xaxis.label.set_size(8)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}: accuracy against memory (one point per run)")
+    _save(fig, path)
+    plt.close(fig)
+    return True

@@ -36,7 +36,7 @@ from deqlm.eval.perplexity import (
     load_run_config,
     read_eval_json,
 )
-from deqlm.eval.plots import log_values, plot_curves, plot_memory, plot_solver, run_styles
+from deqlm.eval.plots import log_values, plot_curves, plot_memory, plot_solver, plot_tradeoff, run_styles
 from deqlm.exits import BAD_INPUT, OK, error, warn
 from deqlm.io import atomic_write_text
 
@@ -45,6 +45,7 @@ COLUMNS = [
     "params_nonembedding",
     "valid_ppl", "test_ppl", "valid_loss", "test_loss", "test_word_ppl", "best_possible_ppl", "paper_test",
     "paper_row", "last_logged_valid_ppl", "peak_train_mem_gib", "peak_mem_kind", "activation_bytes",
+    "state_bytes", "model_mem_mib",
     "tokens_per_s", "eval_tokens_per_s", "f_nstep_mean", "f_rel_res_mean", "b_nstep_mean",
     "converged_frac_mean", "train_time_s", "eval_step", "eval_batch_size", "eval_tgt_len", "eval_mem_len",
     "eval_clamp_len", "eval_f_max_iter", "eval_f_tol", "eval_partial", "twin", "mem_ratio", "ppl_gap",
@@ -128,6 +129,7 @@ def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: 
         peak_train_mem_gib=_agg(log_values(events, "mem/peak_gib"), max),
         peak_mem_kind=next((e["mem/peak_kind"] for e in reversed(events) if "mem/peak_kind" in e), None),
         activation_bytes=_int(_agg(log_values(own_events or events, "mem/activation_bytes"), max)),
+        state_bytes=_int(_agg(log_values(events, "mem/state_bytes"), max)),
         tokens_per_s=_agg(log_values(events, "speed/tokens_per_s"), statistics.median),
         eval_tokens_per_s=(splits.get("test") or splits.get("valid") or {}).get("tokens_per_s"),
         f_nstep_mean=_agg(log_values(deq_events, "solver/f_nstep"), statistics.fmean),
@@ -144,6 +146,8 @@ def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: 
         eval_f_tol=settings.get("f_tol"),
         eval_partial=ev.get("partial") if ev else None,
     )
+    if row["activation_bytes"] is not None and row["state_bytes"] is not None:
+        row["model_mem_mib"] = (row["activation_bytes"] + row["state_bytes"]) / 2**20
     return row
 
 
@@ -434,6 +438,7 @@ def write_report(run_dirs, out_dir, title: str, *, skip_bad: bool = False, log=p
             ("perplexity.png", plot_curves),
             ("memory.png", plot_memory),
             ("solver.png", plot_solver),
+            ("tradeoff.png", plot_tradeoff),
         ):
             if fn(runs, out_dir / name, title, style):
                 plots.append(name)

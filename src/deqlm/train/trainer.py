@@ -358,6 +358,14 @@ class Trainer:
         return {"loss": 0.0, "nll": 0.0, "ntok": 0, "steps": 0, "gnorm": 0.0, "time": 0.0, "bad": 0,
                 "sums": {}, "counts": {}, "act": None}
 
+    def _state_bytes(self) -> int:
+        """Parameters, their gradients and the optimizer's state: with the activations saved for backward, the
+        memory the model's own tensors take (on a CPU, process RSS is mostly the interpreter's)."""
+        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        weights = sum(p.numel() * p.element_size() for p in self.params)
+        # each gradient is as large as its parameter (between steps they are freed, so count, don't look)
+        return 2 * weights + sum(t.numel() * t.element_size() for t in state)
+
     def _log_train(self, w: dict, mode: str) -> None:
         n = max(w["steps"], 1)
         vals = dist_lib.all_reduce_sum([w["loss"] / n, w["nll"], float(w["ntok"])], self.dist, self.device)
@@ -379,6 +387,7 @@ class Trainer:
             "mem/peak_gib": self.mem_meter.peak_gib(),
             "mem/peak_kind": self.mem_meter.kind,
             "mem/activation_bytes": w["act"],
+            "mem/state_bytes": self._state_bytes(),
             **{f"solver/{k}": v for k, v in solver.items()},
             "time/elapsed_s": self.elapsed_s,
         })
