@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from deqlm.eval.perplexity import _load_checkpoint, load_run_config
+from deqlm.eval.runs import load_run_checkpoint, load_run_config
 from deqlm.io import atomic_write_json
 
 _LATE_STEP = 10**9  # past any warm-up: DEQ mode
@@ -42,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_run_config(args.run_dir)
     dataset = build_dataset(cfg.data)
-    _, ckpt = _load_checkpoint(args.run_dir, print)
+    _, ckpt = load_run_checkpoint(args.run_dir)
     lines = []
     for rank in args.ranks:
         torch.manual_seed(0)

@@ -34,19 +34,22 @@ def main() -> None:
     # torch and the model code load only now, once the arguments are understood: `--help` answers at once
     import torch
 
-    from deqlm.bench import common as C
+    from deqlm.bench import peak_memory
+    from deqlm.bench.core_step import CoreStep
+    from deqlm.bench.rows import build_row
+    from deqlm.runtime import set_threads
 
-    C.set_threads(args.threads)
+    set_threads(args.threads)
     extra = list(args.set)
     if P.get_row(args.row).core == "deq":
         extra = ["deq.f_tol=0", "deq.b_tol=0", f"deq.f_max_iter={args.steps}", f"deq.b_max_iter={args.steps}",
                  *extra]
     cpu = torch.device("cpu")
-    peak = C.PeakMemory(cpu)
+    peak = peak_memory.PeakMemory(cpu)
     peak.start()
     try:
-        built = C.build_row(args.row, "full", batch=args.batch, extra=extra, device=cpu)
-        step = C.CoreStep(built, args.batch, P.PAPER_TGT_LEN, P.PAPER_MEM_LEN, cpu)
+        built = build_row(args.row, "full", batch=args.batch, extra=extra, device=cpu)
+        step = CoreStep(built, args.batch, P.PAPER_TGT_LEN, P.PAPER_MEM_LEN, cpu)
         with torch.no_grad():
             step.mems = step.forward(train=False)[1].mems
         step.materialise_optimizer_state()
@@ -58,17 +61,17 @@ def main() -> None:
         peak._prof = None
         prof.__exit__(None, None, None)
     events = prof.profiler.kineto_results.events()
-    mark = [e for e in events if e.name() == C.WINDOW_MARK][-1]
+    mark = [e for e in events if e.name() == peak_memory.WINDOW_MARK][-1]
     t0, t1 = mark.start_ns(), mark.end_ns()
     live, trace = 0, []
-    for t, live in C.running_live(C.memory_events(events)):
+    for t, live in peak_memory.running_live(peak_memory.memory_events(events)):
         if t0 <= t <= t1:
             trace.append((t, live))
     start_live = trace[0][1] if trace else live
     top, t_peak = max(((b, t) for t, b in trace), default=(live, t0))
     mib = 2**20
     print(f"{args.row}: peak {top / mib:.1f} MiB, at the step's start {start_live / mib:.1f} MiB")
-    running = [e for e in events if e.name() not in ("[memory]", C.WINDOW_MARK)
+    running = [e for e in events if e.name() not in ("[memory]", peak_memory.WINDOW_MARK)
                and e.start_ns() <= t_peak <= e.end_ns()]
     for e in sorted(running, key=lambda e: e.start_ns())[:8]:
         print(f"  running at the peak: {e.name()}")

@@ -29,11 +29,13 @@ def main() -> None:
     # torch and the model code load only now, once the arguments are understood: `--help` answers at once
     import torch
 
-    from deqlm.bench import common as C
+    from deqlm.bench.core_step import CoreStep
+    from deqlm.bench.rows import build_row
+    from deqlm.runtime import describe_device, pick_device
 
-    device = C.pick_device(args.device)
-    built = C.build_row(args.row, args.size, device=device)
-    step = C.CoreStep(built, P.PAPER_BATCH, P.PAPER_TGT_LEN, P.PAPER_MEM_LEN, device)
+    device = pick_device(args.device)
+    built = build_row(args.row, args.size, device=device)
+    step = CoreStep(built, P.PAPER_BATCH, P.PAPER_TGT_LEN, P.PAPER_MEM_LEN, device)
     model = step.model
     deq = model.core.deq
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -64,7 +66,7 @@ def main() -> None:
     total = time.perf_counter() - t0
     cell.forward = inner
     n = max(calls["n"], 1)
-    print(f"row {args.row} size {args.size} device {C.describe_device(device)} f_max_iter {deq.f_max_iter} "
+    print(f"row {args.row} size {args.size} device {describe_device(device)} f_max_iter {deq.f_max_iter} "
           f"solver {deq.f_solver} stats {out.stats}")
     print(f"solve {1e3 * total:.1f} ms, f calls {calls['n']}, f {1e3 * calls['s'] / n:.2f} ms each, "
           f"beyond f {1e3 * (total - calls['s']) / max(n - 1, 1):.2f} ms per step")

@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from deqlm.choices import SolverName, values
 from deqlm.io import atomic_write_json
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def parse_solver(spec: str) -> tuple[str, dict]:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=8, help="redraws besides the benchmark's own workload")
-    ap.add_argument("--solvers", nargs="+", default=["broyden", "anderson", "fixed_point"])
+    ap.add_argument("--solvers", nargs="+", default=list(values(SolverName)))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
     return ap.parse_args()

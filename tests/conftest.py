@@ -1,7 +1,10 @@
-"""Shared test setup: a fixed thread count (CI machines are small and shared) and a seed per test."""
+"""Shared test setup: a fixed thread count (CI machines are small and shared), a seed per test, and the
+record of the training steps a trainer applied (`history`)."""
 
 import pytest
 import torch
+
+from deqlm.train.trainer import Trainer
 
 torch.set_num_threads(2)
 
@@ -10,3 +13,20 @@ torch.set_num_threads(2)
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture
+def history(monkeypatch):
+    """`history(trainer)`: the (step, loss) of every step that trainer applied (skipped steps left out), in
+    order. Recorded around `Trainer.train_step` here, so the production loop keeps no list for the tests."""
+    applied: dict[object, list[tuple[int, float]]] = {}
+    real_step = Trainer.train_step
+
+    def recording_step(self, measure_activation):
+        out = real_step(self, measure_activation)
+        if not out["bad"]:
+            applied.setdefault(self, []).append((self.step, out["loss"]))
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", recording_step)
+    return lambda trainer: applied.get(trainer, [])

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from deqlm.bench import common as C
 from deqlm.bench import memory, speed
 from deqlm.bench import protocol as P
+from deqlm.bench.child import run_fresh
+from deqlm.bench.peak_memory import PeakMemory, memory_events, running_live
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_FIELDS = {"row", "core", "pair", "device", "status", "reason", "peak_train_mem_gib",
@@ -43,7 +44,7 @@ def test_each_pair_holds_one_deq_and_one_explicit_row():
 
 
 def test_cpu_peak_counts_live_tensor_bytes_in_the_window():
-    peak = C.PeakMemory(torch.device("cpu"))
+    peak = PeakMemory(torch.device("cpu"))
     peak.start()
     resident = torch.zeros(250_000)  # 1 MB, allocated before the window: part of the peak
     peak.begin_window()
@@ -96,8 +97,8 @@ def test_speed_quick_writes_ratios(tmp_path: Path):
 
 
 def test_a_row_runs_in_a_fresh_process():
-    rec = C.run_fresh("memory", ["--row", "wt103-deq-transformer-small", "--size", "quick", "--batch", "2",
-                                 "--tgt-len", "8", "--mem-len", "8"], timeout_s=300)
+    rec = run_fresh("memory", ["--row", "wt103-deq-transformer-small", "--size", "quick", "--batch", "2",
+                               "--tgt-len", "8", "--mem-len", "8"], timeout_s=300)
     assert rec["status"] == "ok", rec.get("reason")
     assert rec["core"] == "deq" and rec["peak_train_mem_bytes"] > rec["activation_bytes"] > 0
 
@@ -116,8 +117,6 @@ def test_memory_events_keep_recording_order_at_equal_timestamps():
     """A concatenation allocated and its inputs freed at the same profiler timestamp: the allocation stays
     first, so the running peak includes it (sorting by size too would put the frees first)."""
     from types import SimpleNamespace
-
-    from deqlm.bench.common import memory_events, running_live
 
     def ev(t, n, name="[memory]"):
         return SimpleNamespace(start_ns=lambda: t, nbytes=lambda: n, name=lambda: name,

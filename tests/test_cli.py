@@ -12,7 +12,8 @@ import pytest
 
 from deqlm import exits
 from deqlm.config import ConfigError, ExperimentConfig, load_config
-from deqlm.eval import perplexity, report
+from deqlm.eval import cli as eval_cli
+from deqlm.eval import report
 from deqlm.metrics import WANDB_ID_FILE, MetricLogger
 from deqlm.train import cli as train_cli
 
@@ -125,17 +126,17 @@ def test_wandb_when_asked_prints_no_banner_or_history_only_where_its_run_is(tmp_
 def test_same_kind_of_error_gives_the_same_exit_code_in_every_entry_point(tmp_path, capsys):
     missing = tmp_path / "no_such_thing"
     assert train_cli.main([str(missing)]) == exits.BAD_INPUT
-    assert perplexity.main([str(missing)]) == exits.BAD_INPUT
+    assert eval_cli.main([str(missing)]) == exits.BAD_INPUT
     assert report.main([str(missing)]) == exits.BAD_INPUT
     assert train_cli.main([str(DEBUG / "transformer_xl.yaml"), "deq.no_such_key=1"]) == exits.BAD_INPUT
-    assert perplexity.main([str(tmp_path), "no_such_setting=1"]) == exits.BAD_INPUT
+    assert eval_cli.main([str(tmp_path), "no_such_setting=1"]) == exits.BAD_INPUT
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 5 and all(line.startswith("error: ") for line in err)
 
 
 def test_long_error_message_is_printed_whole_on_one_line(tmp_path, capsys):
     deep = tmp_path.joinpath(*[f"a_rather_long_folder_name_{i}" for i in range(12)], "run")
-    assert perplexity.main([str(deep)]) == exits.BAD_INPUT
+    assert eval_cli.main([str(deep)]) == exits.BAD_INPUT
     assert str(deep) in capsys.readouterr().err
     message = "first line " + "x" * 300 + "\n  second line says what to do"
     assert exits.error(message, exits.FAILED) == exits.FAILED

@@ -131,11 +131,11 @@ def test_eval_mode_uses_eval_f_max_iter_and_returns_no_graph():
     with torch.no_grad():
         z_star, stats = deq(_closure(W, U, c, x), torch.zeros(B, N, dtype=torch.float64))
     assert stats["f_nstep"] == 3.0 and not z_star.requires_grad
-    deq.eval_f_max_iter = None
-    deq.eval_f_tol = 1e-2
+    # one call's own cap and tolerance win over the layer's and leave it as it was
     with torch.no_grad():
-        _, stats = deq(_closure(W, U, c, x), torch.zeros(B, N, dtype=torch.float64))
+        _, stats = deq(_closure(W, U, c, x), torch.zeros(B, N, dtype=torch.float64), max_iter=30, tol=1e-2)
     assert stats["f_nstep"] < 30
+    assert (deq.f_max_iter, deq.f_tol, deq.eval_f_max_iter) == (30, 1e-14, 3)
 
 
 def test_module_has_no_parameters_and_follows_eval():

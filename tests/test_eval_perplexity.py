@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from deqlm.config import ExperimentConfig, save_config, to_dict
-from deqlm.eval.perplexity import EvalRequest, _split_result, eval_settings
-from deqlm.eval.perplexity import main as eval_main
+from deqlm.eval.cli import main as eval_main
+from deqlm.eval.perplexity import _split_result
+from deqlm.eval.settings import resolve_eval_settings
 
 
 def tiny_config(tmp_path: Path, core: str) -> ExperimentConfig:
@@ -60,7 +61,7 @@ def reference_nll(run: Path, cfg: ExperimentConfig, split: str, *, mem_len: int,
     model = build_model(cfg.model, cfg.deq, vocab_size=ds.vocab_size)
     model.load_state_dict(torch.load(run / "ckpt" / "best.pt", weights_only=True)["model"])
     model.eval()
-    model.set_eval_solver(f_max_iter=f_max_iter, mem_len=mem_len)
+    solver = None if f_max_iter is None else {"max_iter": f_max_iter}
     B, L = cfg.eval.batch_size, cfg.eval.tgt_len
     ids = torch.as_tensor(ds.ids(split).astype("int64"))
     S = len(ids) // B
@@ -71,7 +72,7 @@ def reference_nll(run: Path, cfg: ExperimentConfig, split: str, *, mem_len: int,
         for i in range(0, S - 1, L):
             x_BL = cols_BS[:, i : min(i + L, S - 1)]
             y_BL = cols_BS[:, i + 1 : min(i + L, S - 1) + 1]
-            out = model(x_BL, y_BL, mems, step=3)
+            out = model(x_BL, y_BL, mems, step=3, mem_len=mem_len, solver=solver)
             mems = out.mems
             nll += float(out.nll_sum)
             n += int(out.n_tokens)
@@ -184,7 +185,7 @@ def test_root_mode_warns_about_bad_runs_and_continues(tmp_path, capsys):
     (bad / "ckpt" / "last.pt").unlink()
     good = fake_run(tmp_path, "good")
     cfg = ExperimentConfig(name="good")
-    settings = eval_settings(cfg, EvalRequest())
+    settings = resolve_eval_settings(cfg).record(max_tokens=0)
     ckpt = good / "ckpt" / "last.pt"
     (good / "eval.json").write_text(json.dumps({
         "checkpoint": {"file": "ckpt/last.pt", "step": 5, "mtime": ckpt.stat().st_mtime},
@@ -211,3 +212,43 @@ def test_word_perplexity_spreads_the_scored_nll_over_the_words_those_tokens_cove
     mean NLL per token times tokens per word, not the scored sum over all 10 words (which reads low)."""
     res = _split_result({"nll_sum": 90.0, "n_tokens": 30}, word_count=10, token_count=32, copy_task=False)
     assert res["word_ppl"] == pytest.approx(math.exp(3.0 * 32 / 10))
+
+
+def test_eval_settings_resolve_each_not_set_marker_to_the_value_it_stands_for():
+    cfg = ExperimentConfig()  # eval.f_max_iter 0, eval.f_tol 0, eval.clamp_len -1, deq.eval_f_max_iter null
+    cfg.model.core, cfg.model.clamp_len = "deq", 40
+    cfg.deq.f_max_iter, cfg.deq.f_tol = 30, 1e-3
+    s = resolve_eval_settings(cfg)
+    assert (s.f_max_iter, s.f_tol, s.clamp_len) == (30, 1e-3, 40)
+    cfg.deq.eval_f_max_iter = 12
+    assert resolve_eval_settings(cfg).f_max_iter == 12
+    cfg.eval.f_max_iter, cfg.eval.f_tol, cfg.eval.clamp_len = 5, 1e-2, 0
+    s = resolve_eval_settings(cfg)
+    assert (s.f_max_iter, s.f_tol, s.clamp_len) == (5, 1e-2, 0)
+    solver = {"max_iter": 5, "tol": 1e-2}
+    assert s.model_kwargs() == {"mem_len": cfg.eval.mem_len, "clamp_len": 0, "solver": solver}
+    cfg.model.core = "unrolled"  # no solver: nothing to override, nothing recorded
+    s = resolve_eval_settings(cfg)
+    assert s.f_max_iter is s.f_tol is s.f_solver is s.model_kwargs()["solver"] is None
+
+
+def test_solver_caps_sweep_one_checkpoint_and_its_own_cap_reproduces_eval_json(tmp_path, capsys):
+    run, cfg = make_trained_run(tmp_path, core="deq")
+    assert eval_main([str(run), "caps=1,2,6"]) == 0
+    record = json.loads((run / "eval.json").read_text())
+    caps = json.loads((run / "solver_caps.json").read_text())
+    assert [p["cap"] for p in caps["points"]] == [1, 2, 6]
+    assert caps["checkpoint"] == record["checkpoint"] and caps["split"] == "test"
+    assert all(p["f_nstep"] <= p["cap"] and p["tol"] == cfg.deq.f_tol for p in caps["points"])
+    own = next(p for p in caps["points"] if p["cap"] == cfg.deq.f_max_iter)
+    assert own["ppl"] == pytest.approx(record["test_ppl"], rel=1e-9)  # the same weights, the same settings
+    assert caps["points"][0]["ppl"] != pytest.approx(own["ppl"], rel=1e-6)  # the cap does change the answer
+
+
+def test_solver_caps_are_refused_for_a_named_explicit_run_and_skipped_in_a_folder(tmp_path, capsys):
+    run, _ = make_trained_run(tmp_path, core="unrolled")
+    assert eval_main([str(run), "caps=default"]) == 2
+    assert "no solver" in capsys.readouterr().err
+    assert eval_main([str(run.parent.parent), "caps=default"]) == 0
+    assert not (run / "solver_caps.json").exists()
+    assert eval_main([str(run), "caps=0,x"]) == 2

@@ -252,3 +252,16 @@ def test_a_depth_sweep_gets_the_tradeoff_figure_and_a_plain_pair_does_not(tmp_pa
     assert "(tradeoff.png)" in (tmp_path / "sweep" / "summary.md").read_text()
     # activations (30 MiB at the last logged step) plus the logged weights/gradients/optimizer state (1 MiB)
     assert all(r["model_mem_mib"] == 31.0 for r in rows)
+
+
+def test_a_deq_with_solver_caps_gets_the_compute_knob_figure(tmp_path):
+    deq = make_run(tmp_path, "ptb", "k_deq", "deq", pair="k", test=30.0)
+    twin = make_run(tmp_path, "ptb", "k_x", "unrolled", pair="k", test=31.0)
+    points = [{"cap": c, "ppl": 30.0 + 8.0 / c, "f_nstep": float(c)} for c in (1, 2, 4, 8)]
+    (deq / "solver_caps.json").write_text(json.dumps({"points": points}))
+    out = tmp_path / "out"
+    write_report([deq, twin], out, "fixture", log=lambda m: None)
+    assert (out / "solver_caps.png").stat().st_size > 1000
+    assert "(solver_caps.png)" in (out / "summary.md").read_text()
+    write_report([twin], tmp_path / "none", "fixture", log=lambda m: None)
+    assert not (tmp_path / "none" / "solver_caps.png").exists()

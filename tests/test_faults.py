@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from deqlm.checkpoint_io import load_checkpoint
 from deqlm.config import ConfigError, load_config
-from deqlm.eval.perplexity import main as eval_main
+from deqlm.eval.cli import main as eval_main
+from deqlm.io import read_jsonl
 from deqlm.train import train
-from deqlm.train.checkpoint import load_checkpoint
 from deqlm.train.cli import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +133,27 @@ def test_eval_falls_back_from_a_damaged_best_pt_to_last_pt_and_says_so(run, caps
     assert len(notes) == 1 and notes[0].startswith(f"warning: {run}: ckpt/best.pt is damaged (")
     assert notes[0].endswith("; evaluating ckpt/last.pt instead")
     assert json.loads((run / "eval.json").read_text())["checkpoint"]["file"] == "ckpt/last.pt"
+
+
+# -- damaged training logs (deqlm.io.read_jsonl) ------------------------------------------------------------
+
+
+def test_resume_with_a_corrupt_line_inside_metrics_jsonl_names_it_and_changes_nothing(run, capsys):
+    log = run / "metrics.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text(lines[0] + "not json\n" + "".join(lines[1:]))
+    before = snapshot(run)
+    assert train_main(["--resume", str(run), "train.max_steps=4"]) == 2
+    assert "metrics.jsonl: line 2 is not JSON" in one_error_line(capsys)
+    assert snapshot(run) == before
+
+
+def test_resume_drops_a_torn_last_line_of_metrics_jsonl(run):
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "train/lo')  # a kill in the middle of a write
+    assert train_main(["--resume", str(run), "train.max_steps=3"]) == 0
+    steps = [e["step"] for e in read_jsonl(run / "metrics.jsonl") if "train/loss" in e]
+    assert steps == [1, 2, 3]
 
 
 # -- 9: temp files of interrupted checkpoint writes ---------------------------------------------------------

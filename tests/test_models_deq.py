@@ -140,19 +140,20 @@ def test_jacobian_term_is_added_to_the_training_loss_only():
     assert "jac_loss" not in model(x, x).stats
 
 
-def test_set_eval_solver_overrides_only_evaluation():
+def test_eval_settings_passed_with_a_call_hold_for_that_call_only():
     model = tiny_model("transformer", "model.core=deq", "deq.f_tol=1e-9", "deq.f_max_iter=20")
-    model.set_eval_solver(f_max_iter=2, mem_len=3)
     x = torch.randint(0, VOCAB, (2, 6))
     model.eval()
     with torch.no_grad():
-        out = model(x, x)
+        out = model(x, x, mem_len=3, solver={"max_iter": 2})
     assert out.stats["f_nstep"] <= 2 and out.mems[0].shape[1] == 3
     model.train()
     out = model(x, x)
     assert out.stats["f_nstep"] > 2 and out.mems[0].shape[1] == 6
-    model.set_eval_solver()
-    assert model.core.deq.eval_f_max_iter is None and model.eval_mem_len == model.mem_len
+    model.eval()
+    with torch.no_grad():
+        plain = model(x, x)  # no settings passed: the model's own memory length
+    assert model.core.deq.eval_f_max_iter is None and plain.mems[0].shape[1] == min(model.mem_len, 6)
 
 
 def test_dropconnect_stores_a_one_byte_mask_for_backward():
@@ -190,7 +191,7 @@ def test_lean_kernel2_conv_equals_the_default_one_in_value_and_gradients():
 def test_lean_kernel2_conv_input_gradient_allocates_little_beyond_the_gradient():
     """Its vector-Jacobian product w.r.t. the input holds at most the gradient plus a small fraction of the
     weight (no copy of the weight: that copy would sit at the DEQ's memory peak once per adjoint step)."""
-    from deqlm.bench.common import peak_live_bytes
+    from deqlm.bench.peak_memory import peak_live_bytes
     from deqlm.models.trellisnet_cell import causal_conv_k2
 
     x = torch.randn(2, 256, 17, requires_grad=True)
@@ -230,7 +231,7 @@ def test_fused_lstm_gating_saves_no_more_than_autograd_and_its_backward_holds_si
     holds nine (four gate gradients, their concatenation and temporaries): 589824 bytes at these sizes when
     its profiler events come in order. Autograd's figure is not asserted: under load the profiler has
     reported it 3-33% low (equal or near-equal timestamps), which made a relative bound flaky."""
-    from deqlm.bench.common import peak_live_bytes
+    from deqlm.bench.peak_memory import peak_live_bytes
     from deqlm.models.trellisnet_cell import LSTMGating
 
     B, H, L = 4, 64, 64

@@ -163,7 +163,7 @@ def test_ffn_working_memory_forward_and_vector_jacobian_product(monkeypatch):
 
     import deqlm.models.transformer_cell as tc
     from deqlm.activation import SavedTensorMeter
-    from deqlm.bench.common import peak_live_bytes
+    from deqlm.bench.peak_memory import peak_live_bytes
 
     B, L, I = 8, 16, 4096
     inner_bytes = B * L * I * 4

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from deqlm.config import load_config, save_config
-from deqlm.metrics import read_jsonl
+from deqlm.io import read_jsonl
+from deqlm.models.lm import SequenceLM
 from deqlm.train import TrainingDiverged, train
-from deqlm.train.trainer import NAN_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "experiments" / "debug"
@@ -34,9 +34,27 @@ def tiny(tmp_path: Path, exp: str = "transformer_deq", *overrides: str):
                                                "log.progress=false", "train.threads=1", *overrides])
 
 
-def test_tiny_deq_transformer_trains_and_loss_falls(tmp_path):
+@pytest.fixture
+def nan_loss_at(monkeypatch):
+    """`nan_loss_at(*steps)`: the training loss of those steps becomes NaN (validation is left alone), as a
+    diverged solve or an overflow would make it."""
+    real_forward = SequenceLM.forward
+
+    def inject(*steps: int) -> None:
+        def forward(self, x_BL, y_BL, mems=None, step=None, **kwargs):
+            out = real_forward(self, x_BL, y_BL, mems, step, **kwargs)
+            if self.training and step in steps:
+                out.loss = out.loss * float("nan")
+            return out
+
+        monkeypatch.setattr(SequenceLM, "forward", forward)
+
+    return inject
+
+
+def test_tiny_deq_transformer_trains_and_loss_falls(tmp_path, history):
     trainer = train(tiny(tmp_path, "transformer_deq", "train.max_steps=30", "train.log_every=2"))
-    losses = [loss for _, loss in trainer.history]
+    losses = [loss for _, loss in history(trainer)]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
     events = read_jsonl(trainer.run_dir / "metrics.jsonl")
@@ -95,18 +113,18 @@ def test_run_directory_holds_config_env_metrics_and_weights_only_checkpoints(tmp
     assert all(e["mode"] == "unrolled" and e["solver/f_nstep"] is None for e in events)
 
 
-def test_nan_loss_is_skipped_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setenv(NAN_ENV, "3,4")
+def test_nan_loss_is_skipped_and_counted(tmp_path, history, nan_loss_at):
+    nan_loss_at(3, 4)
     trainer = train(tiny(tmp_path, "transformer_xl", "train.max_steps=6", "train.log_every=6"))
     assert trainer.skipped == 2
-    assert [s for s, _ in trainer.history] == [1, 2, 5, 6]
+    assert [s for s, _ in history(trainer)] == [1, 2, 5, 6]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     last = [e for e in read_jsonl(trainer.run_dir / "metrics.jsonl") if "train/loss" in e][-1]
     assert last["train/skipped_steps"] == 2 and math.isfinite(last["train/loss"])
 
 
-def test_too_many_bad_steps_in_a_row_stop_the_run_naming_the_step(tmp_path, monkeypatch):
-    monkeypatch.setenv(NAN_ENV, "2,3,4,5")
+def test_too_many_bad_steps_in_a_row_stop_the_run_naming_the_step(tmp_path, nan_loss_at):
+    nan_loss_at(2, 3, 4, 5)
     with pytest.raises(TrainingDiverged, match=r"step 4: 3 non-finite steps in a row.*solver residuals"):
         train(tiny(tmp_path, "transformer_xl", "train.max_steps=8", "train.max_bad_steps=3"))
 
@@ -132,10 +150,10 @@ def test_bad_config_gives_a_one_line_error(tmp_path, args, needle):
 
 
 @pytest.mark.parametrize("exp", sorted(p.stem for p in DEBUG.glob("*.yaml") if p.stem != "base"))
-def test_every_debug_config_trains_a_few_steps(tmp_path, exp):
+def test_every_debug_config_trains_a_few_steps(tmp_path, history, exp):
     trainer = train(tiny(tmp_path, exp, "train.max_steps=4", "train.log_every=2", "train.eval_every=4",
                          "model.pretrain_steps=2"))
-    assert len(trainer.history) == 4 and all(math.isfinite(loss) for _, loss in trainer.history)
+    assert len(history(trainer)) == 4 and all(math.isfinite(loss) for _, loss in history(trainer))
     assert (trainer.run_dir / "ckpt" / "last.pt").is_file()
 
 

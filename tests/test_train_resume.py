@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from deqlm.config import load_config
-from deqlm.metrics import read_jsonl
+from deqlm.io import read_jsonl
 from deqlm.train import Trainer, train
 from deqlm.train.cli import main as cli_main
 
@@ -48,7 +48,7 @@ def _killed_at(tmp_path: Path, monkeypatch, cfg, step: int) -> Path:
 
 
 @pytest.mark.parametrize("exp", ["transformer_deq", "transformer_xl"])
-def test_kill_and_resume_equals_uninterrupted_bitwise(tmp_path, monkeypatch, exp):
+def test_kill_and_resume_equals_uninterrupted_bitwise(tmp_path, monkeypatch, history, exp):
     # DEQ: pretraining until step 3, then DEQ; the checkpoint at 4 sits after the switch
     extra = ["model.pretrain_steps=3"] if exp == "transformer_deq" else []
     full = train(tiny(tmp_path / "a", exp, *extra))
@@ -59,7 +59,7 @@ def test_kill_and_resume_equals_uninterrupted_bitwise(tmp_path, monkeypatch, exp
     resumed = Trainer(cfg, resume_dir=run_dir)
     assert resumed.step == 4
     resumed.fit()
-    assert resumed.history == [h for h in full.history if h[0] > 4]
+    assert history(resumed) == [h for h in history(full) if h[0] > 4]
     assert train_losses(run_dir) == train_losses(full.run_dir)  # bitwise: float repr round-trips
     valid = [(e["step"], e["valid/ppl"]) for e in read_jsonl(run_dir / "metrics.jsonl") if "valid/ppl" in e]
     assert valid == [(e["step"], e["valid/ppl"]) for e in read_jsonl(full.run_dir / "metrics.jsonl")

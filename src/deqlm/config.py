@@ -9,7 +9,9 @@ An experiment YAML holds only its differences from a base file:
     name: transformer_deq_small
     model: {d_model: 410}
 
-Unknown keys and values of the wrong type raise `ConfigError` with a one-line message naming the key.
+Unknown keys and values of the wrong type raise `ConfigError` with a one-line message naming the key. A
+setting that picks one of a fixed set is typed with its `Literal` from deqlm.choices, so OmegaConf itself
+refuses any other value; numeric settings are checked against `_RANGES` below.
 """
 
 from __future__ import annotations
@@ -24,6 +26,26 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from deqlm.choices import (
+    Amp,
+    Arch,
+    Core,
+    DatasetName,
+    Device,
+    GradSync,
+    Init,
+    InputPath,
+    OptimizerName,
+    Schedule,
+    SolverName,
+    StopMode,
+    Tokenizer,
+    WandbMode,
+    parse_grad,
+    values,
+)
+from deqlm.io import atomic_write_text
+
 WANDB_MODE_ENV = "WANDB_MODE"  # wandb's own switch, read by load_config
 
 
@@ -35,14 +57,15 @@ class ConfigError(ValueError):
 class DEQConfig:
     """The implicit layer and its solvers (deqlm.deq.DEQFixedPoint)."""
 
-    f_solver: str = "broyden"  # forward root solver: broyden | anderson | fixed_point
-    b_solver: str = "broyden"  # backward (adjoint) solver: broyden | anderson | fixed_point
+    f_solver: SolverName = "broyden"  # forward root solver
+    b_solver: SolverName = "broyden"  # backward (adjoint) solver
     f_max_iter: int = 30  # forward solver step cap ("f_thres" in the official scripts)
     b_max_iter: int = 40  # backward solver step cap ("b_thres" in the official scripts)
     f_tol: float = 1e-3  # forward stopping tolerance, per sample, in stop_mode units
     b_tol: float = 1e-3  # backward stopping tolerance
-    stop_mode: str = "rel"  # rel: ||f(z)-z||/||f(z)||, abs: ||f(z)-z||
-    grad: str = "implicit"  # implicit (IFT adjoint solve) or an integer K (as a string): K phantom steps
+    stop_mode: StopMode = "rel"  # rel: ||f(z)-z||/||f(z)||, abs: ||f(z)-z||
+    # a string: OmegaConf types no "literal or int", so deqlm.choices.parse_grad reads it
+    grad: str = "implicit"  # implicit (IFT adjoint solve) or an integer K: K phantom (unrolled) steps
     eval_f_max_iter: int | None = None  # forward step cap in eval mode (None: f_max_iter)
     broyden_rank: int = 30  # low-rank updates Broyden keeps (oldest dropped; see docs/solvers.md)
     anderson_m: int = 6  # Anderson history size
@@ -54,8 +77,8 @@ class DEQConfig:
 class ModelConfig:
     """A SequenceLM: embedding -> core(cell) -> softmax (deqlm.models.build_model)."""
 
-    arch: str = "transformer"  # cell: transformer | trellisnet
-    core: str = "deq"  # deq: equilibrium solve | unrolled: explicit depth (see weight_tied)
+    arch: Arch = "transformer"  # the cell
+    core: Core = "deq"  # deq: equilibrium solve, unrolled: explicit depth (see weight_tied)
     n_layer: int = 16  # depth of an unrolled core (ignored by deq)
     weight_tied: bool = False  # unrolled core: one cell applied n_layer times (True) or n_layer cells
     grad_checkpoint: bool = False  # unrolled core: recompute each layer in backward (gradient checkpointing)
@@ -67,12 +90,12 @@ class ModelConfig:
     d_model: int = 410  # hidden size (Transformer d_model; TrellisNet nhid: h has nhid + nout channels)
     init_std: float = 0.01  # N(0, std) of embeddings, injection, head (and every weight with init=normal)
     # Transformer weights: official (as the official code really ran: attention/FFN keep PyTorch's default
-    # U(+-1/sqrt(fan_in)), the injection N(0, init_std)) | normal (every weight N(0, init_std))
-    init: str = "official"
+    # U(+-1/sqrt(fan_in)), the injection N(0, init_std)), normal (every weight N(0, init_std))
+    init: Init = "official"
     ln_affine: bool = False  # Transformer LayerNorms learn a scale and shift (official DEQ-Transformer: none)
-    # injected Transformer cell: qkv (official: x enters only through q/k/v) | residual (the layer's input is
+    # injected Transformer cell: qkv (official: x enters only through q/k/v), residual (the layer's input is
     # z + x; our departure, docs/models.md)
-    input_path: str = "qkv"
+    input_path: InputPath = "qkv"
     weight_norm: bool = True  # weight normalisation on attention/FFN/conv weights
     dropout: float = 0.1  # variational dropout on hidden states (mask fixed across solver steps)
     dropouti: float = 0.0  # dropout on the embedded input
@@ -112,9 +135,9 @@ class ModelConfig:
 class DataConfig:
     """Where the tokens come from and how they are batched (deqlm.data.build_dataset)."""
 
-    dataset: str = "synthetic"  # ptb | wt103 | wt2 | synthetic | copy
+    dataset: DatasetName = "synthetic"  # the corpus (or copy memory), data/<name>/ under data_dir
     data_dir: str = "data"  # root holding data/<name>/ (a corpus folder of its own when it has the files)
-    tokenizer: str = "word"  # word | sentencepiece
+    tokenizer: Tokenizer = "word"  # word-level vocabulary or a sentencepiece model trained on the train split
     sp_vocab_size: int = 16000  # sentencepiece vocabulary size
     batch_size: int = 16  # global training batch (split over DDP ranks)
     tgt_len: int = 150  # training segment length
@@ -136,11 +159,11 @@ class DataConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    name: str = "adam"  # adam | sgd
+    name: OptimizerName = "adam"  # the optimizer
     lr: float = 2.5e-4  # peak learning rate
     weight_decay: float = 0.0  # L2 penalty added to the gradient (torch Adam / SGD weight_decay)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas
-    schedule: str = "cosine"  # cosine | constant | step
+    schedule: Schedule = "cosine"  # learning-rate schedule (docs/training.md)
     warmup_steps: int = 0  # linear warm-up steps
     min_lr: float = 0.0  # cosine floor
     decay_steps: list[int] = field(default_factory=list)  # step schedule: divide lr by 10 at these steps
@@ -158,12 +181,12 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (0: only at the end)
     seed: int = 1111  # global seed
     run_dir: str = "results/runs"  # run directories go under <run_dir>/<corpus>/<name>/<stamp>/
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    device: Device = "auto"  # auto: CUDA when present, else the CPU
+    amp: Amp = "none"  # mixed-precision autocast (CUDA only)
     compile: bool = False  # torch.compile the cell
     max_bad_steps: int = 10  # stop after this many non-finite steps in a row
     threads: int = 0  # torch.set_num_threads (0: leave PyTorch's default)
-    grad_sync: str = "ddp"  # multi-process gradient sync: ddp (DistributedDataParallel) | allreduce (manual)
+    grad_sync: GradSync = "ddp"  # gradient sync: ddp (DistributedDataParallel), allreduce (one flat buffer)
 
 
 @dataclass
@@ -182,9 +205,9 @@ class EvalConfig:
 class LogConfig:
     """Where metrics go (deqlm.metrics.MetricLogger)."""
 
-    # disabled | offline | online; WANDB_MODE in the environment overrides the experiment file, and
-    # log.wandb_mode=... on the command line overrides both
-    wandb_mode: str = "disabled"
+    # wandb's mode; WANDB_MODE in the environment overrides the experiment file, and log.wandb_mode=... on the
+    # command line overrides both
+    wandb_mode: WandbMode = "disabled"
     wandb_project: str = "deqlm"  # wandb project
     progress: bool = True  # progress bar on a terminal (plain lines when not a TTY)
 
@@ -205,24 +228,6 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
-
-
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "model.arch": ("transformer", "trellisnet"),
-    "model.core": ("deq", "unrolled"),
-    "model.init": ("official", "normal"),
-    "model.input_path": ("qkv", "residual"),
-    "deq.f_solver": ("broyden", "anderson", "fixed_point"),
-    "deq.b_solver": ("broyden", "anderson", "fixed_point"),
-    "deq.stop_mode": ("rel", "abs"),
-    "data.dataset": ("ptb", "wt103", "wt2", "synthetic", "copy"),
-    "data.tokenizer": ("word", "sentencepiece"),
-    "optim.name": ("adam", "sgd"),
-    "optim.schedule": ("cosine", "constant", "step"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.amp": ("none", "bf16", "fp16"),
-    "log.wandb_mode": ("disabled", "offline", "online"),
-}
 
 
 def _get(cfg: ExperimentConfig, key: str) -> Any:
@@ -316,17 +321,15 @@ def _in_range(value: float, interval: str) -> bool:
 
 
 def _validate(cfg: ExperimentConfig) -> None:
-    for key, choices in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    """What the field types cannot say: numeric ranges, deq.grad, optim.betas (choices OmegaConf checks)."""
     for key, interval in _RANGES.items():
         value = _get(cfg, key)
         if value is not None and not _in_range(value, interval):
             raise ConfigError(f"{key}={value!r} must lie in {interval}")
-    grad = cfg.deq.grad
-    if grad != "implicit" and not (str(grad).isdigit() and int(grad) > 0):
-        raise ConfigError(f"deq.grad={grad!r} must be 'implicit' or a positive integer")
+    try:
+        parse_grad(cfg.deq.grad, "deq.grad")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     betas = list(cfg.optim.betas)
     if len(betas) != 2 or not all(_in_range(b, _BETA_RANGE) for b in betas):
         raise ConfigError(f"optim.betas={betas!r} must hold two numbers in {_BETA_RANGE}")
@@ -372,7 +375,7 @@ def _environment_layer(env: Mapping[str, str]) -> dict:
     mode = env.get(WANDB_MODE_ENV, "").strip()
     if not mode:
         return {}
-    choices = _CHOICES["log.wandb_mode"]
+    choices = values(WandbMode)
     if mode not in choices:
         raise ConfigError(f"{WANDB_MODE_ENV}={mode!r} (environment) is not one of {', '.join(choices)}")
     return {"log": {"wandb_mode": mode}}
@@ -424,6 +427,4 @@ def to_yaml(cfg: ExperimentConfig) -> str:
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
-    from deqlm.io import atomic_write_text
-
     atomic_write_text(path, to_yaml(cfg))

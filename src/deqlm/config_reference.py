@@ -3,7 +3,9 @@
 The meaning of a field is the comment written next to it in src/deqlm/config.py (DESIGN: every field has a
 default and a comment), read back from the source here, so the list in `python -m deqlm.train --help` cannot
 drift from the code and is written once. A field without a trailing comment takes the comment lines right
-above it. Imports nothing heavy: the help answers before torch is loaded.
+above it. A setting typed with a `Literal` of deqlm.choices shows its choices before the meaning, read from
+the annotation, so the help lists exactly what the config accepts. Imports nothing heavy: the help answers
+before torch is loaded.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import io
 import json
 import textwrap
 import tokenize
+import typing
 from typing import Any
 
+from deqlm.choices import values
 from deqlm.config import ExperimentConfig
 
 TOP_LEVEL = "experiment"  # heading of ExperimentConfig's own fields (name, pair, note, ...)
@@ -64,9 +68,18 @@ def _default(f: dataclasses.Field) -> Any:
     return f.default
 
 
+def _meaning(comment: str, annotation: Any) -> str:
+    """The field's comment, led by its choices ("{a | b} ...") when the field is typed with a Literal."""
+    choices = values(annotation)
+    if not choices:
+        return comment
+    return f"{{{' | '.join(choices)}}} {comment}".rstrip()
+
+
 def _rows(cls: type, prefix: str) -> list[tuple[str, str]]:
-    meanings = field_comments(cls)
-    return [(f"{prefix}{f.name}={_as_override(_default(f))}", meanings.get(f.name, ""))
+    meanings, hints = field_comments(cls), typing.get_type_hints(cls)
+    return [(f"{prefix}{f.name}={_as_override(_default(f))}",
+             _meaning(meanings.get(f.name, ""), hints[f.name]))
             for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(_default(f))]
 
 

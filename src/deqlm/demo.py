@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from deqlm import eval as evaluation  # evaluate_run loads torch on first use: `--help` answers without it
 from deqlm.allocator import tune_allocator
 from deqlm.exits import FAILED, OK, error
+from deqlm.fmt import number
 
 EXPERIMENTS = ("experiments/demo/transformer_deq.yaml", "experiments/demo/transformer_xl.yaml")
 TITLE = "Demo: DEQ-Transformer vs explicit Transformer-XL twin on the embedded synthetic corpus"
@@ -87,16 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             return error(str(exc), FAILED)
     t_train = time.perf_counter() - t0
 
-    import torch
-
-    from deqlm.eval import EvalRequest, evaluate_run, write_report
+    import torch  # only after training: the demo's own process needs torch for evaluation alone
 
     # evaluate with the runs' thread count: more threads than cores makes OpenMP spin against itself
     torch.set_num_threads(args.threads if args.threads > 0 else min(2, os.cpu_count() or 1))
-
+    request = evaluation.EvalRequest(splits=("valid", "test"), force=True)
     for run_dir in run_dirs:
-        evaluate_run(run_dir, EvalRequest(splits=("valid", "test"), force=True), log=log)
-    rows = write_report(run_dirs, out, TITLE, log=log)
+        evaluation.evaluate_run(run_dir, request, log=log)
+    rows = evaluation.write_report(run_dirs, out, TITLE, log=log)
     summary = (out / "summary.md").read_text()
     print()
     print(summary)
@@ -110,16 +110,12 @@ def _compact_table(rows: list[dict]) -> str:
     """The headline comparison in a few columns (the full table is summary.md)."""
     head = ["model", "params", "test ppl", "best ppl", "peak RSS GiB", "act. MiB", "tok/s", "f_nstep"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def f(v, d=4):
-        return "-" if v is None else (f"{v:.{d}g}" if isinstance(v, float) else str(v))
-
     for r in rows:
         act = None if r.get("activation_bytes") is None else r["activation_bytes"] / 2**20
         lines.append("| " + " | ".join([
-            f"{r['experiment']} ({r['core']})", f(r.get("params_total")), f(r.get("test_ppl")),
-            f(r.get("best_possible_ppl")), f(r.get("peak_train_mem_gib"), 3), f(act, 3),
-            f(r.get("tokens_per_s"), 5), f(r.get("f_nstep_mean"), 3)]) + " |")
+            f"{r['experiment']} ({r['core']})", number(r.get("params_total")), number(r.get("test_ppl")),
+            number(r.get("best_possible_ppl")), number(r.get("peak_train_mem_gib"), 3), number(act, 3),
+            number(r.get("tokens_per_s"), 5), number(r.get("f_nstep_mean"), 3)]) + " |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader never sees a half-written checkpoint, JSON or table."""
+"""Atomic file writes (a reader never sees a half-written checkpoint, JSON or table) and the JSONL reader."""
 
 from __future__ import annotations
 
@@ -40,6 +40,39 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+class JsonlError(ValueError):
+    """A line of a JSON-lines file that is neither valid JSON nor a torn last line; `what` says which."""
+
+    def __init__(self, path: Path, what: str):
+        super().__init__(f"{path}: {what}")
+        self.path, self.what = path, what
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every object of a JSON-lines file (metrics.jsonl), in order.
+
+    One policy for every reader: a torn last line (no newline after it: a writer was killed, or is still
+    writing) is dropped, because appends are not atomic; any other line that is not a JSON object raises
+    JsonlError, because nothing but damage puts one there."""
+    path = Path(path)
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    events: list[dict] = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            if i == len(lines) and not text.endswith("\n"):
+                break
+            raise JsonlError(path, f"line {i} is not JSON") from None
+        if not isinstance(event, dict):
+            raise JsonlError(path, f"line {i} is not a JSON object")
+        events.append(event)
+    return events
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

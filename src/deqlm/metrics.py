@@ -24,24 +24,31 @@ from typing import Any
 
 import torch
 
-from deqlm.io import atomic_write_text
+from deqlm.fmt import number
+from deqlm.io import atomic_write_text, read_jsonl
 
 GIB = float(2**30)
 WANDB_ID_FILE = "wandb_id.txt"
+# the solver figures averaged into train/valid events (`solver/<key>`, `valid/<key>`) and eval.json splits
+SOLVER_KEYS = ("f_nstep", "f_rel_res", "b_nstep", "b_rel_res", "converged_frac")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """All events of a metrics.jsonl (a torn last line from a kill is ignored)."""
-    events = []
-    path = Path(path)
-    if not path.exists():
-        return events
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
+def add_solver_stats(stats: dict | None, sums: dict[str, float], counts: dict[str, int]) -> None:
+    """Add one forward's solver figures to running sums; a figure the model did not report, or a non-finite
+    one (a diverged solve), is left out of its mean rather than poisoning it."""
+    for key in SOLVER_KEYS:
+        value = (stats or {}).get(key)
+        if value is None:
             continue
-    return events
+        value = float(value)
+        if math.isfinite(value):
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+
+
+def solver_means(sums: dict[str, float], counts: dict[str, int]) -> dict[str, float | None]:
+    """Every SOLVER_KEYS mean; None for a figure never reported (explicit cores, pretraining)."""
+    return {k: (sums[k] / counts[k] if counts.get(k) else None) for k in SOLVER_KEYS}
 
 
 def truncate_jsonl(path: str | os.PathLike, max_step: int) -> None:
@@ -153,27 +160,27 @@ class MetricLogger:
             settings = f"tgt_len {event.get('valid/tgt_len')}, mem_len {event.get('valid/mem_len')}"
             if event.get("valid/f_max_iter") is not None:  # explicit models have no solver
                 settings += f", f_max_iter {event['valid/f_max_iter']}"
-            self.write(f"step {step} valid " + ("" if ppl is None else f"ppl {_fmt(ppl)} ")
-                       + f"loss {_fmt(event['valid/loss'])} ({settings})")
+            self.write(f"step {step} valid " + ("" if ppl is None else f"ppl {number(ppl)} ")
+                       + f"loss {number(event['valid/loss'])} ({settings})")
         elif "train/loss" in event:
             if self._bar is not None:
                 self._bar.n = int(step)
-                post = {"loss": _fmt(event["train/loss"])}
+                post = {"loss": number(event["train/loss"])}
                 if event.get("train/ppl") is not None:
-                    post["ppl"] = _fmt(event["train/ppl"])
-                post["tok/s"] = _fmt(event.get("speed/tokens_per_s"), 0)
+                    post["ppl"] = number(event["train/ppl"])
+                post["tok/s"] = number(event.get("speed/tokens_per_s"), 0, fixed=True)
                 if event.get("solver/f_nstep") is not None:
-                    post["f_nstep"] = _fmt(event["solver/f_nstep"], 1)
+                    post["f_nstep"] = number(event["solver/f_nstep"], 1, fixed=True)
                 self._bar.set_postfix(post, refresh=True)
             else:
                 ppl = event.get("train/ppl")
-                text = (f"step {step} {event.get('mode')} loss {_fmt(event['train/loss'])} "
-                        + ("" if ppl is None else f"ppl {_fmt(ppl)} ")
-                        + f"lr {_fmt(event.get('optim/lr'), 6)} "
-                        + f"tok/s {_fmt(event.get('speed/tokens_per_s'), 0)}")
+                text = (f"step {step} {event.get('mode')} loss {number(event['train/loss'])} "
+                        + ("" if ppl is None else f"ppl {number(ppl)} ")
+                        + f"lr {number(event.get('optim/lr'), 3)} "
+                        + f"tok/s {number(event.get('speed/tokens_per_s'), 0, fixed=True)}")
                 if event.get("solver/f_nstep") is not None:
-                    text += (f" f_nstep {_fmt(event['solver/f_nstep'], 1)}"
-                             f" f_res {_fmt(event.get('solver/f_rel_res'), 6)}")
+                    text += (f" f_nstep {number(event['solver/f_nstep'], 1, fixed=True)}"
+                             f" f_res {number(event.get('solver/f_rel_res'), 3)}")
                 self.write(text)
 
     def write(self, text: str) -> None:
@@ -195,11 +202,3 @@ class MetricLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if digits else f"{value:.0f}"
-    return str(value)

@@ -13,6 +13,7 @@ import json
 import sys
 
 from deqlm.config import ConfigError, load_config
+from deqlm.data.corpus import CORPORA
 from deqlm.exits import BAD_INPUT, OK, error
 
 USAGE = "usage: python -m deqlm.params CONFIG [key=value ...]"
@@ -22,7 +23,7 @@ VOCAB_SIZES = {"ptb": 10000, "wt103": 267735, "wt2": 33278, "copy": 10}
 
 
 def vocab_size_of(cfg_data) -> int:
-    if cfg_data.tokenizer == "sentencepiece" and cfg_data.dataset in ("ptb", "wt103", "wt2"):
+    if cfg_data.tokenizer == "sentencepiece" and cfg_data.dataset in CORPORA:
         return int(cfg_data.sp_vocab_size)
     if cfg_data.dataset == "synthetic":
         return int(cfg_data.synth_vocab) + 1  # + <eos>
@@ -30,14 +31,12 @@ def vocab_size_of(cfg_data) -> int:
 
 
 def count_experiment(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    # the models load torch: imported here, not at the top, so that `python -m deqlm.params --help` and a bad
-    # config answer at once
-    import torch
+    cfg = load_config(path, overrides)
+    vocab = vocab_size_of(cfg.data)
+    import torch  # only now: `--help` and a bad config answer without loading torch
 
     from deqlm.models import build_model, count_params
 
-    cfg = load_config(path, overrides)
-    vocab = vocab_size_of(cfg.data)
     with torch.device("meta"):
         model = build_model(cfg.model, cfg.deq, vocab_size=vocab)
     return {"name": cfg.name, **count_params(model), "vocab_size": vocab}

@@ -1,4 +1,4 @@
-"""Process-level set-up shared by every entry point: seeding, device choice, run directories, env.json.
+"""Process-level set-up shared by every entry point: seeding, device and precision, run directories, env.json.
 
 A run directory holds everything needed to trust a number next to it:
 
@@ -7,6 +7,7 @@ A run directory holds everything needed to trust a number next to it:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
@@ -37,10 +38,26 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("train.device='cuda' but no CUDA device is visible")
+            raise ConfigError(f"device {name!r} asked for, but no CUDA device is visible")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on CUDA (`train.amp`); a no-op elsewhere (solvers keep their linear algebra in
+    float32)."""
+    if amp == "none" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def describe_device(device: torch.device) -> str:
+    """The device as a record names it: the GPU's model, or the CPU's with the thread count (speeds on a CPU
+    depend on it)."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
 def set_threads(n: int) -> None:

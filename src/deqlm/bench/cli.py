@@ -2,7 +2,8 @@
 
 memory.py, speed.py and solver.py load torch when imported; their parsers live here, with the module
 docstrings read from the source, so that `--help` answers at once. allocator.py loads nothing heavy and keeps
-its own parser.
+its own parser. Memory and speed share their protocol options and defaults (`_protocol_args`,
+`fill_protocol_defaults`): a row measured by either reads the same command line.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,13 +37,55 @@ def _parser(name: str) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _protocol_args(p: argparse.ArgumentParser, *, row_help: str, size_help: str) -> None:
+    """The options memory and speed share: one row in this process, the device and size, the protocol
+    (B, L, M, overrides, tolerances) and how each row's fresh process is run."""
+    p.add_argument("--row", choices=list(P.ROWS), metavar="ROW", help=f"{row_help}: {', '.join(P.ROWS)}")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--size", default=None, choices=list(P.SIZES), help=size_help)
+    p.add_argument("--batch", type=int, default=None, help=f"batch (default {P.PAPER_BATCH})")
+    p.add_argument("--tgt-len", type=int, default=None, help=f"segment length (default {P.PAPER_TGT_LEN})")
+    p.add_argument("--mem-len", type=int, default=None,
+                   help=f"Transformer memory (default {P.PAPER_MEM_LEN})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (--row)")
+    p.add_argument("--tol", default="cap", choices=["cap", "config"],
+                   help="DEQ rows: cap = tolerance 0, both solvers run to their step limits (worst case); "
+                        "config = the YAML's tolerances")
+    p.add_argument("--row-timeout", type=float, default=None, help="seconds per fresh process")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    p.add_argument("--inprocess", action="store_true",
+                   help="run rows in this process, not fresh ones (implied by --quick; CI only)")
+    p.add_argument("--out", default="results/bench", help="output folder")
+    p.add_argument("--json", action="store_true", help="print one JSON line per record")
+
+
+def fill_protocol_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """The protocol options left unset: the paper's B, L, M (the CI sizes under --quick) and a row timeout
+    that fits the device."""
+    quick = args.quick
+    args.batch = args.batch or (P.QUICK_BATCH if quick else P.PAPER_BATCH)
+    args.tgt_len = args.tgt_len or (P.QUICK_TGT_LEN if quick else P.PAPER_TGT_LEN)
+    if args.mem_len is None:
+        args.mem_len = P.QUICK_MEM_LEN if quick else P.PAPER_MEM_LEN
+    if args.row_timeout is None:
+        args.row_timeout = 120.0 if quick else (300.0 if args.device == "cuda" else 3600.0)
+    return args
+
+
+def progress(args: argparse.Namespace) -> Callable[[str], None]:
+    """Progress lines go to stdout, or to stderr when stdout carries the JSON records (`--json`)."""
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    return say
+
+
 def memory_parser() -> argparse.ArgumentParser:
     p = _parser("memory")
     what = p.add_argument_group("what to measure")
     what.add_argument("--paper", action="store_true", help="every paper row with a memory figure")
     what.add_argument("--sweep", action="store_true", help="memory against depth, solver steps, length")
-    what.add_argument("--row", choices=list(P.ROWS), metavar="ROW",
-                      help=f"one row in this process (what --paper runs): {', '.join(P.ROWS)}")
     what.add_argument("--rows", nargs="*", default=None, help="--paper: only these row keys")
     what.add_argument("--depths", type=int, nargs="*", default=None,
                       help=f"--sweep: explicit depths (default {' '.join(map(str, P.SWEEP_DEPTHS))})")
@@ -49,55 +93,25 @@ def memory_parser() -> argparse.ArgumentParser:
                       help=f"--sweep: solver caps (default {' '.join(map(str, P.SWEEP_SOLVER_STEPS))})")
     what.add_argument("--seq-lens", type=int, nargs="*", default=None,
                       help=f"--sweep: sequence lengths (default {' '.join(map(str, P.SWEEP_SEQ_LENS))})")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--size", default=None, choices=list(P.SIZES),
-                   help="full (paper widths) | reduced (widths / 4) | quick (CI); default: --paper full, "
-                        "--sweep reduced on CPU and full on CUDA")
+    _protocol_args(p, row_help="one row in this process (what --paper runs)",
+                   size_help="full (paper widths) | reduced (widths / 4) | quick (CI); default: --paper "
+                             "full, --sweep reduced on CPU and full on CUDA")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few points, seconds (CI)")
-    p.add_argument("--batch", type=int, default=None, help=f"batch (default {P.PAPER_BATCH})")
-    p.add_argument("--tgt-len", type=int, default=None, help=f"segment length (default {P.PAPER_TGT_LEN})")
-    p.add_argument("--mem-len", type=int, default=None,
-                   help=f"Transformer memory (default {P.PAPER_MEM_LEN})")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (--row)")
     p.add_argument("--warmup", default="step", choices=["step", "light"],
                    help="step: one full training step; light: graph-free forward + optimizer state")
-    p.add_argument("--tol", default="cap", choices=["cap", "config"],
-                   help="DEQ rows: cap = tolerance 0, both solvers run to their step limits (worst case); "
-                        "config = the YAML's tolerances")
-    p.add_argument("--row-timeout", type=float, default=None, help="seconds per fresh process")
     p.add_argument("--no-project", dest="project", action="store_false",
                    help="do not extrapolate explicit rows that do not fit")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    p.add_argument("--inprocess", action="store_true",
-                   help="run rows in this process, not fresh ones (implied by --quick; CI only)")
-    p.add_argument("--out", default="results/bench", help="output folder")
-    p.add_argument("--json", action="store_true", help="print one JSON line per record")
     return p
 
 
 def speed_parser() -> argparse.ArgumentParser:
     p = _parser("speed")
-    p.add_argument("--row", choices=list(P.ROWS), metavar="ROW",
-                   help=f"one row in this process (what the pairs run): {', '.join(P.ROWS)}")
     p.add_argument("--pairs", nargs="*", default=None, help="only these pairs (default: all)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--size", default=None, choices=list(P.SIZES),
-                   help="default: full on CUDA, reduced on CPU (widths / 4)")
+    _protocol_args(p, row_help="one row in this process (what the pairs run)",
+                   size_help="default: full on CUDA, reduced on CPU (widths / 4)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, two pairs, seconds (CI)")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--tgt-len", type=int, default=None)
-    p.add_argument("--mem-len", type=int, default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (--row)")
-    p.add_argument("--tol", default="cap", choices=["cap", "config"],
-                   help="cap: tolerance 0, every solve runs to its limit; config: the YAML's tolerances")
     p.add_argument("--steps", type=int, default=3, help="timed training steps and inference forwards")
     p.add_argument("--warmup-steps", type=int, default=1)
-    p.add_argument("--row-timeout", type=float, default=None, help="seconds per fresh process")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--inprocess", action="store_true",
-                   help="run rows in this process, not fresh ones (implied by --quick; CI only)")
-    p.add_argument("--out", default="results/bench")
-    p.add_argument("--json", action="store_true", help="print one JSON line per record")
     return p
 
 

@@ -6,7 +6,7 @@
   sweep's grids.
 
 No torch here: the benchmarks' command lines (cli.py) list rows, sizes and defaults in `--help` without
-loading it; the measuring code is in common.py, memory.py and speed.py.
+loading it. A row is built into a model by rows.py; memory.py and speed.py measure it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 PAPER_BATCH = 15
 PAPER_TGT_LEN = 150
 PAPER_MEM_LEN = 150
+# `--quick` (CI): the same protocol at seconds-long sizes
+QUICK_BATCH = 2
+QUICK_TGT_LEN = 8
+QUICK_MEM_LEN = 8
 
 
 @dataclass(frozen=True)

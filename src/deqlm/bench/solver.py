@@ -41,7 +41,7 @@ from torch import nn
 
 from deqlm.allocator import tune_allocator
 from deqlm.bench import cli
-from deqlm.bench.common import peak_live_bytes
+from deqlm.bench.peak_memory import peak_live_bytes
 from deqlm.deq import DEQFixedPoint
 from deqlm.io import atomic_write_json
 from deqlm.solvers import get_solver
@@ -171,35 +171,15 @@ def _measure(
     z0 = torch.zeros_like(x_BLD)
     core = make_core()
     stats: dict = {}
+    fwd = _time_forward(w, block, x_BLD, solve, overhead=depth is None)
 
-    def f_for(u):
-        return lambda z: block(z, u)
-
-    # forward: the no-grad solve (or the unrolled stack), with time inside f recorded
-    with torch.no_grad():
-        u = block.inject(x_BLD)
-    runs = []
-
-    def forward():
-        timed = Timed(f_for(u))
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            z = solve(timed, z0)
-        runs.append((time.perf_counter() - t0, timed.seconds, timed.calls))
-        return z
-
-    forward_ms = _median_ms(forward, w)
-    z = forward()
-    rel_B = _rel_res_B(f_for(u), z)
-    total_s, f_s, f_evals = runs[-1]
-    overhead = None
-    if depth is None and f_evals > 1:
-        overhead = statistics.median((t - fs) / (n - 1) / (fs / n) for t, fs, n in runs[w.warmup :] or runs)
+    def forward_with_graph():
+        u_BL3D = block.inject(x_BLD)
+        return core(lambda z: block(z, u_BL3D), z0)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        u_BL3D = block.inject(x_BLD)
-        z_BLD, st = core(f_for(u_BL3D), z0)
+        z_BLD, st = forward_with_graph()
         loss = F.cross_entropy(readout(z_BLD).flatten(0, 1), y_BL.flatten())
         loss.backward()
         opt.step()
@@ -207,22 +187,49 @@ def _measure(
 
     train_ms = _median_ms(step, w)
     peak = peak_live_bytes(step)
-    saved = saved_activation_bytes(lambda: core(f_for(block.inject(x_BLD)), z0), params)
+    saved = saved_activation_bytes(forward_with_graph, params)
     line = {
         "solver": name,
-        "f_evals": f_evals,
-        "rel_res_max": float(rel_B.max()),
-        "rel_res_median": float(rel_B.median()),
-        "forward_ms": round(forward_ms, 1),
+        "f_evals": fwd["f_evals"],
+        "rel_res_max": float(fwd["rel_B"].max()),
+        "rel_res_median": float(fwd["rel_B"].median()),
+        "forward_ms": round(fwd["ms"], 1),
         "train_step_ms": round(train_ms, 1),
-        "solver_overhead": None if overhead is None else round(overhead, 4),
+        "solver_overhead": None if fwd["overhead"] is None else round(fwd["overhead"], 4),
         "peak_step_mb": round(peak / 2**20, 1),
         "saved_bytes": saved,
-        "f_ms": round(1e3 * f_s / max(f_evals, 1), 2),
+        "f_ms": round(1e3 * fwd["f_s"] / max(fwd["f_evals"], 1), 2),
     }
     if "b_nstep" in stats:
         line["b_nstep"] = stats["b_nstep"]
     return line
+
+
+def _time_forward(w: Workload, block: Block, x_BLD: torch.Tensor, solve: Callable, overhead: bool) -> dict:
+    """The no-grad forward solve timed, with the time spent inside f recorded: its median ms, the last run's
+    f-evaluations, time in f and per-sample residuals, and (`overhead`) the solver's time per step outside f
+    as a fraction of one f-evaluation."""
+    with torch.no_grad():
+        u_BL3D = block.inject(x_BLD)
+    z0 = torch.zeros_like(x_BLD)
+    runs = []
+
+    def forward():
+        timed = Timed(lambda z: block(z, u_BL3D))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            z = solve(timed, z0)
+        runs.append((time.perf_counter() - t0, timed.seconds, timed.calls))
+        return z
+
+    ms = _median_ms(forward, w)
+    z = forward()
+    rel_B = _rel_res_B(lambda z: block(z, u_BL3D), z)
+    _, f_s, f_evals = runs[-1]
+    frac = None
+    if overhead and f_evals > 1:
+        frac = statistics.median((t - fs) / (n - 1) / (fs / n) for t, fs, n in runs[w.warmup :] or runs)
+    return {"ms": ms, "f_evals": f_evals, "f_s": f_s, "rel_B": rel_B, "overhead": frac}
 
 
 def _our_core(name: str, w: Workload, solver_kw: dict) -> DEQFixedPoint:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib
 
+from deqlm.choices import DatasetName, values
 from deqlm.data.corpus import SPLITS
 from deqlm.data.errors import DataError
 
 __all__ = ["build_dataset", "DataError", "LMDataset", "CopyMemoryDataset", "LMOrderedIterator", "SPLITS",
            "DATASETS"]
 
-DATASETS = ("ptb", "wt103", "wt2", "synthetic", "copy")
+DATASETS = values(DatasetName)  # what data.dataset accepts; dataset.py checks its builders hold these names
 
 # The datasets hand out torch tensors; this package is imported before `python -m deqlm.data` and
 # scripts/prepare_data.py parse their arguments, so their names load on first use (PEP 562) and `--help`

@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 
+from deqlm import data  # its datasets load torch on first use (PEP 562), so `--help` answers without torch
+from deqlm.choices import Tokenizer, values
 from deqlm.config import DataConfig
-from deqlm.data import DATASETS, SPLITS, DataError
 from deqlm.exits import BAD_INPUT, OK, error
 
 
@@ -15,23 +16,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deqlm.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="vocabulary size, split token counts and OOV counts of a corpus")
-    ins.add_argument("--dataset", required=True, choices=DATASETS)
+    ins.add_argument("--dataset", required=True, choices=data.DATASETS)
     ins.add_argument("--data-dir", default="data")
-    ins.add_argument("--tokenizer", default="word", choices=("word", "sentencepiece"))
+    ins.add_argument("--tokenizer", default="word", choices=values(Tokenizer))
     ins.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     args = parser.parse_args(argv)
-    # the datasets load torch: imported once the arguments are understood, so that --help answers at once
-    from deqlm.data import build_dataset
-
     try:
-        ds = build_dataset(DataConfig(dataset=args.dataset, data_dir=args.data_dir, tokenizer=args.tokenizer))
+        cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, tokenizer=args.tokenizer)
+        ds = data.build_dataset(cfg)
         if args.dataset == "copy":
             info = {"dataset": "copy", "vocab_size": ds.vocab_size,
-                    **{f"{s}_tokens": ds.split_tokens(s) for s in SPLITS},
+                    **{f"{s}_tokens": ds.split_tokens(s) for s in data.SPLITS},
                     "oov_valid": 0, "oov_test": 0}
         else:
             info = ds.summary()
-    except DataError as exc:
+    except data.DataError as exc:
         return error(str(exc), BAD_INPUT)
     if args.json:
         print(json.dumps(info))

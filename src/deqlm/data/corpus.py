@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deqlm.choices import Tokenizer, values
 from deqlm.data.errors import DataError
 from deqlm.data.tokenizers import SentencePieceVocab, WordVocab
 
@@ -121,7 +122,7 @@ def _tokenizer_settings(tokenizer: str, sp_vocab_size: int) -> dict:
         return {"kind": "word"}
     if tokenizer == "sentencepiece":
         return {"kind": "sentencepiece", "vocab_size": int(sp_vocab_size), "model_type": "unigram"}
-    raise DataError(f"data.tokenizer={tokenizer!r} is not one of word, sentencepiece")
+    raise DataError(f"data.tokenizer={tokenizer!r} is not one of {', '.join(values(Tokenizer))}")
 
 
 def load_corpus(corpus_dir: str | os.PathLike, names: dict, tokenizer: str = "word",

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from deqlm.data import DATASETS
+from deqlm.choices import DatasetName, check_registry
+from deqlm.config import DataConfig
 from deqlm.data.copy_memory import CopyMemoryDataset
 from deqlm.data.corpus import CORPORA, SPLITS, WIKITEXT_FILES, TokenizedCorpus, load_corpus, locate_corpus
 from deqlm.data.errors import DataError
@@ -18,20 +19,32 @@ from deqlm.data.iterators import LMOrderedIterator
 from deqlm.data.synthetic import ensure_synthetic, read_entropy_rate
 
 
-def build_dataset(cfg) -> LMDataset | CopyMemoryDataset:
-    """The dataset named by ``cfg.dataset`` (a ``deqlm.config.DataConfig``), caches built on first use."""
-    if cfg.dataset == "copy":
-        return CopyMemoryDataset(T=cfg.copy_T, n_train=cfg.copy_n_train, n_test=cfg.copy_n_test,
-                                 n_valid=cfg.copy_n_valid, seed=cfg.copy_seed)
-    if cfg.dataset == "synthetic":
-        corpus_dir = ensure_synthetic(cfg.data_dir, cfg.synth_seed, cfg.synth_vocab, cfg.synth_train_tokens)
-        corpus = load_corpus(corpus_dir, WIKITEXT_FILES, cfg.tokenizer, cfg.sp_vocab_size)
-        return LMDataset(f"synthetic-{cfg.synth_seed}", corpus, entropy_rate=read_entropy_rate(corpus_dir))
-    if cfg.dataset not in CORPORA:
-        raise DataError(f"data.dataset={cfg.dataset!r} is not one of {', '.join(DATASETS)}")
+def build_dataset(cfg: DataConfig) -> LMDataset | CopyMemoryDataset:
+    """The dataset named by ``cfg.dataset`` (one of deqlm.choices.DatasetName), caches built on first use."""
+    return BUILDERS[cfg.dataset](cfg)
+
+
+def _copy_memory(cfg: DataConfig) -> CopyMemoryDataset:
+    return CopyMemoryDataset(T=cfg.copy_T, n_train=cfg.copy_n_train, n_test=cfg.copy_n_test,
+                             n_valid=cfg.copy_n_valid, seed=cfg.copy_seed)
+
+
+def _synthetic(cfg: DataConfig) -> LMDataset:
+    corpus_dir = ensure_synthetic(cfg.data_dir, cfg.synth_seed, cfg.synth_vocab, cfg.synth_train_tokens)
+    corpus = load_corpus(corpus_dir, WIKITEXT_FILES, cfg.tokenizer, cfg.sp_vocab_size)
+    return LMDataset(f"synthetic-{cfg.synth_seed}", corpus, entropy_rate=read_entropy_rate(corpus_dir))
+
+
+def _downloaded_corpus(cfg: DataConfig) -> LMDataset:
     spec = CORPORA[cfg.dataset]
     corpus = load_corpus(locate_corpus(cfg.data_dir, spec), spec.files, cfg.tokenizer, cfg.sp_vocab_size)
     return LMDataset(cfg.dataset, corpus)
+
+
+# data.dataset -> builder: the corpora scripts/prepare_data.py downloads, the embedded synthetic language, and
+# copy memory (generated from its seed)
+BUILDERS = {name: _downloaded_corpus for name in CORPORA} | {"synthetic": _synthetic, "copy": _copy_memory}
+check_registry(BUILDERS, DatasetName, "data.dataset")
 
 
 class LMDataset:

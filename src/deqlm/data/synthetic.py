@@ -177,17 +177,9 @@ def generate_lines(lang: SynthLanguage, split: str, n_tokens: int) -> list[str]:
 def oracle_nll(lang: SynthLanguage, lines: Iterable[str]) -> tuple[float, int]:
     """(total NLL in nats, tokens incl. <eos>) of a text under the true predictive distribution."""
     p = lang.p
-    K, E, n_ent = p.n_topics, p.doc_entities, p.n_entities
-    stay = 1.0 - p.rho
-    jump = p.rho / (K - 1)
     nll, n_tok = 0.0, 0
     state = "start"  # start | doc_blank | heading | heading_blank | para_line | para_blank
-    belief = np.full(K, 1.0 / K)
-    seen: set[int] = set()
-
-    def bad(line: str) -> DataError:
-        return DataError(f"synthetic oracle: line {line!r} is not in the language")
-
+    doc = _DocState(np.full(p.n_topics, 1.0 / p.n_topics), set())
     for line in lines:
         toks = line.split()
         n_tok += len(toks) + 1
@@ -195,61 +187,78 @@ def oracle_nll(lang: SynthLanguage, lines: Iterable[str]) -> tuple[float, int]:
             if state == "para_blank":
                 nll -= math.log(p.p_doc)
             elif state not in ("start", "heading", "para_line"):
-                raise bad(line)
+                raise _not_in_language(line)
             state = _AFTER_BLANK[state]
             continue
         if state == "doc_blank":  # heading " = S = "
             if len(toks) != 3 or toks[0] != "=" or toks[2] != "=" or toks[1] not in lang.entity_id:
-                raise bad(line)
-            nll += math.log(n_ent)
-            seen = {lang.entity_id[toks[1]]}
-            belief = np.full(K, 1.0 / K)
+                raise _not_in_language(line)
+            nll += math.log(p.n_entities)
+            doc = _DocState(np.full(p.n_topics, 1.0 / p.n_topics), {lang.entity_id[toks[1]]})
             state = "heading"
             continue
         if state == "para_blank":
             nll -= math.log(1.0 - p.p_doc)
         elif state != "heading_blank":
-            raise bad(line)
-        # a paragraph: sentences "w .. w ." then <eos>
-        if toks[-1] != ".":
-            raise bad(line)
-        prev = -2  # -2: sentence start, -1: after an entity, >=0: content id
-        for tok in toks:
-            if tok == ".":
-                if prev == -2:
-                    raise bad(line)
-                nll -= math.log(p.q)
-                prev = -2
-                continue
-            if prev == -2:
-                belief = stay * belief + jump * (1.0 - belief)  # topic transition at a sentence start
-            else:
-                nll -= math.log(1.0 - p.q)
-            beta = p.beta if prev >= 0 else 0.0
-            if tok in lang.entity_id:
-                e = lang.entity_id[tok]
-                d = len(seen)
-                pw = p.gamma * (1.0 / E if e in seen else (E - d) / (E * (n_ent - d)))
-                if pw <= 0:
-                    raise bad(line)
-                nll -= math.log(pw)
-                seen.add(e)
-                prev = -1
-                continue
-            if tok not in lang.content_id:
-                raise bad(line)
-            c = lang.content_id[tok]
-            succ_p = beta if prev >= 0 and lang.succ[prev] == c else 0.0
-            lik_K = (1.0 - p.gamma - beta) * lang.topic_VK[c] + succ_p
-            pw = float(belief @ lik_K)
-            nll -= math.log(pw)
-            belief = belief * lik_K / pw
-            prev = c
-        # after the last ".": the line ends (p_line); after every other ".": a sentence follows (1 - p_line)
-        n_sent = toks.count(".")
-        nll -= math.log(p.p_line) + (n_sent - 1) * math.log(1.0 - p.p_line)
+            raise _not_in_language(line)
+        nll = _paragraph_nll(lang, doc, toks, line, nll)
         state = "para_line"
     return nll, n_tok
+
+
+@dataclass
+class _DocState:
+    """What the oracle knows inside a document: the topic belief (K,) and the entities mentioned so far."""
+
+    belief: np.ndarray
+    seen: set[int]
+
+
+def _not_in_language(line: str) -> DataError:
+    return DataError(f"synthetic oracle: line {line!r} is not in the language")
+
+
+def _paragraph_nll(lang: SynthLanguage, doc: _DocState, toks: list[str], line: str, nll: float) -> float:
+    """`nll` plus that of one paragraph line (sentences "w .. w ." then <eos>), added term by term as the text
+    is read; updates the document's topic belief and mentioned entities."""
+    p = lang.p
+    E, stay, jump = p.doc_entities, 1.0 - p.rho, p.rho / (p.n_topics - 1)
+    if toks[-1] != ".":
+        raise _not_in_language(line)
+    prev = -2  # -2: sentence start, -1: after an entity, >=0: content id
+    for tok in toks:
+        if tok == ".":
+            if prev == -2:
+                raise _not_in_language(line)
+            nll -= math.log(p.q)
+            prev = -2
+            continue
+        if prev == -2:
+            doc.belief = stay * doc.belief + jump * (1.0 - doc.belief)  # topic transition at a sentence start
+        else:
+            nll -= math.log(1.0 - p.q)
+        beta = p.beta if prev >= 0 else 0.0
+        if tok in lang.entity_id:
+            e, d = lang.entity_id[tok], len(doc.seen)
+            pw = p.gamma * (1.0 / E if e in doc.seen else (E - d) / (E * (p.n_entities - d)))
+            if pw <= 0:
+                raise _not_in_language(line)
+            nll -= math.log(pw)
+            doc.seen.add(e)
+            prev = -1
+            continue
+        if tok not in lang.content_id:
+            raise _not_in_language(line)
+        c = lang.content_id[tok]
+        succ_p = beta if prev >= 0 and lang.succ[prev] == c else 0.0
+        lik_K = (1.0 - p.gamma - beta) * lang.topic_VK[c] + succ_p
+        pw = float(doc.belief @ lik_K)
+        nll -= math.log(pw)
+        doc.belief = doc.belief * lik_K / pw
+        prev = c
+    # after the last ".": the line ends (p_line); after every other ".": a sentence follows (1 - p_line)
+    n_sent = toks.count(".")
+    return nll - (math.log(p.p_line) + (n_sent - 1) * math.log(1.0 - p.p_line))
 
 
 def unigram_entropy(lines: Iterable[str]) -> float:

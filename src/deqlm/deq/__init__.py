@@ -1,6 +1,6 @@
 """The implicit layer (DEQFixedPoint) and Jacobian diagnostics / regularisation at the equilibrium."""
 
 from deqlm.deq.jacobian import jac_reg_loss, spectral_radius
-from deqlm.deq.layer import DEQFixedPoint, parse_grad
+from deqlm.deq.layer import DEQFixedPoint
 
-__all__ = ["DEQFixedPoint", "jac_reg_loss", "parse_grad", "spectral_radius"]
+__all__ = ["DEQFixedPoint", "jac_reg_loss", "spectral_radius"]

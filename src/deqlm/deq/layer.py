@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deqlm.choices import IMPLICIT, parse_grad
 from deqlm.solvers import SOLVERS, SolverResult, get_solver
-from deqlm.solvers.common import STOP_MODES
 
 
 class _ImplicitBackward(torch.autograd.Function):
@@ -62,25 +62,17 @@ class _ImplicitBackward(torch.autograd.Function):
         return res.z.to(grad_z.dtype), None, None, None
 
 
-def parse_grad(grad: str | int) -> str | int:
-    """'implicit', or a positive number of unrolled steps (an int or a digit string from a config)."""
-    if grad == "implicit":
-        return grad
-    if isinstance(grad, int) and not isinstance(grad, bool) and grad > 0:
-        return grad
-    if isinstance(grad, str) and grad.isdigit() and int(grad) > 0:
-        return int(grad)
-    raise ValueError(f"grad={grad!r} must be 'implicit' or a positive integer")
-
-
 class DEQFixedPoint(nn.Module):
     """z_star, stats = deq(f, z0): the fixed point of the closure f, differentiable w.r.t. all that f
     captures.
 
     No parameters of its own; a module so that `model.eval()` reaches it. In eval mode or without grad the
-    forward solve uses `eval_f_max_iter` / `eval_f_tol` when set (plain attributes, settable at any time, as
-    are `f_max_iter`, `f_tol`, `b_max_iter`, `b_tol`). `solver_kwargs` maps a solver name to its extra keyword
-    arguments, e.g. {"broyden": {"rank": 30}, "anderson": {"m": 6, "beta": 1.0, "lam": 1e-4}}.
+    forward solve is capped at `eval_f_max_iter` when set (TorchDEQ's eval cap), else at `f_max_iter`. One
+    call can set its own forward cap and tolerance, `deq(f, z0, max_iter=..., tol=...)` (as TorchDEQ's
+    per-call `solver_kwargs`) and leaves the layer as it was: the evaluator passes its settings this way
+    rather than writing them into the module.
+    `solver_kwargs` maps a solver name to its extra keyword arguments, e.g.
+    {"broyden": {"rank": 30}, "anderson": {"m": 6, "beta": 1.0, "lam": 1e-4}}.
 
     stats (Python floats): f_nstep, f_evals, f_abs_res, f_rel_res, converged_frac; after backward of an
     implicit layer the same dict also holds b_nstep, b_abs_res, b_rel_res, b_converged_frac.
@@ -96,15 +88,12 @@ class DEQFixedPoint(nn.Module):
         f_tol: float = 1e-3,
         b_tol: float = 1e-3,
         stop_mode: str = "rel",
-        grad: str | int = "implicit",
+        grad: str | int = IMPLICIT,
         eval_f_max_iter: int | None = None,
-        eval_f_tol: float | None = None,
         solver_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         super().__init__()
-        get_solver(f_solver), get_solver(b_solver)  # validate early
-        if stop_mode not in STOP_MODES:
-            raise ValueError(f"stop_mode={stop_mode!r} is not one of {', '.join(STOP_MODES)}")
+        get_solver(f_solver), get_solver(b_solver)  # validate early (stop_mode: the solver checks it)
         solver_kwargs = {k: dict(v) for k, v in (solver_kwargs or {}).items()}
         for name in solver_kwargs:
             if name not in SOLVERS:
@@ -115,7 +104,6 @@ class DEQFixedPoint(nn.Module):
         self.stop_mode = stop_mode
         self.grad = parse_grad(grad)
         self.eval_f_max_iter = eval_f_max_iter
-        self.eval_f_tol = eval_f_tol
         self.solver_kwargs = solver_kwargs
 
     @classmethod
@@ -142,12 +130,20 @@ class DEQFixedPoint(nn.Module):
         return get_solver(name)(f, z0, max_iter=max_iter, tol=tol, stop_mode=self.stop_mode, **kwargs)
 
     def forward(
-        self, f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor
+        self,
+        f: Callable[[torch.Tensor], torch.Tensor],
+        z0: torch.Tensor,
+        *,
+        max_iter: int | None = None,
+        tol: float | None = None,
     ) -> tuple[torch.Tensor, dict]:
+        """`max_iter` / `tol`: this call's forward cap and tolerance (None: the layer's own, see above)."""
         grad_on = torch.is_grad_enabled()
-        eval_like = not (self.training and grad_on)
-        max_iter = self.eval_f_max_iter if eval_like and self.eval_f_max_iter is not None else self.f_max_iter
-        tol = self.eval_f_tol if eval_like and self.eval_f_tol is not None else self.f_tol
+        if max_iter is None:
+            eval_like = not (self.training and grad_on)
+            use_eval_cap = eval_like and self.eval_f_max_iter is not None
+            max_iter = self.eval_f_max_iter if use_eval_cap else self.f_max_iter
+        tol = self.f_tol if tol is None else tol
         with torch.no_grad():
             res = self._solve(self.f_solver, f, z0.detach(), max_iter, tol)
         stats = {
@@ -160,7 +156,7 @@ class DEQFixedPoint(nn.Module):
         z_star = res.z
         if not grad_on:
             return z_star, stats
-        if self.grad == "implicit":
+        if self.grad == IMPLICIT:
             z_in = z_star.detach().requires_grad_()
             fz = f(z_in)
             b_name, b_max_iter, b_tol = self.b_solver, self.b_max_iter, self.b_tol

@@ -2,18 +2,23 @@
 
 ``evaluate_run(run_dir, EvalRequest(...))`` evaluates one run with the Transformer-XL protocol;
 ``write_report(run_dirs, out_dir, title)`` renders summary.md / summary.csv / PNG plots for a set of runs.
-Both raise ``RunError`` (one line: ``<run>: <what>``) for a bad run directory.
+Both raise ``RunError`` (one line: ``<run>: <what>``) for a bad run directory. The loop both the trainer and
+``evaluate_run`` use is ``deqlm.eval.loop.evaluate``.
 """
 
-from deqlm.eval.perplexity import EvalRequest, RunError, discover_runs, evaluate_run
+import importlib
+
+from deqlm.eval.runs import RunError, discover_runs
+from deqlm.eval.settings import EvalRequest
 
 __all__ = ["EvalRequest", "RunError", "collect_run", "discover_runs", "evaluate_run", "write_report"]
 
+# Looked up on first use (PEP 562): evaluate_run loads torch, which `python -m deqlm.eval --help` must not
+# wait for, and `python -m deqlm.eval.report` must not find its module pre-imported.
+_LAZY = {"evaluate_run": "perplexity", "write_report": "report", "collect_run": "report"}
+
 
 def __getattr__(name: str):
-    # report is imported lazily so that `python -m deqlm.eval.report` does not find it pre-imported
-    if name in ("write_report", "collect_run"):
-        from deqlm.eval import report
-
-        return getattr(report, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"deqlm.eval.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'deqlm.eval' has no attribute {name!r}")

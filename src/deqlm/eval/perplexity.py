@@ -3,220 +3,45 @@
 Protocol (Dai et al. 2019, as used by Bai et al. 2019): each split is one token stream cut into
 ``eval.batch_size`` columns and read in segments of ``eval.tgt_len`` tokens, the memory (``eval.mem_len``)
 carried from segment to segment; perplexity = exp(sum of token NLL / number of target tokens) over the whole
-split. The loop itself is ``deqlm.train.trainer.evaluate``, the one the trainer validates with; this module
-picks the checkpoint, applies the eval settings, adds word-level perplexity, the entropy-rate bound and memory
-figures, and decides whether an existing ``eval.json`` is still up to date.
+split. The loop itself is ``deqlm.eval.loop.evaluate``, the one the trainer validates with; this module picks
+the checkpoint, resolves the eval settings (``deqlm.eval.settings``), adds word-level perplexity, the
+entropy-rate bound and memory figures, and keeps splits of an ``eval.json`` that are still up to date.
 
 The number in ``eval.json`` is the run's result; the last validation figure of the training log is not (it may
-be capped by ``train.eval_max_tokens`` and uses the training-time solver settings).
+be capped by ``train.eval_max_tokens``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
-import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deqlm.config import ConfigError, ExperimentConfig, load_config, to_dict
-from deqlm.data.errors import DataError
-from deqlm.exits import BAD_INPUT, FAILED, OK, describe, error, warn
+import torch
+
+from deqlm.config import ConfigError, ExperimentConfig, to_dict
+from deqlm.data import build_dataset
+from deqlm.eval.loop import evaluate
+from deqlm.eval.runs import (
+    EVAL_FILE,
+    RunError,
+    checkpoint_id,
+    is_up_to_date,
+    load_run_checkpoint,
+    load_run_config,
+    read_eval_json,
+)
+from deqlm.eval.settings import EvalRequest, EvalSettings, resolve_eval_settings
 from deqlm.io import atomic_write_json
+from deqlm.metrics import MemoryMeter
+from deqlm.models import build_model, count_params
+from deqlm.runtime import pick_device
 
-EVAL_FILE = "eval.json"
-CKPT_ORDER = ("best.pt", "last.pt")  # the best-validation checkpoint when there is one
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "env.json", "ckpt")  # what makes a folder look like a run
-SPLITS = ("valid", "test")
 SCHEMA_VERSION = 1
-
-
-class RunError(Exception):
-    """A problem with one run directory, reported as one line ``error: <run>: <what>``."""
-
-    def __init__(self, run: str | os.PathLike, what: str):
-        super().__init__(f"{run}: {what}")
-        self.run = str(run)
-        self.what = what
-
-
-@dataclass
-class EvalRequest:
-    """What to evaluate and how: parsed from the command line (``split=``, ``eval.*=``, ...)."""
-
-    eval_overrides: tuple[str, ...] = ()  # dotlist ``eval.key=value`` applied on top of the run's config
-    splits: tuple[str, ...] = SPLITS  # which splits to evaluate
-    max_tokens: int = 0  # cap per split (0: whole split; anything else is a smoke check, marked partial)
-    device: str = ""  # "" : the run's train.device (auto: cuda when available)
-    force: bool = False  # re-evaluate runs whose eval.json is up to date
-
-
-# ------------------------------------------------------------------------------------------------
-# run directories
-
-
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
-
-
-def discover_runs(root: Path) -> list[Path]:
-    """Run directories at or below ``root``, sorted; a run directory's own sub-folders are not searched."""
-    if is_run_dir(root):
-        return [root]
-    found: list[Path] = []
-    for dirpath, dirnames, _ in os.walk(root):
-        here = Path(dirpath)
-        if is_run_dir(here):
-            found.append(here)
-            dirnames[:] = []
-        else:
-            dirnames.sort()
-    return sorted(found)
-
-
-def find_checkpoint(run_dir: Path) -> Path:
-    for name in CKPT_ORDER:
-        path = run_dir / "ckpt" / name
-        if path.is_file():
-            return path
-    raise RunError(run_dir, f"no checkpoint (looked for ckpt/{' and ckpt/'.join(CKPT_ORDER)})")
-
-
-def load_run_config(run_dir: Path, overrides: tuple[str, ...] = ()) -> ExperimentConfig:
-    """The run's resolved ``config.yaml`` plus ``eval.*`` overrides (only eval settings may change now)."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise RunError(run_dir, "missing config.yaml")
-    for item in overrides:
-        if not item.startswith("eval."):
-            raise RunError(
-                run_dir, f"override {item!r}: only eval.* settings can be changed at evaluation time"
-            )
-    try:
-        return load_config(path, overrides)
-    except ConfigError as exc:
-        raise RunError(run_dir, str(exc)) from None
-
-
-def read_eval_json(run_dir: Path) -> dict | None:
-    """The run's ``eval.json``, None when absent; a file that is not a JSON object is a RunError."""
-    path = run_dir / EVAL_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RunError(run_dir, f"corrupt {EVAL_FILE} ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise RunError(run_dir, f"corrupt {EVAL_FILE} (not a JSON object)")
-    return data
-
-
-# ------------------------------------------------------------------------------------------------
-# settings and staleness
-
-
-def eval_settings(cfg: ExperimentConfig, req: EvalRequest) -> dict:
-    """Everything that changes an evaluation number; two evaluations with equal settings are interchangeable.
-
-    ``f_max_iter`` / ``f_tol`` are the values the solver really uses (0 in the config means "the model's").
-    """
-    e, d = cfg.eval, cfg.deq
-    is_deq = cfg.model.core == "deq"
-    f_max_iter = e.f_max_iter or d.eval_f_max_iter or d.f_max_iter
-    return {
-        "batch_size": e.batch_size,
-        "tgt_len": e.tgt_len,
-        "mem_len": e.mem_len,
-        "clamp_len": e.clamp_len if e.clamp_len >= 0 else cfg.model.clamp_len,
-        "f_max_iter": f_max_iter if is_deq else None,
-        "f_tol": (e.f_tol or d.f_tol) if is_deq else None,
-        "f_solver": d.f_solver if is_deq else None,
-        "stop_mode": d.stop_mode if is_deq else None,
-        "max_tokens": req.max_tokens,
-    }
-
-
-def checkpoint_id(run_dir: Path, ckpt_path: Path, step: int | None) -> dict:
-    return {
-        "file": ckpt_path.relative_to(run_dir).as_posix(),
-        "step": step,
-        "mtime": ckpt_path.stat().st_mtime,
-    }
-
-
-def is_up_to_date(existing: dict | None, ckpt: dict, settings: dict, splits: tuple[str, ...]) -> bool:
-    """Same checkpoint (file, step, mtime), same settings, and every requested split present."""
-    if not existing:
-        return False
-    old = existing.get("checkpoint") or {}
-    same_ckpt = (old.get("file"), old.get("mtime")) == (ckpt["file"], ckpt["mtime"])
-    if ckpt.get("step") is not None:
-        same_ckpt = same_ckpt and old.get("step") == ckpt["step"]
-    have = existing.get("splits") or {}
-    return same_ckpt and existing.get("settings") == settings and all(s in have for s in splits)
-
-
-def _checkpoint_step_cheap(existing: dict | None, ckpt_path: Path, run_dir: Path) -> int | None:
-    """The step eval.json recorded for this exact checkpoint file (an up-to-date check need not load it)."""
-    old = (existing or {}).get("checkpoint") or {}
-    if (
-        old.get("file") == ckpt_path.relative_to(run_dir).as_posix()
-        and old.get("mtime") == ckpt_path.stat().st_mtime
-    ):
-        return old.get("step")
-    return None
-
-
-# ------------------------------------------------------------------------------------------------
-# evaluation
-
-
-def _resolve_device(name: str):
-    import torch
-
-    if name in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
-def _peak_memory_gib(device) -> tuple[float, str]:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
-    # ru_maxrss is KiB on Linux, bytes on macOS; process-lifetime peak (includes data loading).
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30, "cpu_max_rss"
-
-
-def _load_checkpoint(run_dir: Path) -> tuple[Path, dict]:
-    """The first readable checkpoint of CKPT_ORDER. A damaged best.pt falls back to an intact last.pt, said in
-    one line: the last weights still give a result where stopping gives none, and eval.json names the file."""
-    from deqlm.train.checkpoint import CheckpointError, load_checkpoint
-
-    first = find_checkpoint(run_dir)
-    damaged: list[str] = []
-    for name in CKPT_ORDER[CKPT_ORDER.index(first.name) :]:
-        path = run_dir / "ckpt" / name
-        if not path.is_file():
-            continue
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as exc:
-            damaged.append(f"ckpt/{name} is damaged ({exc.reason})")
-            continue
-        if damaged:
-            warn(f"{run_dir}: {damaged[0]}; evaluating ckpt/{name} instead")
-        return path, ckpt
-    raise RunError(run_dir, "; ".join(damaged))
 
 
 def _split_result(raw: dict, *, word_count: int | None, token_count: int | None, copy_task: bool) -> dict:
@@ -247,27 +72,8 @@ def _split_result(raw: dict, *, word_count: int | None, token_count: int | None,
     return out
 
 
-def evaluate_run(run_dir: str | os.PathLike, req: EvalRequest | None = None, *, log=print) -> dict:
-    """Evaluate one run directory and write its ``eval.json`` (atomically); returns the record written."""
-    import torch
-
-    run_dir, req = Path(run_dir), req or EvalRequest()
-    cfg = load_run_config(run_dir, req.eval_overrides)
-    ckpt_path, ckpt = _load_checkpoint(run_dir)
-
-    from deqlm.data import build_dataset
-    from deqlm.models import build_model, count_params
-    from deqlm.train.trainer import evaluate
-
-    step = ckpt.get("step")
-    step = int(step) if step is not None else None
-    settings = eval_settings(cfg, req)
-    ckpt_info = checkpoint_id(run_dir, ckpt_path, step)
-    try:
-        device = _resolve_device(req.device or cfg.train.device)
-    except ValueError as exc:
-        raise RunError(run_dir, str(exc)) from None
-
+def _load_data(run_dir: Path, cfg: ExperimentConfig, ckpt: dict):
+    """The run's dataset, checked against the vocabulary the checkpoint was trained on."""
     try:
         dataset = build_dataset(cfg.data)
     except (OSError, ValueError) as exc:
@@ -279,60 +85,99 @@ def evaluate_run(run_dir: str | os.PathLike, req: EvalRequest | None = None, *, 
         raise RunError(
             run_dir, f"vocabulary differs from the checkpoint's ({dataset.vocab_hash} != {saved_hash})"
         )
+    return dataset
 
-    model = build_model(cfg.model, cfg.deq, vocab_size=dataset.vocab_size)
+
+def _load_model(run_dir: Path, cfg: ExperimentConfig, ckpt: dict, vocab_size: int, device: torch.device):
+    """The config's model holding the checkpoint's weights, on `device`, in eval mode."""
+    model = build_model(cfg.model, cfg.deq, vocab_size=vocab_size)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise RunError(
             run_dir, f"checkpoint does not fit the config's model ({str(exc).splitlines()[0]})"
         ) from None
-    model.to(device).eval()
-    model.set_eval_solver(
-        f_max_iter=cfg.eval.f_max_iter or None,
-        f_tol=cfg.eval.f_tol or None,
-        mem_len=cfg.eval.mem_len,
-        clamp_len=cfg.eval.clamp_len if cfg.eval.clamp_len >= 0 else None,
-    )
+    return model.to(device).eval()
+
+
+def evaluate_split(run_dir: Path, cfg: ExperimentConfig, model, dataset, split: str, settings: EvalSettings,
+                    step: int | None, device: torch.device, max_tokens: int) -> dict:
+    """One split's eval.json entry: the loop's figures, word-level perplexity, wall time and peak memory."""
+    meter = MemoryMeter(device)
+    meter.reset()
+    t0 = time.perf_counter()
+    raw = evaluate(model, dataset, split, settings, step, device, max_tokens=max_tokens)
+    wall_s = time.perf_counter() - t0
+    subword = cfg.data.tokenizer == "sentencepiece"
+    words = dataset.split_words(split) if subword and not max_tokens else None
+    tokens = dataset.split_tokens(split) if words else None
+    try:
+        res = _split_result(raw, word_count=words, token_count=tokens, copy_task=cfg.data.dataset == "copy")
+    except (KeyError, ValueError) as exc:
+        raise RunError(run_dir, f"evaluation of {split!r} failed ({exc})") from None
+    res["wall_s"] = wall_s
+    res["peak_mem_gib"], res["peak_mem_kind"] = meter.peak_gib(), meter.kind
+    return res
+
+
+@dataclass
+class LoadedRun:
+    """A run ready to evaluate: its config, the checkpoint's weights in the model, the data, the settings."""
+
+    run_dir: Path
+    cfg: ExperimentConfig
+    step: int | None
+    ckpt_info: dict
+    settings: EvalSettings
+    device: torch.device
+    dataset: Any
+    model: torch.nn.Module
+
+
+def load_run(run_dir: Path, req: EvalRequest) -> LoadedRun:
+    """The run's config (with the request's eval overrides), the checkpoint to evaluate, data and model."""
+    cfg = load_run_config(run_dir, req.eval_overrides, req.device)
+    ckpt_path, ckpt = load_run_checkpoint(run_dir)
+    step = None if ckpt.get("step") is None else int(ckpt["step"])
+    try:
+        device = pick_device(cfg.train.device)
+    except ConfigError as exc:
+        raise RunError(run_dir, str(exc)) from None
+    dataset = _load_data(run_dir, cfg, ckpt)
+    model = _load_model(run_dir, cfg, ckpt, dataset.vocab_size, device)
+    return LoadedRun(run_dir, cfg, step, checkpoint_id(run_dir, ckpt_path, step), resolve_eval_settings(cfg),
+                     device, dataset, model)
+
+
+def evaluate_run(run_dir: str | os.PathLike, req: EvalRequest | None = None, *, log=print) -> dict:
+    """Evaluate one run directory and write its ``eval.json`` (atomically); returns the record written."""
+    run_dir, req = Path(run_dir), req or EvalRequest()
+    run = load_run(run_dir, req)
+    cfg, step, settings, device, dataset, model = (run.cfg, run.step, run.settings, run.device, run.dataset,
+                                                   run.model)
+    recorded, ckpt_info = settings.record(req.max_tokens), run.ckpt_info
 
     existing = read_eval_json(run_dir)
     splits: dict[str, dict] = {}
-    if existing and is_up_to_date(existing, ckpt_info, settings, ()):
+    if existing and is_up_to_date(existing, ckpt_info, recorded, ()):
         splits.update(existing.get("splits") or {})  # keep splits evaluated earlier with these exact settings
-    copy_task = cfg.data.dataset == "copy"
-    subword = cfg.data.tokenizer == "sentencepiece"
-    peak_gib, peak_kind = 0.0, ""
     for split in req.splits:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            raw = evaluate(model, dataset, split, cfg.eval, step, device, max_tokens=req.max_tokens)
-        wall_s = time.perf_counter() - t0
-        words = dataset.split_words(split) if subword and not req.max_tokens else None
-        tokens = dataset.split_tokens(split) if words else None
-        try:
-            res = _split_result(raw, word_count=words, token_count=tokens, copy_task=copy_task)
-        except (KeyError, ValueError) as exc:
-            raise RunError(run_dir, f"evaluation of {split!r} failed ({exc})") from None
-        res["wall_s"] = wall_s
-        res.setdefault("tokens_per_s", res["n_tokens"] / max(wall_s, 1e-9))
-        res["peak_mem_gib"], res["peak_mem_kind"] = _peak_memory_gib(device)
-        peak_gib, peak_kind = max(peak_gib, res["peak_mem_gib"]), res["peak_mem_kind"]
-        splits[split] = res
-        shown = f"loss {res['loss']:.4g}" if copy_task else f"ppl {res['ppl']:.3f}"
+        res = splits[split] = evaluate_split(run_dir, cfg, model, dataset, split, settings, step, device,
+                                              req.max_tokens)
+        shown = f"loss {res['loss']:.4g}" if res["ppl"] is None else f"ppl {res['ppl']:.3f}"
         log(f"{run_dir}: {split} {shown} over {res['n_tokens']} tokens ({res['tokens_per_s']:.0f} tok/s)")
 
-    record = build_record(run_dir, cfg, settings, ckpt_info, splits, dataset, model, count_params, device)
-    record["peak_mem_gib"], record["peak_mem_kind"] = peak_gib, peak_kind
+    record = build_record(run_dir, cfg, recorded, ckpt_info, splits, dataset, model, device)
+    fresh = [splits[s] for s in req.splits]
+    record["peak_mem_gib"] = max(res["peak_mem_gib"] for res in fresh)
+    record["peak_mem_kind"] = fresh[-1]["peak_mem_kind"]
     atomic_write_json(run_dir / EVAL_FILE, record)
     return record
 
 
-def build_record(run_dir, cfg, settings, ckpt_info, splits, dataset, model, count_params, device) -> dict:
+def build_record(run_dir: Path, cfg: ExperimentConfig, settings: dict, ckpt_info: dict, splits: dict,
+                 dataset, model, device: torch.device) -> dict:
     """The eval.json object (schema in docs/evaluation.md); flat ``<split>_ppl`` keys duplicate ``splits``."""
-    import torch
-
     entropy = getattr(dataset, "entropy_rate", None)
     record: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
@@ -345,7 +190,7 @@ def build_record(run_dir, cfg, settings, ckpt_info, splits, dataset, model, coun
         "paper_row": cfg.paper_row,
         "paper_test": cfg.paper_test,
         "checkpoint": ckpt_info,
-        "mode": model.mode(ckpt_info["step"]) if hasattr(model, "mode") else None,
+        "mode": model.mode(ckpt_info["step"]),
         "settings": settings,
         "partial": bool(settings["max_tokens"]),
         **{k: int(v) for k, v in count_params(model).items()},
@@ -362,116 +207,3 @@ def build_record(run_dir, cfg, settings, ckpt_info, splits, dataset, model, coun
         if "word_ppl" in res:
             record[f"{split}_word_ppl"] = res["word_ppl"]
     return record
-
-
-# ------------------------------------------------------------------------------------------------
-# command line
-
-
-USAGE = """usage: python -m deqlm.eval RUN_DIR|ROOT [split=valid,test] [eval.KEY=VALUE ...]
-                        [max_tokens=N] [device=cpu|cuda] [force=true]
-RUN_DIR: evaluate that run. ROOT (e.g. results/runs): every run below it lacking an up-to-date eval.json."""
-
-
-def parse_args(argv: list[str]) -> tuple[list[Path], EvalRequest]:
-    paths: list[Path] = []
-    overrides: list[str] = []
-    req = EvalRequest()
-    for arg in argv:
-        if "=" not in arg:
-            paths.append(Path(arg))
-            continue
-        key, value = arg.split("=", 1)
-        if key.startswith("eval."):
-            overrides.append(arg)
-        elif key in ("split", "splits"):
-            chosen = tuple(s for s in value.split(",") if s)
-            bad = [s for s in chosen if s not in SPLITS]
-            if bad or not chosen:
-                raise ValueError(f"split={value!r}: choose from {', '.join(SPLITS)} (comma-separated)")
-            req.splits = chosen
-        elif key == "max_tokens":
-            if not value.isdigit():
-                raise ValueError(f"max_tokens={value!r} must be a non-negative integer")
-            req.max_tokens = int(value)
-        elif key == "device":
-            req.device = value
-        elif key == "force":
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"force={value!r} must be true or false")
-            req.force = value.lower() in ("true", "1")
-        elif "." in key:
-            raise ValueError(f"{arg!r}: only eval.* settings can be changed at evaluation time")
-        else:
-            raise ValueError(
-                f"unknown argument {arg!r} (expected split=, max_tokens=, device=, force= or eval.*=)"
-            )
-    if not paths:
-        raise ValueError("give a run directory or a folder of runs (e.g. results/runs)")
-    req.eval_overrides = tuple(overrides)
-    return paths, req
-
-
-def _plan(run_dir: Path, req: EvalRequest) -> bool:
-    """True when the run needs evaluating (eval.json missing or stale); RunError for a bad run."""
-    cfg = load_run_config(run_dir, req.eval_overrides)
-    ckpt_path = find_checkpoint(run_dir)
-    existing = read_eval_json(run_dir)
-    step = _checkpoint_step_cheap(existing, ckpt_path, run_dir)
-    if step is None:
-        return True
-    return not is_up_to_date(
-        existing, checkpoint_id(run_dir, ckpt_path, step), eval_settings(cfg, req), req.splits
-    )
-
-
-def _exit_code(exc: Exception) -> int:
-    """BAD_INPUT for a problem with what was asked (a bad run directory, setting or corpus), as train says it;
-    FAILED for a crash inside the model or data code."""
-    return BAD_INPUT if isinstance(exc, (RunError, ConfigError, DataError)) else FAILED
-
-
-def _failure(run: Path, exc: Exception) -> str:
-    return str(exc) if isinstance(exc, RunError) else f"{run}: {type(exc).__name__}: {describe(exc)}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return OK
-    try:
-        paths, req = parse_args(argv)
-    except ValueError as exc:
-        return error(str(exc), BAD_INPUT)
-    missing = [p for p in paths if not p.exists()]
-    if missing:
-        return error(f"{missing[0]}: no such directory", BAD_INPUT)
-
-    if len(paths) == 1 and is_run_dir(paths[0]):  # one named run: always evaluate, failures are errors
-        try:
-            evaluate_run(paths[0], req)
-        except Exception as exc:  # a crash inside the model or data code too: one line, not a traceback
-            return error(_failure(paths[0], exc), _exit_code(exc))
-        return OK
-
-    runs = [r for p in paths for r in discover_runs(p)]
-    if not runs:
-        return error(f"{', '.join(map(str, paths))}: no run directories found", BAD_INPUT)
-    n_done = n_fresh = 0
-    failed: list[int] = []  # the exit code each skipped run would have had on its own
-    for run in runs:
-        try:
-            if not req.force and not _plan(run, req):
-                n_fresh += 1
-                print(f"up to date: {run}")
-                continue
-            evaluate_run(run, req)
-            n_done += 1
-        except Exception as exc:  # one broken run must not stop the others
-            failed.append(_exit_code(exc))
-            warn(f"{_failure(run, exc)} (skipped)")
-    print(f"evaluated {n_done}, up to date {n_fresh}, skipped {len(failed)} of {len(runs)} runs")
-    if not failed or n_done or n_fresh:
-        return OK
-    return failed[0] if len(set(failed)) == 1 else FAILED

@@ -235,3 +235,31 @@ def plot_tradeoff(runs: list[dict], path: Path, title: str, style: dict[str, dic
     _save(fig, path)
     plt.close(fig)
     return True
+
+
+def plot_solver_caps(runs: list[dict], path: Path, title: str, style: dict[str, dict]) -> bool:
+    """The DEQ's compute knob: test ppl of one checkpoint against the forward solver cap at inference, the
+    explicit twin's test ppl as a horizontal line and the training cap as a vertical one."""
+    import matplotlib.pyplot as plt
+
+    deqs = [r for r in runs if (r.get("caps") or {}).get("points")]
+    if not deqs:
+        return False
+    by_run = {r["row"]["run"]: r for r in runs}
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for r in deqs:
+        st = style[r["row"]["run"]]
+        pts = sorted((p["cap"], p["ppl"]) for p in r["caps"]["points"] if as_number(p.get("ppl")) is not None)
+        ax.plot(*zip(*pts), marker="o", color=st["color"], label=f"{st['label']} (DEQ)")
+        ax.axvline(r["cfg"].deq.f_max_iter, color=st["color"], linestyle=":", alpha=0.6)
+        twin = by_run.get(r["row"]["twin"] or "")
+        if twin is not None and as_number(twin["row"]["test_ppl"]) is not None:
+            ax.axhline(twin["row"]["test_ppl"], color=st["color"], linestyle="--",
+                       label=f"{style[twin['row']['run']]['label']} (explicit twin)")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="forward solver cap at inference (steps; dotted: the training cap)",
+           ylabel="test perplexity (whole split)", yscale="log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"{title}: one set of DEQ weights, more solver steps at inference")
+    _legend_below_and_save(fig, ax, 2, path)
+    return True

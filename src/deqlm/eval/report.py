@@ -19,7 +19,6 @@ import argparse
 import csv
 import datetime as _dt
 import io
-import json
 import statistics
 import sys
 from collections import defaultdict
@@ -28,17 +27,26 @@ from typing import Any
 
 from deqlm.allocator import tune_allocator
 from deqlm.config import ExperimentConfig
-from deqlm.eval.perplexity import (
-    CKPT_ORDER,
+from deqlm.eval.plots import (
+    log_values,
+    plot_curves,
+    plot_memory,
+    plot_solver,
+    plot_solver_caps,
+    plot_tradeoff,
+    run_styles,
+)
+from deqlm.eval.runs import (
     RunError,
     discover_runs,
+    has_checkpoint,
     is_run_dir,
     load_run_config,
     read_eval_json,
+    read_solver_caps,
 )
-from deqlm.eval.plots import log_values, plot_curves, plot_memory, plot_solver, plot_tradeoff, run_styles
 from deqlm.exits import BAD_INPUT, OK, error, warn
-from deqlm.io import atomic_write_text
+from deqlm.io import JsonlError, atomic_write_text, read_jsonl
 
 COLUMNS = [
     "run", "experiment", "corpus", "arch", "core", "mode", "pair", "seed", "steps", "params_total",
@@ -63,27 +71,15 @@ PAIR_COLUMNS = [
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl as a list of flat dicts. A torn final line (no newline: the trainer is mid-write) is
-    dropped; any other unparsable line makes the run bad."""
+    """metrics.jsonl as a list of flat dicts, read with `deqlm.io.read_jsonl`'s policy (a torn last line is
+    dropped: the trainer may be mid-write); a missing file or any other bad line makes the run bad."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise RunError(run_dir, "missing metrics.jsonl")
-    text = path.read_text(errors="replace")
-    lines = text.split("\n")
-    events: list[dict] = []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            if i == len(lines) and not text.endswith("\n"):
-                break
-            raise RunError(run_dir, f"corrupt metrics.jsonl (line {i} is not JSON)") from None
-        if not isinstance(event, dict):
-            raise RunError(run_dir, f"corrupt metrics.jsonl (line {i} is not a JSON object)")
-        events.append(event)
-    return events
+    try:
+        return read_jsonl(path)
+    except JsonlError as exc:
+        raise RunError(run_dir, f"corrupt metrics.jsonl ({exc.what})") from None
 
 
 def _agg(values: list[float], how) -> float | None:
@@ -152,14 +148,15 @@ def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: 
 
 
 def collect_run(run_dir: str | Path) -> dict:
-    """``{"dir", "cfg", "events", "eval", "row", "warnings"}`` of one run; RunError when it is unusable."""
+    """``{"dir", "cfg", "events", "eval", "row", "warnings", "caps"}`` of one run (caps: its solver_caps.json
+    or None); RunError when it is unusable."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(run_dir, "no such directory")
     cfg = load_run_config(run_dir)
     events = read_metrics(run_dir)
     ev = read_eval_json(run_dir)
-    has_ckpt = any((run_dir / "ckpt" / n).is_file() for n in CKPT_ORDER)
+    has_ckpt = has_checkpoint(run_dir)
     warnings = []
     if ev is None and not has_ckpt:
         raise RunError(run_dir, "no checkpoint and no eval.json")
@@ -178,7 +175,8 @@ def collect_run(run_dir: str | Path) -> dict:
             f"{cfg.model.pretrain_steps} >= the evaluated step {row['eval_step'] or row['steps']}): its "
             f"figures are the unrolled warm-up stack's, so it is labelled warm-up only and not paired"
         )
-    return {"dir": run_dir, "cfg": cfg, "events": events, "eval": ev, "row": row, "warnings": warnings}
+    return {"dir": run_dir, "cfg": cfg, "events": events, "eval": ev, "row": row, "warnings": warnings,
+            "caps": read_solver_caps(run_dir)}
 
 
 def warmup_only(row: dict) -> bool:
@@ -439,6 +437,7 @@ def write_report(run_dirs, out_dir, title: str, *, skip_bad: bool = False, log=p
             ("memory.png", plot_memory),
             ("solver.png", plot_solver),
             ("tradeoff.png", plot_tradeoff),
+            ("solver_caps.png", plot_solver_caps),
         ):
             if fn(runs, out_dir / name, title, style):
                 plots.append(name)

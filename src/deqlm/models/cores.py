@@ -1,14 +1,16 @@
 """Cores: how a stack of cells turns the embedded input into the final state. One signature for all of them:
 
-    core(cells, x, mems, *, mem_len, clamp_len, jac_samples=0) -> CoreOut(z, mems, stats, aux, jac_loss)
+    core(cells, x, mems, *, mem_len, clamp_len, jac_samples=0, solver=None)
+        -> CoreOut(z, mems, stats, aux, jac_loss)
 
 * `DEQCore` finds z* = f(z*) with f(z) = cell(z, ctx) through `deqlm.deq.DEQFixedPoint` (Bai et al. 2019):
   forward root solve without a graph, implicit (IFT) backward. ctx holds the injection, memory, positions and
-  dropout masks, built once, so f is one fixed map. Memory: the previous segment's z* (one slot).
+  dropout masks, built once, so f is one fixed map. Memory: the previous segment's z* (one slot). `solver`
+  holds this call's forward-solver overrides (`max_iter`, `tol`; evaluation settings), handed to the layer's
+  call; unrolled cores have no solver and ignore it.
 * `UnrolledCore(weight_tied=True)` applies the one cell n_layer times from z0 with ordinary backprop:
-exactly the
-  DEQ's f iterated (same ctx, same single memory slot: the final state). It is the pretraining stack of a DEQ
-  model and the paper's weight-tied baselines, and the cell's parameters are the DEQ's.
+  exactly the DEQ's f iterated (same ctx, same single memory slot: the final state). It is the pretraining
+  stack of a DEQ model and the paper's weight-tied baselines, and the cell's parameters are the DEQ's.
 * `UnrolledCore(weight_tied=False)` applies n_layer distinct cells; each layer keeps its own memory of
   its input (Transformer-XL proper, Dai et al. 2019; per-level history for an untied TrellisNet).
 
@@ -20,7 +22,8 @@ input (B, L, E), `z` a cell state in the cell's own layout.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -56,6 +59,7 @@ class DEQCore(nn.Module):
         mem_len: int,
         clamp_len: int = -1,
         jac_samples: int = 0,
+        solver: Mapping[str, Any] | None = None,
     ) -> CoreOut:
         cell = cells[0]
         ctx = cell.context(x, mems[0], clamp_len)
@@ -66,7 +70,7 @@ class DEQCore(nn.Module):
         def f(z: torch.Tensor) -> torch.Tensor:
             return cell(z, ctx)
 
-        z_star, stats = self.deq(f, cell.init_state(x))
+        z_star, stats = self.deq(f, cell.init_state(x), **(solver or {}))
         jac_loss = None
         if jac_samples > 0:
             z_leaf = z_star.detach().requires_grad_()
@@ -105,6 +109,7 @@ class UnrolledCore(nn.Module):
         mem_len: int,
         clamp_len: int = -1,
         jac_samples: int = 0,
+        solver: Mapping[str, Any] | None = None,
     ) -> CoreOut:
         aux: list[torch.Tensor] = []
         if self.weight_tied:

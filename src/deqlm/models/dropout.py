@@ -51,7 +51,7 @@ class DropConnect(nn.Module):
     """Parametrization: Bernoulli(1-p) noise on a weight tensor (Wan et al. 2013; TrellisNet's wdrop).
 
     `torch.native_dropout` keeps a one-byte mask for backward on every device; `F.dropout` on a CPU keeps a
-    float32 one (PTB DEQ-TrellisNet: 60 MB instead of 15 MB, a weight-sized tensor stored per forward)."""
+    float32 one, four times the bytes of a weight-sized tensor stored per forward (docs/models.md)."""
 
     def __init__(self, p: float):
         super().__init__()

@@ -43,7 +43,7 @@ from torch import nn
 from deqlm.models.dropout import VariationalDropout, add_weight_norm, apply_mask
 
 
-def sinusoid_BRD(pos_R: torch.Tensor, d_model: int) -> torch.Tensor:
+def sinusoid_RD(pos_R: torch.Tensor, d_model: int) -> torch.Tensor:
     """Sinusoidal embedding of (float) positions, [sin | cos] halves as in Transformer-XL."""
     half = (d_model + 1) // 2
     inv_freq = 1.0 / (
@@ -90,10 +90,10 @@ class GatherLast(torch.autograd.Function):
     """x.gather(-1, index), with a backward that keeps only the index and x's shape.
 
     Autograd's own gather saves x itself to know its size: for the relative-position scores that is one
-    (B, H, L, R) float tensor per layer application (27 MB at the paper's batch 15, 10 heads, 150 + 150
-    positions; 0.4 GiB over Transformer-XL medium's 16 layers), which Transformer-XL's pad-and-reshape shift
-    does not keep. The backward scatters the gradient into zeros out of differentiable operations, so it is
-    itself differentiable (Jacobian regularisation)."""
+    (B, H, L, R) float tensor per layer application, as large as the attention scores and kept once per
+    layer by an explicit stack (docs/models.md gives the size at the paper's shapes), which
+    Transformer-XL's pad-and-reshape shift does not keep. The backward scatters the gradient into zeros out
+    of differentiable operations, so it is itself differentiable (Jacobian regularisation)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -204,7 +204,7 @@ class TransformerCell(nn.Module):
         dist_R = torch.arange(R - 1, -1, -1, device=dev, dtype=x_BLD.dtype)
         if clamp_len > 0:
             dist_R = dist_R.clamp(max=clamp_len)
-        ctx["r_k_RHK"] = self.r_net(sinusoid_BRD(dist_R, self.d_model)).view(R, H, K)
+        ctx["r_k_RHK"] = self.r_net(sinusoid_RD(dist_R, self.d_model)).view(R, H, K)
         # query i sits at absolute position M + i; key j is at distance d = M + i - j
         i_L1 = torch.arange(L, device=dev)[:, None]
         j_1R = torch.arange(R, device=dev)[None, :]
@@ -244,9 +244,10 @@ class TransformerCell(nn.Module):
     def _ffn(self, h_BLD: torch.Tensor, ctx: dict) -> torch.Tensor:
         """FFN(h), over blocks of batch rows when one d_inner-wide tensor would pass `FFN_BLOCK_BYTES`.
 
-        The DEQ-Transformer's d_inner is 43,000-48,000: at the paper's batch one (B, L, I) tensor is 0.4 GB,
-        and the backward of the masked ReLU holds two of them at once (the incoming gradient and its masked
-        copy), once per adjoint step, at the training step's memory peak. Per block that working memory is
+        The DEQ-Transformer's d_inner is tens of thousands wide, so at the paper's batch one (B, L, I)
+        tensor is larger than the FFN's weights (docs/models.md gives the sizes), and the backward of the
+        masked ReLU holds two of them at once (the incoming gradient and its masked copy), once per adjoint
+        step, at the training step's memory peak. Per block that working memory is
         as small as the block; the bytes saved for backward are unchanged (the same activations, in
         pieces), and so is the function. Explicit layers (d_inner ~2,000) run as one block."""
         B, L, _ = h_BLD.shape

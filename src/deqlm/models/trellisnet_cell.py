@@ -37,15 +37,16 @@ def causal_conv_k2(x_BIL1: torch.Tensor, w_OI2: torch.Tensor, lean_backward: boo
     """Kernel-2 convolution without padding: (B, I, L + 1) -> (B, O, L).
 
     `lean_backward` (set by the DEQ core, whose one recorded application of f is differentiated once per
-    adjoint solver step): on a CPU, record it with PyTorch's im2col convolution instead of oneDNN's. oneDNN's
-    input-gradient re-materialises a copy of the weight in its own layout on every call (WT103 DEQ-TrellisNet:
-    122 MiB, allocated inside each vector-Jacobian product, i.e. at the training step's memory peak); the
-    im2col path's input-gradient allocates only the gradient itself. Its forward is slower, which costs one
-    f-evaluation per training step. Elsewhere (no graph, explicit stacks, CUDA) the default convolution.
+    adjoint solver step): on a CPU, record it with PyTorch's im2col convolution instead of oneDNN's.
+    oneDNN's input-gradient re-materialises a copy of the whole weight in its own layout on every call,
+    allocated inside each vector-Jacobian product, i.e. at the training step's memory peak (docs/models.md
+    gives the size); the im2col path's input-gradient allocates only the gradient itself. Its forward is
+    slower, which costs one f-evaluation per training step. Elsewhere (no graph, explicit stacks, CUDA) the
+    default convolution.
     """
     lean = lean_backward and _IM2COL_CONV2D is not None and x_BIL1.device.type == "cpu"
     if lean and torch.is_grad_enabled():
-        # contiguous: that path's weight gradient is wrong for a strided weight (torch 2.13)
+        # contiguous: that path's weight gradient is wrong for a strided weight (docs/models.md)
         x_BI1L1, w_OI12 = x_BIL1.contiguous().unsqueeze(2), w_OI2.contiguous().unsqueeze(2)
         return _IM2COL_CONV2D(x_BI1L1, w_OI12, (1, 2), None, (1, 1), (0, 0)).squeeze(2)
     return F.conv1d(x_BIL1, w_OI2)

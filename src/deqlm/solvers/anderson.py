@@ -36,10 +36,10 @@ def mixing_weights(
     """Anderson weights (B, N) from the residual Gram matrix; `plain_1N` (the one-hot newest slot, i.e. plain
     iteration) for a sample whose system is not positive definite or whose weights are not finite.
 
-    A dozen small kernels, each dearer than its arithmetic (microseconds on a GPU, tens of them on a CPU
-    right after f): the regulariser goes onto a copy's diagonal in place, and validity is read off the
-    weights' sum, which is 1 whenever all of them are finite (a NaN or an infinity anywhere makes it NaN or
-    infinite)."""
+    A dozen small kernels, each dearer than its arithmetic (a launch on a GPU, a dispatch on a CPU right
+    after f has evicted the caches): the regulariser goes onto a copy's diagonal in place, and validity is
+    read off the weights' sum, which is 1 whenever all of them are finite (a NaN or an infinity anywhere
+    makes it NaN or infinite)."""
     A_BNN = gram_BNN.clone()
     diag_BN = A_BNN.diagonal(dim1=1, dim2=2)
     diag_BN.add_(diag_BN.mean(dim=1, keepdim=True), alpha=lam)
@@ -86,8 +86,7 @@ def anderson(
 
     `m`: history size; `beta`: mixing (1: undamped); `lam`: Tikhonov regularisation relative to the mean
     squared residual norm of the history. Stopping, freezing and the returned lowest-residual iterate per
-    sample are as in `deqlm.solvers.common`. Runs without an autograd graph.
-    """
+    sample are as in `deqlm.solvers.common`. Runs without an autograd graph."""
     check_common(max_iter, tol, stop_mode, explode)
     if m < 1:
         raise ValueError(f"m={m!r} must be >= 1")

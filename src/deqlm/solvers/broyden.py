@@ -21,11 +21,12 @@ two batched matrix products, and does the rest on (rank x rank) float64 matrices
 A sample whose update breaks down (denominator near zero, non-finite step) restarts from H_0: its older
 factors are masked out and it takes a plain step.
 
-Kernel count matters as much as bytes (a GPU launch costs microseconds, and a CPU dispatch about as
-much): until some sample restarts, steps take a path without per-sample validity masks; the stored steps are
-read in chronological order straight from the circular buffer (the Gram block by a slice, or one roll once
-the buffer is full), so nothing is gathered or scattered; the new step is computed in its own slot; whether a
-restart happened travels to the host with the one synchronisation per step the stopping test already needs.
+Kernel count matters as much as bytes (every GPU launch and every CPU dispatch has a fixed cost, however
+little it computes): until some sample restarts, steps take a path without per-sample validity masks; the
+stored steps are read in chronological order straight from the circular buffer (the Gram block by a slice,
+or one roll once the buffer is full), so nothing is gathered or scattered; the new step is computed in its
+own slot; whether a restart happened travels to the host with the one synchronisation per step the stopping
+test already needs.
 """
 
 # B: batch, F: flattened state size per sample, K: stored steps (rank + 1 slots), N: steps in use, C: chunk

@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from deqlm.choices import StopMode, values
 from deqlm.solvers.result import SolverResult
 
-STOP_MODES = ("abs", "rel")
+STOP_MODES = values(StopMode)
 _TINY = 1e-30  # keeps ||f(z)|| = 0 from dividing by zero in the relative residual
 
 
@@ -90,9 +91,9 @@ class Tracker:
 
     The per-sample decisions are made on the host: `observe` fetches the two (B,) norms in one transfer, the
     one synchronisation per step that deciding "does any sample go on" needs anyway, and the rest is Python
-    arithmetic on B numbers. As tensor operations the same logic was about thirty kernels on (B,) tensors per
-    step; on a CPU each costs tens of microseconds right after f, whose working set has evicted the caches:
-    about 0.5 ms per step on the solver benchmark, half of plain iteration's overhead (docs/solvers.md).
+    arithmetic on B numbers. As tensor operations the same logic is some thirty kernels on (B,) tensors per
+    step, each paying a full dispatch right after f has evicted the caches: a large share of a cheap solver's
+    overhead (docs/benchmarks.md has the measured cost and the command that measures it).
 
     The lowest-residual iterate is kept lazily: a sample whose newest iterate is its best so far (the usual
     case) is only marked, and its row is copied into `best_z_BF` only once a later iterate fails to improve on

@@ -33,13 +33,3 @@ class SolverResult:
     @property
     def converged_frac(self) -> float:
         return float(self.converged_B.float().mean())
-
-    def stats(self, prefix: str = "") -> dict[str, float]:
-        """Flat float summary, e.g. stats("f_") -> {"f_nstep", "f_abs_res", "f_rel_res", "f_evals", ...}."""
-        return {
-            f"{prefix}nstep": float(self.nstep),
-            f"{prefix}evals": float(self.f_evals),
-            f"{prefix}abs_res": self.abs_res,
-            f"{prefix}rel_res": self.rel_res,
-            f"{prefix}converged_frac": self.converged_frac,
-        }

@@ -1,10 +1,10 @@
 """Training: `python -m deqlm.train EXPERIMENT.yaml [key=value ...]` or `--resume RUN_DIR`."""
 
-__all__ = ["Trainer", "TrainingDiverged", "evaluate", "train", "main"]
+__all__ = ["Trainer", "TrainingDiverged", "train", "main"]
 
 # The trainer loads torch, and `python -m deqlm.train` imports this package before its __main__: the trainer's
 # names are looked up on first use (PEP 562) so that `--help` answers without loading torch.
-_TRAINER_NAMES = ("Trainer", "TrainingDiverged", "evaluate", "train")
+_TRAINER_NAMES = ("Trainer", "TrainingDiverged", "train")
 
 
 def __getattr__(name: str):

@@ -11,12 +11,14 @@ A checkpoint is a dict of tensors, numbers, strings and containers only (it load
     config                                   the resolved config as a plain dict
     vocab_hash, best_valid_ppl, wandb_id     identity checks and bookkeeping
     train_state                              counters of the loop (tokens, elapsed time, skipped steps, ...)
+
+The file names (`ckpt/last.pt`, `ckpt/best.pt`) and the loader are `deqlm.checkpoint_io`'s, shared with the
+evaluator.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import sys
 from pathlib import Path
@@ -25,19 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from deqlm.checkpoint_io import BEST, CKPT_DIR, LAST, CheckpointError, load_checkpoint
 from deqlm.io import atomic_torch_save, remove_stale_temps
-
-LAST = "last.pt"
-BEST = "best.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read: cut short (a full disk, an interrupted copy), not a checkpoint,
-    or holding objects other than tensors and plain data. The message names the file, then says what to do."""
-
-    def __init__(self, path: Path, reason: str, advice: str = ""):
-        super().__init__(f"{path} is damaged ({reason})" + (f"; {advice}" if advice else ""))
-        self.path, self.reason = path, reason
 
 
 class NothingToDo(Exception):
@@ -95,30 +86,6 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     atomic_torch_save(state, path)
 
 
-def _why_unreadable(exc: Exception, path: Path) -> str:
-    """What went wrong, in words a user can act on (torch's own messages run to several sentences)."""
-    if isinstance(exc, EOFError) or path.stat().st_size == 0:
-        return "empty or cut short"
-    if isinstance(exc, pickle.UnpicklingError):
-        return "not a checkpoint of tensors and plain data"
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return first.split(". ")[0]
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load with weights_only=True (a checkpoint can hold data, never code); CheckpointError if unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a truncated or foreign file
-        raise CheckpointError(path, _why_unreadable(exc, path)) from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(path, "no model state in it")
-    return state
-
-
 def load_for_resume(ckpt_dir: str | os.PathLike) -> dict:
     """The run's last.pt; when it is damaged, the one-line error says whether best.pt can stand in."""
     ckpt_dir = Path(ckpt_dir)
@@ -140,7 +107,7 @@ def open_for_resume(run_dir: Path, max_steps: int, is_main: bool = True, stream=
     checkpoint (CheckpointError) or a run already at `max_steps` (NothingToDo) leaves the run as it was.
     Temp files that interrupted checkpoint writes left behind are removed first (nothing writes them now)
     and said so on `stream`."""
-    ckpt_dir = run_dir / "ckpt"
+    ckpt_dir = run_dir / CKPT_DIR
     n_files, n_bytes = remove_stale_temps(ckpt_dir) if is_main else (0, 0)
     if n_files:
         print(f"removed {n_files} temp file(s) ({n_bytes / 2**20:.1f} MiB) left in {ckpt_dir} by an "

@@ -6,8 +6,12 @@ import sys
 from pathlib import Path
 
 from deqlm import config_reference
+from deqlm.checkpoint_io import CKPT_DIR, LAST, CheckpointError, checkpoint_path
 from deqlm.config import ConfigError, load_config
+from deqlm.data.errors import DataError
 from deqlm.exits import BAD_INPUT, FAILED, INTERRUPTED, OK, error
+from deqlm.io import JsonlError
+from deqlm.train.signals import Stopped
 
 USAGE = ("usage: python -m deqlm.train EXPERIMENT.yaml [key=value ...]\n"
          "       python -m deqlm.train --resume RUN_DIR [key=value ...]")
@@ -43,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             return error("--resume needs a run directory", BAD_INPUT)
         resume_dir, overrides = Path(argv[1]), argv[2:]
         config_path = resume_dir / "config.yaml"
-        if not (resume_dir / "ckpt" / "last.pt").is_file():
-            return error(f"{resume_dir}: no checkpoint ckpt/last.pt to resume from", BAD_INPUT)
+        if not checkpoint_path(resume_dir, LAST).is_file():
+            return error(f"{resume_dir}: no checkpoint {CKPT_DIR}/{LAST} to resume from", BAD_INPUT)
     else:
         config_path, overrides = Path(argv[0]), argv[1:]
     flags = [a for a in overrides if a.startswith("-")]
@@ -57,15 +61,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # the trainer's modules load torch: imported only once the command line is understood, so that --help
     # and usage errors answer at once
-    from deqlm.data.errors import DataError
-    from deqlm.train import distributed
-    from deqlm.train.checkpoint import CheckpointError, NothingToDo
-    from deqlm.train.signals import Stopped
+    from deqlm import distributed
+    from deqlm.train.checkpoint import NothingToDo
     from deqlm.train.trainer import TrainingDiverged, train
 
     try:
         train(cfg, resume_dir=resume_dir)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, JsonlError) as exc:
         return error(str(exc), BAD_INPUT)
     except NothingToDo as exc:
         print(exc)

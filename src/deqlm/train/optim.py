@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from deqlm.choices import OptimizerName, Schedule, values
 from deqlm.config import OptimConfig
 
 
@@ -23,7 +24,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> t
         return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optim.name={cfg.name!r} is not one of adam, sgd")
+    raise ValueError(f"optim.name={cfg.name!r} is not one of {', '.join(values(OptimizerName))}")
 
 
 def lr_multiplier(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
@@ -51,7 +52,7 @@ def lr_multiplier(cfg: OptimConfig, max_steps: int) -> Callable[[int], float]:
             w = warm(s)
             return w if w is not None else 0.1 ** sum(1 for d in decay_steps if s >= d)
     else:
-        raise ValueError(f"optim.schedule={cfg.schedule!r} is not one of cosine, constant, step")
+        raise ValueError(f"optim.schedule={cfg.schedule!r} is not one of {', '.join(values(Schedule))}")
     return f
 
 

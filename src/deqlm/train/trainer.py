@@ -1,8 +1,10 @@
-"""The one training loop for every model (DEQ or explicit, Transformer or TrellisNet) and `evaluate`.
+"""The one training loop for every model (DEQ or explicit, Transformer or TrellisNet).
 
 The trainer never asks what kind of model it holds: `model(x, y, mems, step=step) -> LMOutput`, and
 `model.mode(step)` says whether this step is unrolled pretraining, DEQ, or an explicit stack. Solver
 statistics come from `LMOutput.stats` (`b_*` filled in by the implicit backward) and are logged when present.
+Validation is `deqlm.eval.loop.evaluate` with the eval settings resolved once from the config, the loop and
+the settings `python -m deqlm.eval` uses.
 
 One step:  batch -> forward (bytes saved for backward counted on the last step of each log window) ->
            finite-loss check agreed by all ranks -> backward -> grad sync -> unscale, clip -> finite-norm
@@ -23,99 +25,46 @@ from pathlib import Path
 
 import torch
 
+from deqlm import distributed as dist_lib
 from deqlm.activation import SavedTensorMeter
 from deqlm.allocator import summary_line as allocator_summary_line
+from deqlm.checkpoint_io import BEST, CKPT_DIR, LAST
 from deqlm.config import ConfigError, ExperimentConfig, save_config, to_dict
-from deqlm.metrics import MemoryMeter, MetricLogger, truncate_jsonl
-from deqlm.runtime import make_run_dir, pick_device, seed_everything, set_threads, write_env
+from deqlm.data import build_dataset
+from deqlm.eval.loop import evaluate
+from deqlm.eval.settings import resolve_eval_settings
+from deqlm.metrics import (
+    SOLVER_KEYS,
+    MemoryMeter,
+    MetricLogger,
+    add_solver_stats,
+    solver_means,
+    truncate_jsonl,
+)
+from deqlm.models import build_model, count_params
+from deqlm.runtime import (
+    autocast_context,
+    make_run_dir,
+    pick_device,
+    seed_everything,
+    set_threads,
+    write_env,
+)
 from deqlm.train import checkpoint as ckpt_lib
-from deqlm.train import distributed as dist_lib
 from deqlm.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from deqlm.train.signals import Stopped, StopRequest
-
-SOLVER_KEYS = ("f_nstep", "f_rel_res", "b_nstep", "b_rel_res", "converged_frac")
-NAN_ENV = "DEQLM_INJECT_NAN_STEPS"  # testing hook: comma-separated steps whose loss is replaced by NaN
-GRAD_SYNC = ("ddp", "allreduce")
 
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the message names the step and the solver residuals."""
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def autocast_context(amp: str, device: torch.device):
-    """bf16/fp16 autocast on CUDA; a no-op elsewhere (solvers keep their linear algebra in float32)."""
-    if amp == "none" or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def _solver_means(sums: dict[str, float], counts: dict[str, int]) -> dict[str, float | None]:
-    return {k: (sums[k] / counts[k] if counts.get(k) else None) for k in SOLVER_KEYS}
-
-
-def _add_stats(stats: dict | None, sums: dict[str, float], counts: dict[str, int]) -> None:
-    for key in SOLVER_KEYS:
-        value = (stats or {}).get(key)
-        if value is None:
-            continue
-        value = float(value)
-        if math.isfinite(value):
-            sums[key] = sums.get(key, 0.0) + value
-            counts[key] = counts.get(key, 0) + 1
-
-
-def evaluate(model: torch.nn.Module, dataset, split: str, cfg_eval, step: int | None, device: torch.device,
-             max_tokens: int = 0, *, amp: str = "none", dist: dist_lib.DistInfo | None = None) -> dict:
-    """Transformer-XL protocol over a split: columns of `cfg_eval.batch_size`, segments of `cfg_eval.tgt_len`,
-    memory carried across segments (unless the dataset says otherwise); exact token-weighted NLL.
-
-    The model runs in the mode of `step` (pretraining or DEQ) with the eval solver settings of `cfg_eval`.
-    Under DDP each rank takes its slice of the columns and the sums are all-reduced (same numbers as one
-    process). Returns nll_sum, n_tokens, loss, ppl, tokens_per_s, wall_s and the solver means (None when the
-    model reports none). `max_tokens` > 0 stops after the first segments that reach that many tokens.
-    """
-    dist = dist or dist_lib.DistInfo()
-    model = _unwrap(model)
-    was_training = model.training
-    model.eval()
-    model.set_eval_solver(f_max_iter=cfg_eval.f_max_iter or None, f_tol=cfg_eval.f_tol or None,
-                          mem_len=cfg_eval.mem_len,
-                          clamp_len=cfg_eval.clamp_len if cfg_eval.clamp_len >= 0 else None)
-    bs = cfg_eval.batch_size
-    cols = dist_lib.column_slice(bs, dist) if bs % dist.world_size == 0 else slice(0, bs)
-    shard = dist.enabled and bs % dist.world_size == 0
-    local_bs = cols.stop - cols.start
-    carry = getattr(dataset, "carry_mems", True)
-    nll_sum, n_tokens, sums, counts = 0.0, 0, {}, {}
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        mems = model.init_mems(local_bs)
-        for x_BL, y_BL in dataset.eval_batches(split, bs, cfg_eval.tgt_len):
-            x_BL, y_BL = x_BL[cols].to(device), y_BL[cols].to(device)
-            if not carry:
-                mems = model.init_mems(x_BL.shape[0])
-            with autocast_context(amp, device):
-                out = model(x_BL, y_BL, mems, step=step)
-            mems = out.mems
-            nll_sum += float(out.nll_sum)
-            n_tokens += int(out.n_tokens)
-            _add_stats(out.stats, sums, counts)
-            if max_tokens and n_tokens * (dist.world_size if shard else 1) >= max_tokens:
-                break
-    wall_s = time.perf_counter() - t0
-    solver = _solver_means(sums, counts)
-    if shard:
-        nll_sum, n_tokens = dist_lib.all_reduce_sum([nll_sum, float(n_tokens)], dist, device)
-        n_tokens = int(round(n_tokens))
-        solver = dist_lib.all_reduce_mean_dict(solver, dist, device)
-    model.train(was_training)
-    loss = nll_sum / max(n_tokens, 1)
-    return {"nll_sum": nll_sum, "n_tokens": n_tokens, "loss": loss, "ppl": math.exp(min(loss, 700.0)),
-            "tokens_per_s": n_tokens / max(wall_s, 1e-9), "wall_s": wall_s, **solver}
+def _compile_cells(model: torch.nn.Module) -> None:
+    """torch.compile the cells only: the solvers stay eager."""
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if parts[-1] == "cell" or (len(parts) > 1 and parts[-2] == "cells"):
+            module.compile()
 
 
 class Trainer:
@@ -123,14 +72,10 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, *, resume_dir: str | os.PathLike | None = None,
                  stream=None):
-        from deqlm.data import build_dataset
-        from deqlm.models import build_model, count_params
-
         t = cfg.train
-        if t.grad_sync not in GRAD_SYNC:
-            raise ConfigError(f"train.grad_sync={t.grad_sync!r} is not one of {', '.join(GRAD_SYNC)}")
         self.cfg = cfg
         self._is_lm = cfg.model.n_classes == 0  # False: a position classifier (copy memory)
+        self.eval_settings = resolve_eval_settings(cfg)
         self.dist = dist_lib.init_distributed(t.device)
         state = None
         if resume_dir is not None:  # read first: a damaged or finished run must be left as it was
@@ -144,10 +89,7 @@ class Trainer:
         self.model = build_model(cfg.model, cfg.deq, vocab_size=self.dataset.vocab_size).to(self.device)
         self.n_params = count_params(self.model)
         if t.compile:
-            for name, module in self.model.named_modules():  # the cells only: solvers stay eager
-                parts = name.split(".")
-                if parts[-1] == "cell" or (len(parts) > 1 and parts[-2] == "cells"):
-                    module.compile()
+            _compile_cells(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, t.max_steps)
@@ -167,32 +109,36 @@ class Trainer:
         self.elapsed_s = 0.0
         self.skipped = 0
         self.best_valid_ppl = math.inf
-        self.history: list[tuple[int, float]] = []  # (step, loss) of every applied step, for tests
         self.wandb_id = None
         self.window: dict | None = None  # sums over the steps since the last train log event
         self.bad_run = 0  # non-finite steps in a row
+        self._open_run_dir(resume_dir, state, stream)
 
+    def _open_run_dir(self, resume_dir: str | os.PathLike | None, state: dict | None, stream) -> None:
+        """A new run directory, or the resumed one with its checkpoint's state restored; then its files and
+        the logger."""
+        cfg = self.cfg
         if resume_dir is not None:
             self.run_dir = Path(resume_dir)
             self._restore(state)
         else:
             path = None
             if self.dist.is_main:
-                path = str(make_run_dir(t.run_dir, cfg.data.dataset, cfg.name))
+                path = str(make_run_dir(cfg.train.run_dir, cfg.data.dataset, cfg.name))
             self.run_dir = Path(dist_lib.broadcast_object(path, self.dist))
         if self.dist.is_main:
+            # first: a damaged log (deqlm.io.JsonlError) must stop a resume before anything is written
+            truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
             save_config(cfg, self.run_dir / "config.yaml")
             env_name = "env.json" if resume_dir is None else f"env-resume-{self.step}.json"
             write_env(self.run_dir, self.device, self.dist.world_size, name=env_name)
-            truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
         self.logger = MetricLogger(self.run_dir, wandb_mode=cfg.log.wandb_mode,
                                    wandb_project=cfg.log.wandb_project, run_name=cfg.name,
-                                   config=to_dict(cfg),
-                                   progress=cfg.log.progress, total_steps=t.max_steps, start_step=self.step,
+                                   config=to_dict(cfg), progress=cfg.log.progress,
+                                   total_steps=cfg.train.max_steps, start_step=self.step,
                                    enabled=self.dist.is_main, stream=stream)
         self.wandb_id = self.logger.wandb_id or self.wandb_id
         self.mem_meter = MemoryMeter(self.device)
-        self._nan_steps = {int(s) for s in os.environ.get(NAN_ENV, "").split(",") if s.strip()}
 
     # ------------------------------------------------------------------------------------------------------
     # checkpoints
@@ -278,7 +224,7 @@ class Trainer:
         state = self._state()
         if self.dist.is_main:
             for name in names:
-                ckpt_lib.save_checkpoint(self.run_dir / "ckpt" / name, state)
+                ckpt_lib.save_checkpoint(self.run_dir / CKPT_DIR / name, state)
         dist_lib.barrier(self.dist)
 
     # ------------------------------------------------------------------------------------------------------
@@ -315,10 +261,8 @@ class Trainer:
                 with SavedTensorMeter(exclude=self.params, enabled=measure_activation) as meter, \
                         autocast_context(self.amp, self.device):
                     out = self.net(x_Bl, y_Bl, mems, step=self.step)
-                _add_stats(out.stats, sums, counts)
+                add_solver_stats(out.stats, sums, counts)
                 loss = out.loss.float() * (x_Bl.shape[1] / x_BL.shape[1])
-                if self.step in self._nan_steps:
-                    loss = loss * float("nan")
                 part_loss = float(loss.detach())
                 bad = dist_lib.any_flag(not math.isfinite(part_loss), self.dist, self.device)
                 if bad:
@@ -370,7 +314,7 @@ class Trainer:
         n = max(w["steps"], 1)
         vals = dist_lib.all_reduce_sum([w["loss"] / n, w["nll"], float(w["ntok"])], self.dist, self.device)
         loss = vals[0] / self.dist.world_size
-        solver = dist_lib.all_reduce_mean_dict(_solver_means(w["sums"], w["counts"]), self.dist, self.device)
+        solver = dist_lib.all_reduce_mean_dict(solver_means(w["sums"], w["counts"]), self.dist, self.device)
         ntok_global = vals[2]
         self.logger.log({
             "step": self.step,
@@ -393,16 +337,14 @@ class Trainer:
         })
 
     def validate(self) -> dict:
-        cfg = self.cfg
-        res = evaluate(self.model, self.dataset, "valid", cfg.eval, self.step, self.device,
-                       max_tokens=cfg.train.eval_max_tokens, amp=self.amp, dist=self.dist)
-        is_deq = self.model.mode(self.step) == "deq"
-        f_max_iter = cfg.eval.f_max_iter or cfg.deq.eval_f_max_iter or cfg.deq.f_max_iter
-        f_max_iter = f_max_iter if is_deq else None
-        event = {"step": self.step, "mode": self.model.mode(self.step), "valid/loss": res["loss"],
+        s = self.eval_settings
+        res = evaluate(self.model, self.dataset, "valid", s, self.step, self.device,
+                       max_tokens=self.cfg.train.eval_max_tokens, amp=self.amp, dist=self.dist)
+        mode = self.model.mode(self.step)
+        event = {"step": self.step, "mode": mode, "valid/loss": res["loss"],
                  "valid/ppl": res["ppl"] if self._is_lm else None, "valid/tokens": res["n_tokens"],
-                 "valid/tgt_len": cfg.eval.tgt_len,
-                 "valid/mem_len": cfg.eval.mem_len, "valid/f_max_iter": f_max_iter,
+                 "valid/tgt_len": s.tgt_len, "valid/mem_len": s.mem_len,
+                 "valid/f_max_iter": s.f_max_iter if mode == "deq" else None,
                  "valid/tokens_per_s": res["tokens_per_s"],
                  **{f"valid/{k}": res[k] for k in SOLVER_KEYS if k in res},
                  "train/tokens": self.tokens, "time/elapsed_s": self.elapsed_s}
@@ -416,7 +358,7 @@ class Trainer:
         raise TrainingDiverged(
             f"step {self.step}: {bad_run} non-finite steps in a row (loss {step_out['loss']}, grad_norm "
             f"{step_out['grad_norm']}; solver residuals: {res or 'none (no solver in this mode)'}); "
-            f"last good checkpoint in {self.run_dir / 'ckpt'}")
+            f"last good checkpoint in {self.run_dir / CKPT_DIR}")
 
     def fit(self) -> dict:
         """Train to `train.max_steps`; returns the last validation result."""
@@ -451,13 +393,12 @@ class Trainer:
                 else:
                     self.bad_run = 0
                     self.tokens += out["n_tokens"] * self.dist.world_size
-                    self.history.append((self.step, out["loss"]))
                     window["loss"] += out["loss"]
                     window["nll"] += out["nll_sum"]
                     window["ntok"] += out["n_tokens"]
                     window["gnorm"] += out["grad_norm"]
                     window["steps"] += 1
-                    _add_stats(out["stats"], window["sums"], window["counts"])
+                    add_solver_stats(out["stats"], window["sums"], window["counts"])
                 last = self.step == t.max_steps
                 if self.step % t.log_every == 0 or last:
                     self._log_train(window, self.model.mode(self.step))
@@ -482,16 +423,16 @@ class Trainer:
             valid = self.validate()
             if valid["ppl"] < self.best_valid_ppl:
                 self.best_valid_ppl = valid["ppl"]
-                names.append(ckpt_lib.BEST)
+                names.append(BEST)
         if (t.ckpt_every and self.step % t.ckpt_every == 0) or last or stopping:
-            names.insert(0, ckpt_lib.LAST)
+            names.insert(0, LAST)
         self.elapsed_s += time.perf_counter() - t1
         self.save(names)
         return valid
 
 
 def train(cfg: ExperimentConfig, *, resume_dir: str | os.PathLike | None = None, stream=None) -> Trainer:
-    """Build a Trainer, print `run_dir: PATH`, train; returns the trainer (run_dir, history, last results)."""
+    """Build a Trainer, print `run_dir: PATH`, train; returns the trainer (run_dir, model, counters)."""
     trainer = Trainer(cfg, resume_dir=resume_dir, stream=stream)
     if trainer.dist.is_main:
         trainer.logger.write(f"run_dir: {trainer.run_dir}")

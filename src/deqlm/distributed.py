@@ -1,5 +1,8 @@
 """Data parallelism across processes (torchrun): process group, gradient sync, metric reduction.
 
+Shared by the trainer and the evaluation loop (validation under DDP splits the columns over the ranks), so
+it belongs to neither package.
+
 Launch: `torchrun --nproc_per_node=N -m deqlm.train EXP.yaml` (multi-node: add --nnodes/--rdzv-*).
 Backend nccl on CUDA, gloo on CPU. `data.batch_size` is the global batch; rank r trains on its contiguous
 column slice, so the mean of the per-rank mean losses equals the single-process loss (equal token counts).

@@ -1,0 +1,33 @@
+"""The one number formatter: a figure printed in a console line or a table goes through `number`, so the same
+value reads the same wherever it appears."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MISSING = "-"
+
+
+def number(value: Any, digits: int = 4, *, fixed: bool = False) -> str:
+    """`value` as text for a table cell or a console line.
+
+    Missing values (None, "") print as "-" and bools as yes / no. Integers get thousands separators, since
+    counts such as parameters are read by their order of magnitude. Floats get `digits` significant digits,
+    switching to exponent notation below 1e-2 and from 1e6 on, where fixed notation would hide the digits
+    that matter (residuals, learning rates, large perplexities); `fixed=True` gives `digits` decimals instead,
+    for columns of one unit (GiB, ratios, ms) that read best aligned on the point. Anything else prints as
+    text, with "|" replaced so a markdown table keeps its columns.
+    """
+    if value is None or value == "":
+        return MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if fixed:
+            return f"{value:.{digits}f}"
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e6):
+            return f"{value:.{max(digits - 1, 0)}e}"
+        return f"{value:.{digits}g}"
+    return str(value).replace("|", "/")
