@@ -27,6 +27,7 @@ from typing import Any
 
 from deqlm.allocator import tune_allocator
 from deqlm.config import ExperimentConfig
+from deqlm.eval.pairing import pair_runs, warmup_only
 from deqlm.eval.plots import (
     log_values,
     plot_curves,
@@ -179,86 +180,6 @@ def collect_run(run_dir: str | Path) -> dict:
             "caps": read_solver_caps(run_dir)}
 
 
-def warmup_only(row: dict) -> bool:
-    """A DEQ run whose evaluated weights only ever ran the shallow warm-up stack, never the solver."""
-    return row["core"] == "deq" and row["mode"] == "pretrain"
-
-
-# ------------------------------------------------------------------------------------------------
-# pairing
-
-
-def _headline(row: dict) -> float | None:
-    """The figure a pair is compared on: test ppl (test loss for copy memory), else the valid one; per word
-    for subword runs (test_word_ppl), so a sentencepiece run and a word-level twin compare like for like."""
-    if row["corpus"] == "copy":
-        return row["test_loss"] if row["test_loss"] is not None else row["valid_loss"]
-    if row["test_word_ppl"] is not None:
-        return row["test_word_ppl"]
-    return row["test_ppl"] if row["test_ppl"] is not None else row["valid_ppl"]
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def pair_runs(runs: list[dict]) -> list[dict]:
-    """DEQ run x explicit twin rows; fills ``twin``, ``mem_ratio`` and ``ppl_gap`` in the runs' own rows.
-
-    Runs pair when they share corpus and a non-empty ``pair`` and one is ``core=deq``, the other ``unrolled``.
-    Of several runs of one experiment and seed, the newest evaluated one (else the newest) represents it. A
-    DEQ run pairs only with the twins trained on the same budget (data, batch, segment, steps, eval settings)
-    when it has any, otherwise with every twin, and the pair's notes say what differs. In a seed study
-    (several twins, one of them with a DEQ's seed) runs pair seed by seed; a DEQ seed without its twin stays
-    unpaired.
-    """
-    latest: dict[tuple[str, str, str, int], dict] = {}
-    for run in sorted(runs, key=lambda r: (r["eval"] is not None, r["dir"].name)):
-        row = run["row"]
-        if row["pair"]:
-            latest[(row["corpus"], row["pair"], row["experiment"], row["seed"])] = run
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for (corpus, pair, _, _), run in sorted(latest.items()):
-        groups[(corpus, pair)].append(run)
-    pairs = []
-    for (_, pair), members in groups.items():
-        twins = [m for m in members if m["row"]["core"] == "unrolled"]
-        deqs = [m for m in members if m["row"]["core"] == "deq" and not warmup_only(m["row"])]
-        by_seed = len(twins) > 1 and any(x["row"]["seed"] == d["row"]["seed"] for x in twins for d in deqs)
-        for d in deqs:
-            same = [x for x in twins if not _budget_differences(d["cfg"], x["cfg"], d["row"], x["row"])]
-            same = same or twins
-            for x in [x for x in same if x["row"]["seed"] == d["row"]["seed"]] if by_seed else same:
-                dr, xr = d["row"], x["row"]
-                gap = (
-                    None if _headline(dr) is None or _headline(xr) is None else _headline(dr) - _headline(xr)
-                )
-                mem_ratio = _ratio(dr["peak_train_mem_gib"], xr["peak_train_mem_gib"])
-                pairs.append({
-                    "pair": pair, "deq_run": dr["run"], "explicit_run": xr["run"],
-                    "deq_test": _headline(dr), "explicit_test": _headline(xr), "ppl_gap": gap,
-                    "deq_mem_gib": dr["peak_train_mem_gib"], "explicit_mem_gib": xr["peak_train_mem_gib"],
-                    "mem_ratio": mem_ratio, "deq_params_nonembedding": dr["params_nonembedding"],
-                    "explicit_params_nonembedding": xr["params_nonembedding"],
-                    "speed_ratio": _ratio(xr["tokens_per_s"], dr["tokens_per_s"]),
-                    "notes": "; ".join(_budget_differences(d["cfg"], x["cfg"], dr, xr)),
-                })  # fmt: skip
-                dr.update(twin=xr["run"], mem_ratio=mem_ratio, ppl_gap=gap)
-                xr["twin"] = xr["twin"] or dr["run"]
-    return pairs
-
-
-def _budget_differences(dc: ExperimentConfig, xc: ExperimentConfig, dr: dict, xr: dict) -> list[str]:
-    """Same data, same budget is the pairing's premise; say so where it does not hold."""
-    checks = {
-        "data": (dc.data.dataset, xc.data.dataset), "tokenizer": (dc.data.tokenizer, xc.data.tokenizer),
-        "batch": (dc.data.batch_size, xc.data.batch_size), "tgt_len": (dc.data.tgt_len, xc.data.tgt_len),
-        "max_steps": (dc.train.max_steps, xc.train.max_steps),
-        "eval settings": ((dr["eval_tgt_len"], dr["eval_mem_len"]), (xr["eval_tgt_len"], xr["eval_mem_len"])),
-    }  # fmt: skip
-    return [f"{k} differs ({a} vs {b})" for k, (a, b) in checks.items() if a != b]
-
-
 # ------------------------------------------------------------------------------------------------
 # tables
 
@@ -292,14 +213,10 @@ def _csv_text(rows: list[dict], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def render_markdown(
-    title: str, rows: list[dict], pairs: list[dict], plots: list[str], warnings: list[str]
-) -> str:
-    copy_task = bool(rows) and all(r["corpus"] == "copy" for r in rows)
-    metric = "loss" if copy_task else "ppl"
+def _runs_table(rows: list[dict], metric: str, copy_task: bool) -> str:
     mib = [None if r["activation_bytes"] is None else r["activation_bytes"] / 2**20 for r in rows]
     per_word = any(r["test_word_ppl"] is not None for r in rows)  # subword runs: ppl per token above
-    runs_table = _md_table(
+    return _md_table(
         ["run", "core", "pair", "params (non-emb)", f"valid {metric}", f"test {metric}"]
         + (["test ppl per word"] if per_word else [])
         + ([] if copy_task else ["best possible ppl"])
@@ -333,21 +250,10 @@ def render_markdown(
             for r, m in zip(rows, mib)
         ],
     )
-    partial = [r["run"] for r in rows if r["eval_partial"]]
-    extent = "whole split" if not partial else f"whole split, except partial evals of {', '.join(partial)}"
-    out = [
-        f"# {title}",
-        "",
-        f"Generated {_dt.date.today().isoformat()} by `python -m deqlm.eval.report` from {len(rows)} run(s). "
-        f"Valid/test figures come from each run's `eval.json` ({extent}; Transformer-XL protocol, memory "
-        f"carried across segments); memory, speed and solver figures from `metrics.jsonl` (training). "
-        f"Columns are described in docs/evaluation.md; every column is in `summary.csv`.",
-        "",
-        "## Runs",
-        "",
-        runs_table,
-        "",
-    ]
+
+
+def _pairs_section(pairs: list[dict], metric: str, per_word: bool) -> list[str]:
+    out: list[str] = []
     if pairs:
         out += [
             "## DEQ vs explicit twin",
@@ -389,6 +295,32 @@ def render_markdown(
             ),
             "",
         ]
+    return out
+
+
+def render_markdown(
+    title: str, rows: list[dict], pairs: list[dict], plots: list[str], warnings: list[str]
+) -> str:
+    copy_task = bool(rows) and all(r["corpus"] == "copy" for r in rows)
+    metric = "loss" if copy_task else "ppl"
+    per_word = any(r["test_word_ppl"] is not None for r in rows)
+    runs_table = _runs_table(rows, metric, copy_task)
+    partial = [r["run"] for r in rows if r["eval_partial"]]
+    extent = "whole split" if not partial else f"whole split, except partial evals of {', '.join(partial)}"
+    out = [
+        f"# {title}",
+        "",
+        f"Generated {_dt.date.today().isoformat()} by `python -m deqlm.eval.report` from {len(rows)} run(s). "
+        f"Valid/test figures come from each run's `eval.json` ({extent}; Transformer-XL protocol, memory "
+        f"carried across segments); memory, speed and solver figures from `metrics.jsonl` (training). "
+        f"Columns are described in docs/evaluation.md; every column is in `summary.csv`.",
+        "",
+        "## Runs",
+        "",
+        runs_table,
+        "",
+    ]
+    out += _pairs_section(pairs, metric, per_word)
     if plots:
         out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
     if warnings:

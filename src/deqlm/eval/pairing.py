@@ -1,0 +1,86 @@
+"""Pairing for the comparison report: which DEQ run is compared with which explicit twin, and on what figure.
+
+The rules are written out in docs/evaluation.md ("Pairing rules").
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from deqlm.config import ExperimentConfig
+
+
+def warmup_only(row: dict) -> bool:
+    """A DEQ run whose evaluated weights only ever ran the shallow warm-up stack, never the solver."""
+    return row["core"] == "deq" and row["mode"] == "pretrain"
+
+
+def _headline(row: dict) -> float | None:
+    """The figure a pair is compared on: test ppl (test loss for copy memory), else the valid one; per word
+    for subword runs (test_word_ppl), so a sentencepiece run and a word-level twin compare like for like."""
+    if row["corpus"] == "copy":
+        return row["test_loss"] if row["test_loss"] is not None else row["valid_loss"]
+    if row["test_word_ppl"] is not None:
+        return row["test_word_ppl"]
+    return row["test_ppl"] if row["test_ppl"] is not None else row["valid_ppl"]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def pair_runs(runs: list[dict]) -> list[dict]:
+    """DEQ run x explicit twin rows; fills ``twin``, ``mem_ratio`` and ``ppl_gap`` in the runs' own rows.
+
+    Runs pair when they share corpus and a non-empty ``pair`` and one is ``core=deq``, the other ``unrolled``.
+    Of several runs of one experiment and seed, the newest evaluated one (else the newest) represents it. A
+    DEQ run pairs only with the twins trained on the same budget (data, batch, segment, steps, eval settings)
+    when it has any, otherwise with every twin, and the pair's notes say what differs. In a seed study
+    (several twins, one of them with a DEQ's seed) runs pair seed by seed; a DEQ seed without its twin stays
+    unpaired.
+    """
+    latest: dict[tuple[str, str, str, int], dict] = {}
+    for run in sorted(runs, key=lambda r: (r["eval"] is not None, r["dir"].name)):
+        row = run["row"]
+        if row["pair"]:
+            latest[(row["corpus"], row["pair"], row["experiment"], row["seed"])] = run
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for (corpus, pair, _, _), run in sorted(latest.items()):
+        groups[(corpus, pair)].append(run)
+    pairs = []
+    for (_, pair), members in groups.items():
+        twins = [m for m in members if m["row"]["core"] == "unrolled"]
+        deqs = [m for m in members if m["row"]["core"] == "deq" and not warmup_only(m["row"])]
+        by_seed = len(twins) > 1 and any(x["row"]["seed"] == d["row"]["seed"] for x in twins for d in deqs)
+        for d in deqs:
+            same = [x for x in twins if not _budget_differences(d["cfg"], x["cfg"], d["row"], x["row"])]
+            same = same or twins
+            for x in [x for x in same if x["row"]["seed"] == d["row"]["seed"]] if by_seed else same:
+                dr, xr = d["row"], x["row"]
+                gap = (
+                    None if _headline(dr) is None or _headline(xr) is None else _headline(dr) - _headline(xr)
+                )
+                mem_ratio = _ratio(dr["peak_train_mem_gib"], xr["peak_train_mem_gib"])
+                pairs.append({
+                    "pair": pair, "deq_run": dr["run"], "explicit_run": xr["run"],
+                    "deq_test": _headline(dr), "explicit_test": _headline(xr), "ppl_gap": gap,
+                    "deq_mem_gib": dr["peak_train_mem_gib"], "explicit_mem_gib": xr["peak_train_mem_gib"],
+                    "mem_ratio": mem_ratio, "deq_params_nonembedding": dr["params_nonembedding"],
+                    "explicit_params_nonembedding": xr["params_nonembedding"],
+                    "speed_ratio": _ratio(xr["tokens_per_s"], dr["tokens_per_s"]),
+                    "notes": "; ".join(_budget_differences(d["cfg"], x["cfg"], dr, xr)),
+                })  # fmt: skip
+                dr.update(twin=xr["run"], mem_ratio=mem_ratio, ppl_gap=gap)
+                xr["twin"] = xr["twin"] or dr["run"]
+    return pairs
+
+
+def _budget_differences(dc: ExperimentConfig, xc: ExperimentConfig, dr: dict, xr: dict) -> list[str]:
+    """Same data, same budget is the pairing's premise; say so where it does not hold."""
+    checks = {
+        "data": (dc.data.dataset, xc.data.dataset), "tokenizer": (dc.data.tokenizer, xc.data.tokenizer),
+        "batch": (dc.data.batch_size, xc.data.batch_size), "tgt_len": (dc.data.tgt_len, xc.data.tgt_len),
+        "max_steps": (dc.train.max_steps, xc.train.max_steps),
+        "eval settings": ((dr["eval_tgt_len"], dr["eval_mem_len"]), (xr["eval_tgt_len"], xr["eval_mem_len"])),
+    }  # fmt: skip
+    return [f"{k} differs ({a} vs {b})" for k, (a, b) in checks.items() if a != b]
