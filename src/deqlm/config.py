@@ -407,11 +407,6 @@ def load_config(
     return cfg
 
 
-def config_from_dict(data: dict) -> ExperimentConfig:
-    """Rebuild a config from a plain dict (as stored in checkpoints and config.yaml)."""
-    return _merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(data))
-
-
 def to_dict(cfg: Any) -> dict:
     """A plain, YAML-safe dict of a config dataclass (or DictConfig)."""
     if dataclasses.is_dataclass(cfg):
