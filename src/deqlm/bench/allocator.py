@@ -36,7 +36,7 @@ from pathlib import Path
 
 from deqlm.allocator import SWITCH, USER_VARIABLES, glibc_version
 from deqlm.exits import FAILED, OK, describe, error
-from deqlm.io import atomic_write_json
+from deqlm.io import atomic_write_json, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -95,8 +95,7 @@ def run_child(case: Case, variant: str, runs_root: Path, timeout_s: float) -> di
         raise RuntimeError(f"{case.config} ({variant}) exited {proc.returncode}: {tail}")
     run_dir = Path(next(line[len("run_dir: "):] for line in proc.stdout.splitlines()
                         if line.startswith("run_dir: ")))
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if '"train/loss"' in line]
+    events = [e for e in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in e]
     allocator = json.loads((run_dir / "env.json").read_text()).get("allocator", {})
     return {"variant": variant, "allocator_mode": allocator.get("mode"),
             "minor_faults": after.ru_minflt - before.ru_minflt,

@@ -10,7 +10,7 @@ import contextlib
 import torch
 
 from deqlm.bench.rows import BuiltRow, core_input_width
-from deqlm.train.optim import build_optimizer
+from deqlm.train.optim import build_optimizer, optimizer_state_bytes
 
 
 class CoreStep:
@@ -82,10 +82,6 @@ class CoreStep:
     def tensor_bytes(self) -> dict:
         """Parameter, gradient (one per parameter during the step) and optimizer-state bytes of the core."""
         param = sum(p.numel() * p.element_size() for p in self.built.params)
-        optim = 0
-        for state in self.optimizer.state.values():
-            for v in state.values():
-                if torch.is_tensor(v):
-                    optim += v.numel() * v.element_size()
+        optim = optimizer_state_bytes(self.optimizer)
         return {"param_bytes": param, "grad_bytes": param, "optim_bytes": optim,
                 "params_core": sum(p.numel() for p in self.built.params)}

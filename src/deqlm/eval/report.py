@@ -47,6 +47,7 @@ from deqlm.eval.runs import (
     read_solver_caps,
 )
 from deqlm.exits import BAD_INPUT, OK, error, warn
+from deqlm.fmt import number
 from deqlm.io import JsonlError, atomic_write_text, read_jsonl
 
 COLUMNS = [
@@ -184,23 +185,9 @@ def collect_run(run_dir: str | Path) -> dict:
 # tables
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or value == "":
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e6):
-            return f"{value:.{digits - 1}e}"
-        return f"{value:.{digits}g}"
-    return str(value).replace("|", "/")
-
-
 def _md_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(number(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -245,7 +232,7 @@ def _runs_table(rows: list[dict], metric: str, copy_task: bool) -> str:
                 m,
                 r["tokens_per_s"],
                 r["f_nstep_mean"],
-                "/".join(_fmt(r[k]) for k in ("eval_tgt_len", "eval_mem_len", "eval_f_max_iter")),
+                "/".join(number(r[k]) for k in ("eval_tgt_len", "eval_mem_len", "eval_f_max_iter")),
             ]
             for r, m in zip(rows, mib)
         ],

@@ -68,3 +68,9 @@ def clip_grad_norm(params: Iterable[torch.nn.Parameter], clip: float) -> torch.T
         return torch.zeros(())
     max_norm = clip if clip > 0 else float("inf")
     return torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor the optimizer keeps per parameter (Adam: both moments and its step counter)."""
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+               if torch.is_tensor(t))

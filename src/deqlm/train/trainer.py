@@ -51,7 +51,7 @@ from deqlm.runtime import (
     write_env,
 )
 from deqlm.train import checkpoint as ckpt_lib
-from deqlm.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from deqlm.train.optim import build_optimizer, build_scheduler, clip_grad_norm, optimizer_state_bytes
 from deqlm.train.signals import Stopped, StopRequest
 
 
@@ -305,10 +305,9 @@ class Trainer:
     def _state_bytes(self) -> int:
         """Parameters, their gradients and the optimizer's state: with the activations saved for backward, the
         memory the model's own tensors take (on a CPU, process RSS is mostly the interpreter's)."""
-        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
         weights = sum(p.numel() * p.element_size() for p in self.params)
         # each gradient is as large as its parameter (between steps they are freed, so count, don't look)
-        return 2 * weights + sum(t.numel() * t.element_size() for t in state)
+        return 2 * weights + optimizer_state_bytes(self.optimizer)
 
     def _log_train(self, w: dict, mode: str) -> None:
         n = max(w["steps"], 1)
