@@ -27,7 +27,7 @@ help:
 	@echo "make venv         create .venv ($(TORCH_SPEC) first, then deqlm with test extras)"
 	@echo "make test         run the CPU test-suite (creates .venv when needed)"
 	@echo "make lint         ruff"
-	@echo "make demo         DEQ-Transformer vs explicit twin on the embedded corpus (offline, CPU, minutes)"
+	@echo "make demo         DEQ-Transformer vs unrolled baseline on the embedded corpus (offline, CPU, minutes)"
 	@echo "make data-ptb | data-wt103 | data-wt2   prepare corpora under data/"
 	@echo "make train-wt103 [EXP=...] [NPROC=N] [ARGS='k=v ...']   train a WikiText-103 row"
 	@echo "make train-ptb | train-copy [ARGS=...]"

@@ -36,7 +36,7 @@ def main() -> None:
     # torch and the model code load only now, once the arguments are understood: `--help` answers at once
     import torch
 
-    from deqlm.data import build_dataset
+    from deqlm.data.dataset import build_dataset
     from deqlm.models import build_model
 
     torch.set_num_threads(args.threads)

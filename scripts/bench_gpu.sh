@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The paper's memory rows and the DEQ / explicit speed ratios on one CUDA GPU, in under 10 minutes (H100-class).
+# The paper's memory rows and the DEQ / unrolled speed ratios on one CUDA GPU, in under 10 minutes (H100-class).
 #
 #   scripts/bench_gpu.sh OUTDIR
 #
 # Writes a flat OUTDIR with at most 8 files:
 #   gpu-env.json      device name, torch / CUDA versions, git commit
 #   gpu-memory.json   python -m deqlm.bench memory --paper --device cuda --size full   (one object per row and pair)
-#   gpu-memory.md     its table (ours next to the paper's, DEQ / explicit ratios)
+#   gpu-memory.md     its table (ours next to the paper's, DEQ / unrolled ratios)
 #   gpu-speed.json    python -m deqlm.bench speed --device cuda --size full           (one object per pair)
 #   gpu-speed.md      its table
 #   gpu-log.txt       everything printed, with progress lines

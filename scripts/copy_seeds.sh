@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Copy memory T=400 on one GPU: the DEQ-Transformer and its explicit twin (experiments/copy/gpu/*.yaml), several
-# seeds at once, each run evaluated on all 2,000 test sequences (python -m deqlm.eval), the runs' small files
-# (config.yaml, env.json, metrics.jsonl, eval.json; no checkpoints) packed into OUTDIR/copy-runs.tar.gz with
+# Copy memory T=400 on one GPU: the DEQ-Transformer and its unrolled baseline (experiments/copy/gpu/*.yaml),
+# several seeds at once, each run evaluated on all 2,000 test sequences (python -m deqlm.eval), the runs' small
+# files (config.yaml, env.json, metrics.jsonl, eval.json; no checkpoints) packed into OUTDIR/copy-runs.tar.gz with
 # paths <experiment>/<stamp>-seed<seed>/, ready for results/copy/runs/; the console logs go to copy-logs.tar.gz.
 #
 #   scripts/copy_seeds.sh OUTDIR

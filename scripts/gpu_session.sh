@@ -7,7 +7,7 @@
 #      cores (python -m deqlm.bench solver, 2 threads, pinned away from the GPU jobs' cores)
 #   2. the paper's memory rows (scripts/bench_gpu.sh; allocator peaks per fresh process, so unaffected by the
 #      copy-memory runs sharing the GPU), while copy memory T=400 trains on the GPU: DEQ-Transformer and its
-#      explicit twin (experiments/copy/gpu/*.yaml), each capped at COPY_TIMEOUT seconds, then evaluated on all
+#      unrolled baseline (experiments/copy/gpu/*.yaml), each capped at COPY_TIMEOUT seconds, then evaluated on all
 #      2,000 test sequences (python -m deqlm.eval)
 #   3. a profile of one Broyden solve at DEQ-TrellisNet size (the per-step cost beyond f, for the next tuning)
 #

@@ -1,5 +1,5 @@
 """The memory and speed benchmarks at CI size (`--quick`): they run, write their outputs, and the memory
-figures have the shape the paper claims (DEQ saved-for-backward bytes flat in solver steps, explicit ones
+figures have the shape the paper claims (DEQ saved-for-backward bytes flat in solver steps, unrolled ones
 growing with depth)."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def test_every_paper_row_has_an_experiment_yaml():
         assert path.is_file(), row.key
 
 
-def test_each_pair_holds_one_deq_and_one_explicit_row():
+def test_each_pair_holds_one_deq_and_one_unrolled_row():
     table = P.pairs()
     assert set(P.PAPER_SPEED) <= set(table)
     for deq_row, exp_row in table.values():
@@ -67,7 +67,7 @@ def test_memory_quick_writes_every_output(memory_out: Path):
     assert all(r["status"] == "ok" for r in records), [r["reason"] for r in records]
     assert {r["pair"] for r in records} == {"wt103-transformer-small", "wt103-transformer-small-tied",
                                             "ptb-trellisnet"}
-    assert "DEQ / explicit" in (memory_out / "memory.md").read_text()
+    assert "DEQ / unrolled" in (memory_out / "memory.md").read_text()
 
 
 def test_deq_saved_bytes_do_not_grow_with_solver_steps(memory_out: Path):
@@ -78,7 +78,7 @@ def test_deq_saved_bytes_do_not_grow_with_solver_steps(memory_out: Path):
         assert len({r["activation_bytes"] for r in pts}) == 1, pts
 
 
-def test_explicit_saved_bytes_grow_with_depth(memory_out: Path):
+def test_unrolled_saved_bytes_grow_with_depth(memory_out: Path):
     sweep = json.loads((memory_out / "memory.sweep.json").read_text())
     for key in ("wt103-txl-small-4l", "ptb-trellisnet-60l"):
         pts = sorted((r for r in sweep if r["axis"] == "depth" and r["key"] == key), key=lambda r: r["x"])

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from deqlm.config import DataConfig
-from deqlm.data import DataError, build_dataset
 from deqlm.data.__main__ import main as data_main
+from deqlm.data.dataset import build_dataset
+from deqlm.data.errors import DataError
 from deqlm.data.prepare import prepare
 
 PTB_DIR = Path(os.environ.get("DEQLM_PTB_DIR") or Path(__file__).parents[2] / "shared" / "data" / "ptb")

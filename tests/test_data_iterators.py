@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from deqlm.config import DataConfig
-from deqlm.data import DataError, LMOrderedIterator, build_dataset
 from deqlm.data.copy_memory import make_copy_memory
+from deqlm.data.dataset import build_dataset
+from deqlm.data.errors import DataError
+from deqlm.data.iterators import LMOrderedIterator
 
 N, B, L = 1003, 4, 7  # 1003 // 4 = 250 tokens per column -> 249 targets -> 35 full segments + one of 4
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from deqlm.config import DataConfig
-from deqlm.data import DataError, build_dataset, synthetic
+from deqlm.data import synthetic
+from deqlm.data.dataset import build_dataset
+from deqlm.data.errors import DataError
 from deqlm.data.synthetic import SynthLanguage, SynthParams, ensure_synthetic, generate_lines, oracle_nll
 
 

@@ -34,7 +34,7 @@ def tiny_config(tmp_path: Path, core: str) -> ExperimentConfig:
 
 def make_trained_run(tmp_path: Path, core: str = "unrolled") -> tuple[Path, ExperimentConfig]:
     """A run directory as the trainer leaves it; the 'trained' model is a seeded random init (step 3)."""
-    from deqlm.data import build_dataset
+    from deqlm.data.dataset import build_dataset
     from deqlm.models import build_model
 
     cfg = tiny_config(tmp_path, core)
@@ -54,7 +54,7 @@ def make_trained_run(tmp_path: Path, core: str = "unrolled") -> tuple[Path, Expe
 def reference_nll(run: Path, cfg: ExperimentConfig, split: str, *, mem_len: int, f_max_iter=None):
     """Transformer-XL protocol written out by hand: B contiguous columns, segments of tgt_len, memory carried,
     every target token of the columns counted once (the last, short segment included)."""
-    from deqlm.data import build_dataset
+    from deqlm.data.dataset import build_dataset
     from deqlm.models import build_model
 
     ds = build_dataset(cfg.data)
@@ -109,7 +109,7 @@ def test_eval_overrides_are_applied_and_recorded(tmp_path):
 
 
 def test_copy_memory_reports_test_loss_not_perplexity(tmp_path):
-    from deqlm.data import build_dataset
+    from deqlm.data.dataset import build_dataset
     from deqlm.models import build_model
 
     cfg = tiny_config(tmp_path, "unrolled")
@@ -245,7 +245,7 @@ def test_solver_caps_sweep_one_checkpoint_and_its_own_cap_reproduces_eval_json(t
     assert caps["points"][0]["ppl"] != pytest.approx(own["ppl"], rel=1e-6)  # the cap does change the answer
 
 
-def test_solver_caps_are_refused_for_a_named_explicit_run_and_skipped_in_a_folder(tmp_path, capsys):
+def test_solver_caps_are_refused_for_a_named_unrolled_run_and_skipped_in_a_folder(tmp_path, capsys):
     run, _ = make_trained_run(tmp_path, core="unrolled")
     assert eval_main([str(run), "caps=default"]) == 2
     assert "no solver" in capsys.readouterr().err

@@ -68,13 +68,13 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def test_report_contains_every_run_and_pairs_deq_with_its_twin(tmp_path):
+def test_report_contains_every_run_and_pairs_deq_with_its_unrolled_baseline(tmp_path):
     deq = make_run(tmp_path, "wt103", "tx_deq", "deq", pair="tx_small", mem_gib=1.0, test=32.0)
-    twin = make_run(tmp_path, "wt103", "tx_unrolled", "unrolled", pair="tx_small", mem_gib=4.0, test=35.0)
+    baseline = make_run(tmp_path, "wt103", "tx_unrolled", "unrolled", pair="tx_small", mem_gib=4.0, test=35.0)
     lone = make_run(tmp_path, "wt103", "tx_lone", "unrolled", with_eval=False)
     logs: list[str] = []
     out = tmp_path / "out"
-    rows = write_report([deq, twin, lone], out, "fixture", log=logs.append)
+    rows = write_report([deq, baseline, lone], out, "fixture", log=logs.append)
 
     assert len(rows) == 3
     table = read_csv(out / "summary.csv")
@@ -84,7 +84,7 @@ def test_report_contains_every_run_and_pairs_deq_with_its_twin(tmp_path):
     d = by_exp["tx_deq"]
     assert float(d["mem_ratio"]) == pytest.approx(0.25)
     assert float(d["ppl_gap"]) == pytest.approx(-3.0)
-    assert d["twin"] == by_exp["tx_unrolled"]["run"]
+    assert d["paired_with"] == by_exp["tx_unrolled"]["run"]
     assert float(d["f_nstep_mean"]) == pytest.approx(12.0)
     assert float(d["paper_test"]) == pytest.approx(31.0)
     assert by_exp["tx_unrolled"]["f_nstep_mean"] == ""
@@ -94,7 +94,7 @@ def test_report_contains_every_run_and_pairs_deq_with_its_twin(tmp_path):
     md = (out / "summary.md").read_text()
     for row in table:
         assert row["run"] in md
-    assert "## DEQ vs explicit twin" in md and "0.25" in md
+    assert "## DEQ vs unrolled baseline" in md and "0.25" in md
     pairs = read_csv(out / "pairs.csv")
     assert len(pairs) == 1 and pairs[0]["notes"] == ""
     for png in ("perplexity.png", "memory.png", "solver.png"):
@@ -103,19 +103,19 @@ def test_report_contains_every_run_and_pairs_deq_with_its_twin(tmp_path):
 
 def test_a_subword_run_is_paired_on_its_perplexity_per_word(tmp_path):
     deq = make_run(tmp_path, "wt103", "tx_deq", "deq", pair="tx", test=60.0)  # per subword token
-    twin = make_run(tmp_path, "wt103", "tx_unrolled", "unrolled", pair="tx", test=35.0)
+    baseline = make_run(tmp_path, "wt103", "tx_unrolled", "unrolled", pair="tx", test=35.0)
     record = json.loads((deq / "eval.json").read_text())
     (deq / "eval.json").write_text(json.dumps({**record, "test_word_ppl": 33.0}))
     out = tmp_path / "out"
-    write_report([deq, twin], out, "fixture", log=lambda m: None)
+    write_report([deq, baseline], out, "fixture", log=lambda m: None)
     assert float(read_csv(out / "pairs.csv")[0]["ppl_gap"]) == pytest.approx(-2.0)
     assert "test ppl per word" in (out / "summary.md").read_text()
 
 
 def test_report_for_copy_memory_uses_test_loss(tmp_path):
     deq = make_run(tmp_path, "copy", "copy_deq", "deq", pair="copy", test=3.5e-6)
-    twin = make_run(tmp_path, "copy", "copy_tcn", "unrolled", pair="copy", test=2.7e-5)
-    write_report([deq, twin], tmp_path / "out", "copy memory", log=lambda m: None)
+    baseline = make_run(tmp_path, "copy", "copy_tcn", "unrolled", pair="copy", test=2.7e-5)
+    write_report([deq, baseline], tmp_path / "out", "copy memory", log=lambda m: None)
     table = {r["experiment"]: r for r in read_csv(tmp_path / "out" / "summary.csv")}
     assert float(table["copy_deq"]["test_loss"]) == pytest.approx(3.5e-6)
     assert table["copy_deq"]["test_ppl"] == ""
@@ -165,32 +165,32 @@ def test_torn_last_metrics_line_is_tolerated(tmp_path):
     assert rows[0]["steps"] == 30
 
 
-def test_deq_runs_pair_only_with_twins_of_the_same_budget(tmp_path):
+def test_deq_runs_pair_only_with_baselines_of_the_same_budget(tmp_path):
     runs = [
         make_run(tmp_path, "copy", "cpu_deq", "deq", pair="copy", max_steps=150, test=0.15),
-        make_run(tmp_path, "copy", "cpu_twin", "unrolled", pair="copy", max_steps=150, test=0.05),
+        make_run(tmp_path, "copy", "cpu_baseline", "unrolled", pair="copy", max_steps=150, test=0.05),
         make_run(tmp_path, "copy", "gpu_deq", "deq", pair="copy", max_steps=5000, test=0.05),
-        make_run(tmp_path, "copy", "gpu_twin", "unrolled", pair="copy", max_steps=5000, test=4e-5),
+        make_run(tmp_path, "copy", "gpu_baseline", "unrolled", pair="copy", max_steps=5000, test=4e-5),
         make_run(tmp_path, "copy", "odd_deq", "deq", pair="copy", max_steps=77, test=0.2),
     ]
     write_report(runs, tmp_path / "out", "fixture", log=lambda _: None)
-    pairs = {(r["deq_run"].split("/")[-2], r["explicit_run"].split("/")[-2]): r
+    pairs = {(r["deq_run"].split("/")[-2], r["unrolled_run"].split("/")[-2]): r
              for r in read_csv(tmp_path / "out" / "pairs.csv")}  # fmt: skip
-    assert {("cpu_deq", "cpu_twin"), ("gpu_deq", "gpu_twin")} <= set(pairs)
-    assert ("cpu_deq", "gpu_twin") not in pairs and ("gpu_deq", "cpu_twin") not in pairs
-    # a DEQ run without a same-budget twin still gets compared, with the difference spelled out
+    assert {("cpu_deq", "cpu_baseline"), ("gpu_deq", "gpu_baseline")} <= set(pairs)
+    assert ("cpu_deq", "gpu_baseline") not in pairs and ("gpu_deq", "cpu_baseline") not in pairs
+    # a DEQ run without a same-budget baseline still gets compared, with the difference spelled out
     odd = [r for k, r in pairs.items() if k[0] == "odd_deq"]
     assert len(odd) == 2 and all("max_steps differs" in r["notes"] for r in odd)
 
 
-def test_a_seed_study_pairs_every_deq_seed_with_the_twin_of_its_own_seed(tmp_path):
+def test_a_seed_study_pairs_every_deq_seed_with_the_baseline_of_its_own_seed(tmp_path):
     runs = [make_run(tmp_path, "copy", name, core, pair="copy", seed=seed, stamp=f"20250101-00000{seed}")
-            for name, core, seeds in (("deq", "deq", (1, 2, 3)), ("twin", "unrolled", (1, 2)))
+            for name, core, seeds in (("deq", "deq", (1, 2, 3)), ("baseline", "unrolled", (1, 2)))
             for seed in seeds]  # fmt: skip
     rows = write_report(runs, tmp_path / "out", "fixture", log=lambda _: None)
     assert len(rows) == 5 and sorted(r["seed"] for r in rows) == [1, 1, 2, 2, 3]
-    pairs = [(r["deq_run"][-1], r["explicit_run"][-1]) for r in read_csv(tmp_path / "out" / "pairs.csv")]
-    assert sorted(pairs) == [("1", "1"), ("2", "2")]  # seed 3 has no twin of its own: unpaired
+    pairs = [(r["deq_run"][-1], r["unrolled_run"][-1]) for r in read_csv(tmp_path / "out" / "pairs.csv")]
+    assert sorted(pairs) == [("1", "1"), ("2", "2")]  # seed 3 has no baseline of its own: unpaired
 
 
 def test_deq_activation_figure_leaves_out_the_pretraining_steps(tmp_path):
@@ -204,14 +204,14 @@ def test_deq_activation_figure_leaves_out_the_pretraining_steps(tmp_path):
 
 def test_a_deq_run_evaluated_in_its_warmup_is_labelled_and_not_paired(tmp_path):
     deq = make_run(tmp_path, "ptb", "tx_deq", "deq", pair="tx", test=30.0)
-    twin = make_run(tmp_path, "ptb", "tx_unrolled", "unrolled", pair="tx", test=35.0)
+    baseline = make_run(tmp_path, "ptb", "tx_unrolled", "unrolled", pair="tx", test=35.0)
     record = json.loads((deq / "eval.json").read_text())
     (deq / "eval.json").write_text(json.dumps({**record, "mode": "pretrain"}))
     logs: list[str] = []
     out = tmp_path / "out"
-    write_report([deq, twin], out, "fixture", log=logs.append)
+    write_report([deq, baseline], out, "fixture", log=logs.append)
     table = {r["experiment"]: r for r in read_csv(out / "summary.csv")}
-    assert table["tx_deq"]["mode"] == "pretrain" and table["tx_deq"]["twin"] == ""
+    assert table["tx_deq"]["mode"] == "pretrain" and table["tx_deq"]["paired_with"] == ""
     assert not (out / "pairs.csv").exists()
     assert "deq (warm-up only)" in (out / "summary.md").read_text()
     assert any("never left its warm-up" in m for m in logs)
@@ -256,12 +256,12 @@ def test_a_depth_sweep_gets_the_tradeoff_figure_and_a_plain_pair_does_not(tmp_pa
 
 def test_a_deq_with_solver_caps_gets_the_compute_knob_figure(tmp_path):
     deq = make_run(tmp_path, "ptb", "k_deq", "deq", pair="k", test=30.0)
-    twin = make_run(tmp_path, "ptb", "k_x", "unrolled", pair="k", test=31.0)
+    baseline = make_run(tmp_path, "ptb", "k_x", "unrolled", pair="k", test=31.0)
     points = [{"cap": c, "ppl": 30.0 + 8.0 / c, "f_nstep": float(c)} for c in (1, 2, 4, 8)]
     (deq / "solver_caps.json").write_text(json.dumps({"points": points}))
     out = tmp_path / "out"
-    write_report([deq, twin], out, "fixture", log=lambda m: None)
+    write_report([deq, baseline], out, "fixture", log=lambda m: None)
     assert (out / "solver_caps.png").stat().st_size > 1000
     assert "(solver_caps.png)" in (out / "summary.md").read_text()
-    write_report([twin], tmp_path / "none", "fixture", log=lambda m: None)
+    write_report([baseline], tmp_path / "none", "fixture", log=lambda m: None)
     assert not (tmp_path / "none" / "solver_caps.png").exists()

@@ -18,8 +18,8 @@ from deqlm.checkpoint_io import load_checkpoint
 from deqlm.config import ConfigError, load_config
 from deqlm.eval.cli import main as eval_main
 from deqlm.io import read_jsonl
-from deqlm.train import train
 from deqlm.train.cli import main as train_main
+from deqlm.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "experiments" / "debug"

@@ -60,7 +60,7 @@ def test_layer_norms_learn_a_scale_and_shift_only_when_asked(ln_affine):
     assert n_ln_params == (4 * D if ln_affine else 0)
 
 
-def test_residual_path_f_of_zero_is_an_explicit_layer_applied_to_the_embedding():
+def test_residual_path_f_of_zero_is_an_unrolled_first_layer_applied_to_the_embedding():
     """With the injection off, the residual cell at z = 0 is exactly a Transformer-XL first layer."""
     torch.manual_seed(0)
     cell = TransformerCell(D, H, K, I, input_path="residual", weight_norm=False).eval()
@@ -71,8 +71,8 @@ def test_residual_path_f_of_zero_is_an_explicit_layer_applied_to_the_embedding()
     mem_BMW = torch.zeros(2, 0, 2 * D)
     with torch.no_grad():
         f0 = cell(torch.zeros_like(x_BLD), cell.context(x_BLD, mem_BMW))
-        explicit = plain(x_BLD, plain.context(x_BLD, mem_BMW[..., :D]))
-    torch.testing.assert_close(f0, explicit)
+        first_layer = plain(x_BLD, plain.context(x_BLD, mem_BMW[..., :D]))
+    torch.testing.assert_close(f0, first_layer)
 
 
 def _own_state_change(input_path: str) -> float:

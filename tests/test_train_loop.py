@@ -14,7 +14,7 @@ import torch
 from deqlm.config import load_config, save_config
 from deqlm.io import read_jsonl
 from deqlm.models.lm import SequenceLM
-from deqlm.train import TrainingDiverged, train
+from deqlm.train.trainer import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "experiments" / "debug"
@@ -108,7 +108,7 @@ def test_run_directory_holds_config_env_metrics_and_weights_only_checkpoints(tmp
                 "vocab_hash", "best_valid_ppl", "wandb_id", "mems"):
         assert key in state, key
     assert state["step"] == 4 and isinstance(state["config"], dict)
-    # explicit core: the solver keys are present and null in every event
+    # unrolled core: the solver keys are present and null in every event
     events = [e for e in read_jsonl(run / "metrics.jsonl") if "train/loss" in e]
     assert all(e["mode"] == "unrolled" and e["solver/f_nstep"] is None for e in events)
 
@@ -159,9 +159,9 @@ def test_every_debug_config_trains_a_few_steps(tmp_path, history, exp):
 
 def test_the_saved_config_keeps_the_overrides_next_to_the_files_note(tmp_path):
     exp = tmp_path / "exp.yaml"
-    exp.write_text('name: x\nnote: "d_inner 64 to match the twin"\nmodel:\n  d_inner: 64\n')
+    exp.write_text('name: x\nnote: "d_inner 64 to match the baseline"\nmodel:\n  d_inner: 64\n')
     cfg = load_config(exp, ["model.d_inner=32", "train.max_steps=3"])
-    assert cfg.note == "d_inner 64 to match the twin"
+    assert cfg.note == "d_inner 64 to match the baseline"
     assert cfg.overrides == ["model.d_inner=32", "train.max_steps=3"]
     save_config(cfg, tmp_path / "config.yaml")
     resumed = load_config(tmp_path / "config.yaml", ["train.max_steps=5"])
@@ -181,7 +181,7 @@ def test_console_lines_show_only_the_figures_a_model_has(tmp_path):
     out = io.StringIO()
     train(tiny(tmp_path, "transformer_xl", "train.max_steps=2", "train.eval_every=2"), stream=out)
     valid_line = next(line for line in out.getvalue().splitlines() if " valid " in line)
-    assert "ppl" in valid_line and "f_max_iter" not in valid_line  # an explicit model has no solver
+    assert "ppl" in valid_line and "f_max_iter" not in valid_line  # an unrolled model has no solver
     out = io.StringIO()
     copy = tiny(tmp_path, "copy_transformer_deq", "train.max_steps=2", "train.eval_every=2",
                 "train.log_every=1")

@@ -8,8 +8,8 @@ import pytest
 
 from deqlm.config import load_config
 from deqlm.io import read_jsonl
-from deqlm.train import Trainer, train
 from deqlm.train.cli import main as cli_main
+from deqlm.train.trainer import Trainer, train
 
 DEBUG = Path(__file__).resolve().parents[1] / "experiments" / "debug"
 

@@ -1,7 +1,7 @@
 """Count the bytes autograd keeps for backward: the device-independent memory figure of a training step.
 
 A DEQ stores one application of f however many solver steps it takes (Bai et al. 2019, Sec. 3.1.3); an
-explicit L-layer network stores L. `torch.autograd.graph.saved_tensors_hooks` sees every tensor an autograd
+unrolled L-layer network stores L. `torch.autograd.graph.saved_tensors_hooks` sees every tensor an autograd
 node saves while the context is open (including `ctx.save_for_backward` of custom Functions), so the sum
 over the distinct storages is what the graph pins in memory until backward, whatever the device.
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Literal, get_args, get_origin
 
-SolverName = Literal["broyden", "anderson", "fixed_point"]  # registry: deqlm.solvers.SOLVERS
+SolverName = Literal["broyden", "anderson", "fixed_point", "reversible"]  # registry: deqlm.solvers.SOLVERS
+StateDtype = Literal["float64", "float32"]  # the reversible solver's states (deqlm.solvers.reversible)
 StopMode = Literal["rel", "abs"]  # how a solver measures a residual (deqlm.solvers.common.Tracker)
 Arch = Literal["transformer", "trellisnet"]  # registry: deqlm.models.build.ARCHS
 Core = Literal["deq", "unrolled"]  # registry: deqlm.models.build.CORES
@@ -33,7 +34,9 @@ Amp = Literal["none", "bf16", "fp16"]  # deqlm.runtime.autocast_context
 GradSync = Literal["ddp", "allreduce"]  # deqlm.distributed.wrap_model
 WandbMode = Literal["disabled", "offline", "online"]  # wandb's own modes (deqlm.metrics.MetricLogger)
 
-IMPLICIT = "implicit"  # deq.grad: the implicit-function-theorem gradient (the other option is a step count)
+IMPLICIT = "implicit"  # deq.grad: the implicit-function-theorem gradient
+# deq.grad: exact backprop through the reversible iteration (needs f_solver=reversible)
+REVERSIBLE = "reversible"
 
 
 def values(choice: Any) -> tuple[str, ...]:
@@ -53,14 +56,33 @@ def check_registry(registry: Iterable[str], choice: Any, key: str) -> None:
 
 
 def parse_grad(grad: str | int, key: str = "grad") -> str | int:
-    """`deq.grad`: 'implicit', or a positive number K of unrolled steps (an int, or digits from a config).
+    """`deq.grad`: 'implicit', 'reversible', or a positive number K of unrolled steps (an int, or digits).
 
     OmegaConf cannot type a field as "a literal or an int", so the config keeps it a string, and both the
     config (when it loads) and the implicit layer (when it is built) read it through this one function."""
-    if grad == IMPLICIT:
-        return IMPLICIT
+    if grad in (IMPLICIT, REVERSIBLE):
+        return grad
     if isinstance(grad, int) and not isinstance(grad, bool) and grad > 0:
         return grad
     if isinstance(grad, str) and grad.isdigit() and int(grad) > 0:
         return int(grad)
-    raise ValueError(f"{key}={grad!r} must be '{IMPLICIT}' or a positive integer")
+    raise ValueError(f"{key}={grad!r} must be '{IMPLICIT}', '{REVERSIBLE}' or a positive integer")
+
+
+def check_reversible_pair(f_solver: str, grad: str | int) -> None:
+    """The reversible gradient walks back the reversible solver's own iteration, and that iteration is only
+    worth running for it: either both name it or neither does."""
+    if (f_solver == REVERSIBLE) != (grad == REVERSIBLE):
+        raise ValueError(
+            f"deq.f_solver={f_solver} with deq.grad={grad}: the reversible solver and the reversible "
+            "gradient go together (set both deq.f_solver=reversible and deq.grad=reversible, or neither)"
+        )
+
+
+def check_beta(beta: float) -> None:
+    """The reversible solver's relaxation: beta = 1 cannot be inverted (the reversal divides by 1 - beta), and
+    outside (0, 2) the relaxed step does not shrink the plain iteration's error even for a contractive f."""
+    if not (0.0 < beta < 2.0) or beta == 1.0:
+        raise ValueError(
+            f"beta={beta!r} must lie in (0, 2) and differ from 1 (the reversal divides by 1 - beta)"
+        )

@@ -38,9 +38,12 @@ from deqlm.choices import (
     OptimizerName,
     Schedule,
     SolverName,
+    StateDtype,
     StopMode,
     Tokenizer,
     WandbMode,
+    check_beta,
+    check_reversible_pair,
     parse_grad,
     values,
 )
@@ -71,6 +74,9 @@ class DEQConfig:
     anderson_m: int = 6  # Anderson history size
     anderson_beta: float = 1.0  # Anderson mixing
     anderson_lam: float = 1e-2  # Anderson Tikhonov term, relative to the residual Gram matrix's scale
+    # reversible solver (f_solver=reversible with grad=reversible): f_max_iter counts its steps, 2 f each
+    reversible_beta: float = 0.5  # relaxation; the reversal divides by |1 - beta| (the paper's LM: 0.5)
+    reversible_dtype: StateDtype = "float64"  # its two states' dtype; f still computes in the model's
 
 
 @dataclass
@@ -78,7 +84,7 @@ class ModelConfig:
     """A SequenceLM: embedding -> core(cell) -> softmax (deqlm.models.build_model)."""
 
     arch: Arch = "transformer"  # the cell
-    core: Core = "deq"  # deq: equilibrium solve, unrolled: explicit depth (see weight_tied)
+    core: Core = "deq"  # deq: equilibrium solve, unrolled: a fixed stack of n_layer cells (see weight_tied)
     n_layer: int = 16  # depth of an unrolled core (ignored by deq)
     weight_tied: bool = False  # unrolled core: one cell applied n_layer times (True) or n_layer cells
     grad_checkpoint: bool = False  # unrolled core: recompute each layer in backward (gradient checkpointing)
@@ -133,7 +139,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Where the tokens come from and how they are batched (deqlm.data.build_dataset)."""
+    """Where the tokens come from and how they are batched (deqlm.data.dataset.build_dataset)."""
 
     dataset: DatasetName = "synthetic"  # the corpus (or copy memory), data/<name>/ under data_dir
     data_dir: str = "data"  # root holding data/<name>/ (a corpus folder of its own when it has the files)
@@ -172,7 +178,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """The training loop (deqlm.train.Trainer)."""
+    """The training loop (deqlm.train.trainer.Trainer)."""
 
     max_steps: int = 1000  # optimizer steps
     log_every: int = 50  # steps between train/* log events
@@ -215,7 +221,7 @@ class LogConfig:
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"  # experiment name (run directories and reports)
-    pair: str = ""  # name shared by a DEQ run and its explicit twin in comparisons
+    pair: str = ""  # name shared by a DEQ run and its unrolled baseline in comparisons
     paper_row: str = ""  # the row of REFERENCE.md this experiment reproduces ("" if none)
     paper_test: float | None = None  # the paper's test figure for that row (ppl, or loss for copy memory)
     note: str = ""  # the experiment file's free text: where sizes come from, deviations from the paper
@@ -327,9 +333,10 @@ def _validate(cfg: ExperimentConfig) -> None:
         if value is not None and not _in_range(value, interval):
             raise ConfigError(f"{key}={value!r} must lie in {interval}")
     try:
-        parse_grad(cfg.deq.grad, "deq.grad")
+        check_reversible_pair(cfg.deq.f_solver, parse_grad(cfg.deq.grad, "deq.grad"))
+        check_beta(cfg.deq.reversible_beta)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(str(exc).replace("beta=", "deq.reversible_beta=", 1)) from None
     betas = list(cfg.optim.betas)
     if len(betas) != 2 or not all(_in_range(b, _BETA_RANGE) for b in betas):
         raise ConfigError(f"optim.betas={betas!r} must hold two numbers in {_BETA_RANGE}")

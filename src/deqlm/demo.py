@@ -1,4 +1,4 @@
-"""`python -m deqlm.demo`: a DEQ-Transformer and its explicit twin on the embedded corpus, then the table.
+"""`python -m deqlm.demo`: a DEQ-Transformer and its unrolled baseline on the embedded corpus, then the table.
 
 Offline, CPU-sized (a few minutes on 2 cores): both runs train on the same token budget
 (experiments/demo/*.yaml); each run is its own `python -m deqlm.train` process so that peak memory is
@@ -21,13 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-from deqlm import eval as evaluation  # evaluate_run loads torch on first use: `--help` answers without it
 from deqlm.allocator import tune_allocator
+from deqlm.eval import cli as eval_cli  # loads torch only once it evaluates: `--help` answers without it
+from deqlm.eval.report import write_report
 from deqlm.exits import FAILED, OK, error
 from deqlm.fmt import number
 
 EXPERIMENTS = ("experiments/demo/transformer_deq.yaml", "experiments/demo/transformer_xl.yaml")
-TITLE = "Demo: DEQ-Transformer vs explicit Transformer-XL twin on the embedded synthetic corpus"
+TITLE = "Demo: DEQ-Transformer vs unrolled Transformer-XL on the embedded synthetic corpus"
 
 
 def _repo_root() -> Path:
@@ -93,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # evaluate with the runs' thread count: more threads than cores makes OpenMP spin against itself
     torch.set_num_threads(args.threads if args.threads > 0 else min(2, os.cpu_count() or 1))
-    request = evaluation.EvalRequest(splits=("valid", "test"), force=True)
-    for run_dir in run_dirs:
-        evaluation.evaluate_run(run_dir, request, log=log)
-    rows = evaluation.write_report(run_dirs, out, TITLE, log=log)
+    for run_dir in run_dirs:  # as `python -m deqlm.eval RUN_DIR split=valid,test force=true` does
+        code = eval_cli.main([str(run_dir), "split=valid,test", "force=true"])
+        if code != OK:
+            return code
+    rows = write_report(run_dirs, out, TITLE, log=log)
     summary = (out / "summary.md").read_text()
     print()
     print(summary)

@@ -30,7 +30,7 @@ from deqlm.io import atomic_write_text, read_jsonl
 GIB = float(2**30)
 WANDB_ID_FILE = "wandb_id.txt"
 # the solver figures averaged into train/valid events (`solver/<key>`, `valid/<key>`) and eval.json splits
-SOLVER_KEYS = ("f_nstep", "f_rel_res", "b_nstep", "b_rel_res", "converged_frac")
+SOLVER_KEYS = ("f_nstep", "f_rel_res", "b_nstep", "b_rel_res", "converged_frac", "rev_recon_err")
 
 
 def add_solver_stats(stats: dict | None, sums: dict[str, float], counts: dict[str, int]) -> None:
@@ -47,7 +47,7 @@ def add_solver_stats(stats: dict | None, sums: dict[str, float], counts: dict[st
 
 
 def solver_means(sums: dict[str, float], counts: dict[str, int]) -> dict[str, float | None]:
-    """Every SOLVER_KEYS mean; None for a figure never reported (explicit cores, pretraining)."""
+    """Every SOLVER_KEYS mean; None for a figure never reported (unrolled cores, pretraining)."""
     return {k: (sums[k] / counts[k] if counts.get(k) else None) for k in SOLVER_KEYS}
 
 
@@ -158,7 +158,7 @@ class MetricLogger:
         if "valid/loss" in event:
             ppl = event.get("valid/ppl")  # None for a position classifier (copy memory): loss is its figure
             settings = f"tgt_len {event.get('valid/tgt_len')}, mem_len {event.get('valid/mem_len')}"
-            if event.get("valid/f_max_iter") is not None:  # explicit models have no solver
+            if event.get("valid/f_max_iter") is not None:  # unrolled models have no solver
                 settings += f", f_max_iter {event['valid/f_max_iter']}"
             self.write(f"step {step} valid " + ("" if ppl is None else f"ppl {number(ppl)} ")
                        + f"loss {number(event['valid/loss'])} ({settings})")

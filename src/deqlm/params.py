@@ -33,13 +33,10 @@ def vocab_size_of(cfg_data) -> int:
 def count_experiment(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     cfg = load_config(path, overrides)
     vocab = vocab_size_of(cfg.data)
-    import torch  # only now: `--help` and a bad config answer without loading torch
+    # the model's modules load torch: imported only now, so that `--help` and a bad config answer without it
+    from deqlm.models.build import count_on_meta
 
-    from deqlm.models import build_model, count_params
-
-    with torch.device("meta"):
-        model = build_model(cfg.model, cfg.deq, vocab_size=vocab)
-    return {"name": cfg.name, **count_params(model), "vocab_size": vocab}
+    return {"name": cfg.name, **count_on_meta(cfg.model, cfg.deq, vocab), "vocab_size": vocab}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """`python -m deqlm.bench allocator`: training speed, minor page faults and system time with glibc's default
 allocator against deqlm's tuned one (deqlm.allocator), side by side in one invocation.
 
-    python -m deqlm.bench allocator [--cases ptb-twin ptb-deq copy-deq] [--variants system tuned env]
+    python -m deqlm.bench allocator [--cases ptb-unrolled ptb-deq copy-deq] [--variants system tuned env]
         [--reps N] [--exp CONFIG --steps N --set key=value ...] [--out DIR] [--json]
 
 Each measurement is a short `python -m deqlm.train` run in a child process (one thread, wandb off, validation
@@ -15,7 +15,8 @@ minor page faults, system and user CPU seconds (getrusage over the whole child: 
 validation and checkpoint included); wall seconds; its peak RSS; the allocator mode its env.json recorded; its
 losses.
 Per case: the medians of each variant, ratios against `system`, and whether every variant's per-step losses
-were identical. The PTB pair (ptb-twin, ptb-deq) also gets its twin / DEQ tokens/s ratio per variant.
+were identical. The PTB pair (ptb-unrolled, ptb-deq) also gets its unrolled / DEQ tokens/s ratio per
+variant.
 PTB cases need data/ptb (`make data-ptb`).
 """
 
@@ -49,11 +50,11 @@ class Case:
 
 
 CASES = {
-    "ptb-twin": Case("experiments/ptb/cpu/transformer_unrolled.yaml", 20),
+    "ptb-unrolled": Case("experiments/ptb/cpu/transformer_unrolled.yaml", 20),
     "ptb-deq": Case("experiments/ptb/cpu/transformer_deq.yaml", 12, ("model.pretrain_steps=0",)),
     "copy-deq": Case("experiments/copy/cpu/transformer_deq.yaml", 6, ("model.pretrain_steps=0",)),
 }
-PAIR = ("ptb-twin", "ptb-deq")
+PAIR = ("ptb-unrolled", "ptb-deq")
 ISSUE_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "17179869184",
              "MALLOC_TOP_PAD_": "1073741824"}
 VARIANTS = {"system": {SWITCH: "system"}, "tuned": {}, "env": ISSUE_ENV}
@@ -134,7 +135,7 @@ def run_all(cases: dict[str, Case], variants: list[str], reps: int, timeout_s: f
     out = {"rows": rows, "summary": summary}
     by_case = {s["case"]: s for s in summary}
     if all(p in by_case for p in PAIR):
-        out["ptb_twin_over_deq_tokens_per_s"] = {
+        out["ptb_unrolled_over_deq_tokens_per_s"] = {
             v: by_case[PAIR[0]]["median"][v]["tokens_per_s"] / by_case[PAIR[1]]["median"][v]["tokens_per_s"]
             for v in variants}
     return out

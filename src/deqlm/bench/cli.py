@@ -88,7 +88,7 @@ def memory_parser() -> argparse.ArgumentParser:
     what.add_argument("--sweep", action="store_true", help="memory against depth, solver steps, length")
     what.add_argument("--rows", nargs="*", default=None, help="--paper: only these row keys")
     what.add_argument("--depths", type=int, nargs="*", default=None,
-                      help=f"--sweep: explicit depths (default {' '.join(map(str, P.SWEEP_DEPTHS))})")
+                      help=f"--sweep: unrolled depths (default {' '.join(map(str, P.SWEEP_DEPTHS))})")
     what.add_argument("--solver-steps", type=int, nargs="*", default=None,
                       help=f"--sweep: solver caps (default {' '.join(map(str, P.SWEEP_SOLVER_STEPS))})")
     what.add_argument("--seq-lens", type=int, nargs="*", default=None,
@@ -100,7 +100,7 @@ def memory_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", default="step", choices=["step", "light"],
                    help="step: one full training step; light: graph-free forward + optimizer state")
     p.add_argument("--no-project", dest="project", action="store_false",
-                   help="do not extrapolate explicit rows that do not fit")
+                   help="do not extrapolate unrolled rows that do not fit")
     return p
 
 

@@ -1,4 +1,4 @@
-"""`python -m deqlm.bench memory`: training memory of the paper's models, DEQ against explicit depth.
+"""`python -m deqlm.bench memory`: training memory of the paper's models, DEQ against unrolled depth.
 
     python -m deqlm.bench memory --paper [--device cpu|cuda] [--size full|reduced] [--out results/bench]
     python -m deqlm.bench memory --sweep [--size reduced|full]
@@ -164,7 +164,7 @@ def run_paper(args: argparse.Namespace, say) -> list[dict]:
 
 def project_depth(args: argparse.Namespace, r: P.PaperRow, say) -> dict:
     """A row too big for this machine: measure it at two shallow depths and extrapolate linearly in depth
-    (explicit-depth memory is affine in the number of layers). Reported as `projected_peak_gib`, never as a
+    (unrolled-depth memory is affine in the number of layers). Reported as `projected_peak_gib`, never as a
     measurement."""
     depths = (2, 4)
     peaks = []

@@ -38,7 +38,7 @@ class PaperRow:
     corpus: str  # ptb | wt103 (experiments/<corpus>/)
     core: str  # deq | unrolled
     paper_mem_gib: float  # the paper's memory column ("GB" in the paper)
-    pairs: tuple[str, ...]  # comparisons this row takes part in (one DEQ and one explicit row per pair)
+    pairs: tuple[str, ...]  # comparisons this row takes part in (one DEQ and one unrolled row per pair)
     overrides: tuple[str, ...] = ()  # dotlist applied on top of the experiment YAML (after the protocol)
     fallback_row: str = ""  # row whose YAML (plus `overrides`) stands in when no YAML has this paper_row
 
@@ -70,7 +70,7 @@ PAPER_ROWS: tuple[PaperRow, ...] = (
 )
 ROWS = {r.key: r for r in PAPER_ROWS}
 
-# REFERENCE.md §1 "Runtime" (Table 4): DEQ / explicit time on WT103; keyed by the memory pair it compares.
+# REFERENCE.md §1 "Runtime" (Table 4): DEQ / unrolled time on WT103; keyed by the memory pair it compares.
 PAPER_SPEED = {
     "wt103-transformer-medium-adaptive": {"train": 2.82, "infer": 1.76},  # vs 18-layer Transformer-XL
     "wt103-trellisnet": {"train": 2.40, "infer": 1.64},  # vs 70-layer TrellisNet
@@ -78,14 +78,14 @@ PAPER_SPEED = {
 
 
 def pairs() -> dict[str, tuple[PaperRow, PaperRow]]:
-    """pair name -> (DEQ row, explicit row), in table order."""
+    """pair name -> (DEQ row, unrolled row), in table order."""
     out: dict[str, list[PaperRow | None]] = {}
     for r in PAPER_ROWS:
         for p in r.pairs:
             slot = out.setdefault(p, [None, None])
             slot[0 if r.core == "deq" else 1] = r
     for p, (d, e) in out.items():
-        assert d is not None and e is not None, f"pair {p} lacks a DEQ or an explicit row"
+        assert d is not None and e is not None, f"pair {p} lacks a DEQ or an unrolled row"
     return {p: (d, e) for p, (d, e) in out.items()}  # type: ignore[misc]
 
 

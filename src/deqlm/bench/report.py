@@ -19,7 +19,7 @@ from deqlm.bench.peak_memory import GIB
 from deqlm.fmt import number
 from deqlm.io import atomic_write_json, atomic_write_text
 
-SWEEP_TITLES = {"depth": ("explicit depth (layers)", "Memory vs explicit depth"),
+SWEEP_TITLES = {"depth": ("unrolled depth (layers)", "Memory vs unrolled depth"),
                 "solver_steps": ("solver step cap (forward = backward)", "DEQ memory vs solver steps"),
                 "seq_len": ("sequence length L (= memory length)", "Memory vs sequence length")}
 # the DEQ rows of the solver-step sweep; their level is drawn on the depth panel
@@ -65,7 +65,7 @@ def _first_per_row(records: list[dict]) -> list[dict]:
 
 
 def pair_table(records: list[dict]) -> list[dict]:
-    """One summary per pair: our and the paper's DEQ / explicit ratio, and whether we meet the paper's."""
+    """One summary per pair: our and the paper's DEQ / unrolled ratio, and whether we meet the paper's."""
     out = []
     for name, (deq_row, exp_row) in P.pairs().items():
         d = next((r for r in records if r.get("pair") == name and r.get("core") == "deq"), None)
@@ -79,10 +79,10 @@ def pair_table(records: list[dict]) -> list[dict]:
                 ours = d["peak_train_mem_bytes"] / e["peak_train_mem_bytes"]
             elif e.get("projected_peak_gib"):
                 projected = d["peak_train_mem_gib"] / e["projected_peak_gib"]
-        out.append({"pair": name, "deq_row": deq_row.row, "explicit_row": exp_row.row,
+        out.append({"pair": name, "deq_row": deq_row.row, "unrolled_row": exp_row.row,
                     "deq_gib": d and d.get("peak_train_mem_gib"),
-                    "explicit_gib": e and e.get("peak_train_mem_gib"),
-                    "explicit_projected_gib": e and e.get("projected_peak_gib"),
+                    "unrolled_gib": e and e.get("peak_train_mem_gib"),
+                    "unrolled_projected_gib": e and e.get("projected_peak_gib"),
                     "ratio": ours, "ratio_projected": projected, "paper_ratio": paper,
                     "meets_paper": None if ours is None else ours <= paper})
     return out
@@ -138,7 +138,7 @@ def write_memory_sweep(out: Path, records: list[dict]) -> None:
 
 def _sweep_panel(ax, axis: str, records: list[dict]) -> None:
     """Peak and saved-for-backward bytes of each row along `axis`; the depth panel also draws each DEQ row's
-    level (its largest peak over the solver-step sweep), the line explicit depth crosses."""
+    level (its largest peak over the solver-step sweep), the line unrolled depth crosses."""
     pts = [r for r in records if r.get("axis") == axis and r.get("status") == "ok"]
     for key in dict.fromkeys(r["key"] for r in pts):
         sel = sorted((r for r in pts if r["key"] == key), key=lambda r: r["x"])
@@ -160,7 +160,7 @@ def write_memory_md(out: Path) -> None:
     paper = load_json_list(out / "memory.json")
     sweep = load_json_list(out / "memory.sweep.json")
     methods = sorted({r.get("peak_method", "?") for r in paper + sweep if r.get("status") == "ok"})
-    lines = ["# Training memory: DEQ against explicit depth", "",
+    lines = ["# Training memory: DEQ against unrolled depth", "",
              "Protocol: one training step after a warm-up step, each row in a fresh process; batch 15, "
              "sequence 150, Transformer memory 150; word embeddings excluded (the core reads random embedded "
              "inputs, the loss is the mean square of its readout: no embedding/softmax tables, gradients, "
@@ -179,14 +179,14 @@ def _gib(x, digits: int = 3) -> str:
 
 
 def _memory_pair_lines(paper: list[dict]) -> list[str]:
-    lines = ["## Pairs: DEQ / explicit memory ratio", "",
-             "| pair | DEQ GiB | explicit GiB | ours DEQ/explicit | paper DEQ/explicit | ours <= paper |",
+    lines = ["## Pairs: DEQ / unrolled memory ratio", "",
+             "| pair | DEQ GiB | unrolled GiB | ours DEQ/unrolled | paper DEQ/unrolled | ours <= paper |",
              "|---|---|---|---|---|---|"]
     for p in pair_table(paper):
         ratio = _gib(p["ratio"]) if p["ratio"] is not None else (
             f"{p['ratio_projected']:.3f} (projected)" if p["ratio_projected"] else number(None))
-        exp = _gib(p["explicit_gib"]) if p["explicit_gib"] is not None else (
-            f"{p['explicit_projected_gib']:.2f} (projected)" if p["explicit_projected_gib"] else number(None))
+        exp = _gib(p["unrolled_gib"]) if p["unrolled_gib"] is not None else (
+            f"{p['unrolled_projected_gib']:.2f} (projected)" if p["unrolled_projected_gib"] else number(None))
         lines.append(f"| {p['pair']} | {_gib(p['deq_gib'])} | {exp} | {ratio} | {p['paper_ratio']:.3f} "
                      f"| {number(p['meets_paper'])} |")
     return lines
@@ -249,12 +249,12 @@ def infer_step_ms(r: dict) -> float | None:
 def write_speed(out: Path, records: list[dict]) -> None:
     """speed.json, speed.md and (when a pair measured) speed.png for this run's pairs."""
     atomic_write_json(out / "speed.json", records)
-    lines = ["# Speed: DEQ against its explicit twin", "",
+    lines = ["# Speed: DEQ against its unrolled baseline", "",
              "Protocol: batch 15, sequence 150, Transformer memory 150, the core on random embedded inputs "
              "(no embedding / softmax, which costs both models the same). Median over the timed steps after "
              "warm-up; each row in a fresh process. Solver limits are the rows' training limits; tol `cap` = "
              "tolerance 0, every solve runs to its limit (worst case).", "",
-             "| pair | size | DEQ/explicit train | paper | DEQ/explicit infer | paper | f/b cap "
+             "| pair | size | DEQ/unrolled train | paper | DEQ/unrolled infer | paper | f/b cap "
              "| f/b steps | status |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         ratios = [number(r[k], 2, fixed=True)
@@ -307,8 +307,8 @@ def _speed_plot(path: Path, ok: list[dict]) -> None:
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(list(xs))
     ax.set_xticklabels([r["pair"] for r in ok], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("DEQ time / explicit time (x)")
-    ax.set_title(f"DEQ / explicit step time ({ok[0]['device']}, size {ok[0]['size']}, tol {ok[0]['tol']})")
+    ax.set_ylabel("DEQ time / unrolled time (x)")
+    ax.set_title(f"DEQ / unrolled step time ({ok[0]['device']}, size {ok[0]['size']}, tol {ok[0]['tol']})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

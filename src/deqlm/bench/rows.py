@@ -81,7 +81,7 @@ def solver_workspace_bytes(cfg, batch: int, tgt_len: int, elem_bytes: int = 4) -
     slots, allocated in chunks of up to 8 as steps are taken: min(r + 1, max_iter) * F * B floats (r =
     deq.broyden_rank, so the buffer stops growing with the step cap; the official code keeps two vectors per
     allowed step, 2 * max_iter * F * B). Anderson keeps 2 * min(m, max_iter) histories (images and residuals);
-    fixed-point iteration keeps none. Explicit cores: 0. An upper bound: the buffer grows only with the steps
+    fixed-point iteration keeps none. Unrolled cores: 0. An upper bound: the buffer grows only with the steps
     actually taken.
     """
     if cfg.model.core != "deq":

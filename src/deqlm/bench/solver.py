@@ -1,4 +1,4 @@
-"""`python -m deqlm.bench solver`: our solvers, TorchDEQ's (if installed), explicit stacks, one workload.
+"""`python -m deqlm.bench solver`: our solvers, TorchDEQ's (if installed), unrolled stacks, one workload.
 
 The workload (fixed; `--quick` shrinks every size for CI): f(z; x) is one weight-tied post-LN causal
 Transformer block in DEQ-Transformer style,

@@ -1,16 +1,17 @@
-"""`python -m deqlm.bench speed`: training-step and inference time of each DEQ model and its explicit twin.
+"""`python -m deqlm.bench speed`: training-step and inference time of each DEQ model and its unrolled
+baseline.
 
     python -m deqlm.bench speed [--device cpu|cuda] [--size full|reduced] [--pairs NAME ...] [--out DIR]
     python -m deqlm.bench speed --row wt103-deq-trellisnet --json      # one row, this process
 
 Protocol: the memory benchmark's (batch 15, sequence 150, Transformer memory 150, the core on random
-embedded inputs, no embedding or softmax: the softmax costs DEQ and explicit models the same, so leaving it
-out can only raise the DEQ / explicit ratio). Each row runs in a fresh process: `--warmup-steps` training
+embedded inputs, no embedding or softmax: the softmax costs DEQ and unrolled models the same, so leaving it
+out can only raise the DEQ / unrolled ratio). Each row runs in a fresh process: `--warmup-steps` training
 steps, then `--steps` timed training steps (forward, backward and optimizer timed apart) and `--steps` timed
 inference forwards (eval mode, no graph, memory carried). Solver limits are the rows' training limits
 (f_thres / b_thres of the paper's scripts); `--tol cap` (default) sets the tolerances to 0 so every solve
 takes all the steps it is allowed (a trained DEQ mostly does; an untrained one converges early and would look
-too fast), `--tol config` keeps the YAML's tolerances. Reported per pair: DEQ / explicit training and
+too fast), `--tol config` keeps the YAML's tolerances. Reported per pair: DEQ / unrolled training and
 inference time against the paper's Table 4 (2.82x / 1.76x against the 18-layer Transformer-XL, 2.40x / 1.64x
 against the 70-layer TrellisNet). Outputs (written by report.py): speed.json, speed.md, speed.png.
 """
@@ -174,6 +175,7 @@ def pair_record(name: str, deq: dict, exp: dict, args: argparse.Namespace) -> di
         "status": "ok" if ok else "skipped",
         "reason": "" if ok else "; ".join(f"{r['key']}: {r.get('reason')}" for r in (deq, exp)
                                           if r.get("status") != "ok"),
+        # "explicit_row" / "explicit": the unrolled row, under the keys the committed speed JSON files use
         "deq_row": deq["row"], "explicit_row": exp["row"],
         "train_ratio": round(deq["train_step_ms"] / exp["train_step_ms"], 3) if ok else None,
         "infer_ratio": round(deq["infer_ms"] / exp["infer_ms"], 3) if ok else None,

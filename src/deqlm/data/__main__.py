@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 
-from deqlm import data  # its datasets load torch on first use (PEP 562), so `--help` answers without torch
-from deqlm.choices import Tokenizer, values
+from deqlm.choices import DatasetName, Tokenizer, values
 from deqlm.config import DataConfig
+from deqlm.data.corpus import SPLITS
+from deqlm.data.errors import DataError
 from deqlm.exits import BAD_INPUT, OK, error
 
 
@@ -16,21 +17,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deqlm.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="vocabulary size, split token counts and OOV counts of a corpus")
-    ins.add_argument("--dataset", required=True, choices=data.DATASETS)
+    ins.add_argument("--dataset", required=True, choices=values(DatasetName))
     ins.add_argument("--data-dir", default="data")
     ins.add_argument("--tokenizer", default="word", choices=values(Tokenizer))
     ins.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     args = parser.parse_args(argv)
+    # the datasets hand out torch tensors: imported only now, so that `--help` answers without torch
+    from deqlm.data.dataset import build_dataset
+
     try:
         cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, tokenizer=args.tokenizer)
-        ds = data.build_dataset(cfg)
+        ds = build_dataset(cfg)
         if args.dataset == "copy":
             info = {"dataset": "copy", "vocab_size": ds.vocab_size,
-                    **{f"{s}_tokens": ds.split_tokens(s) for s in data.SPLITS},
+                    **{f"{s}_tokens": ds.split_tokens(s) for s in SPLITS},
                     "oov_valid": 0, "oov_test": 0}
         else:
             info = ds.summary()
-    except data.DataError as exc:
+    except DataError as exc:
         return error(str(exc), BAD_INPUT)
     if args.json:
         print(json.dumps(info))

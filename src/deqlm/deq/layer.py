@@ -12,19 +12,24 @@ stores exactly one application of f for backward, whatever the number of solver 
 
 grad=K instead applies f K times with a graph from z* (the unrolled "phantom" gradient family): no adjoint
 solve, K stored applications.
+
+grad=reversible (with f_solver=reversible) backpropagates exactly through the reversible iteration, rebuilding
+its states in backward (`deqlm.deq.reversible`): no stored application of f at all. It needs f's inputs
+explicitly: f is called as f(z, ctx), and `weights` lists the other tensors f reads.
 """
 
 # B: batch (dim 0 of z); z has any shape (B, ...)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from deqlm.choices import IMPLICIT, parse_grad
+from deqlm.choices import IMPLICIT, REVERSIBLE, check_reversible_pair, parse_grad
+from deqlm.deq.reversible import ReversibleCall, reversible_apply
 from deqlm.solvers import SOLVERS, SolverResult, get_solver
 
 
@@ -75,8 +80,10 @@ class DEQFixedPoint(nn.Module):
     {"broyden": {"rank": 30}, "anderson": {"m": 6, "beta": 1.0, "lam": 1e-4}}.
 
     stats (Python floats): f_nstep, f_evals, f_abs_res, f_rel_res, converged_frac; after backward of an
-    implicit layer the same dict also holds b_nstep, b_abs_res, b_rel_res, b_converged_frac.
-    Without grad the layer returns the solver's z*; with grad it returns f(z*) carrying the gradient.
+    implicit layer the same dict also holds b_nstep, b_abs_res, b_rel_res, b_converged_frac; after backward of
+    a reversible one b_nstep (steps walked back) and rev_recon_err (see deqlm.deq.reversible.reverse).
+    Without grad the layer returns the solver's z*; with grad it returns f(z*) carrying the gradient (the
+    reversible gradient: the last iterate itself).
     """
 
     def __init__(
@@ -94,6 +101,7 @@ class DEQFixedPoint(nn.Module):
     ):
         super().__init__()
         get_solver(f_solver), get_solver(b_solver)  # validate early (stop_mode: the solver checks it)
+        check_reversible_pair(f_solver, parse_grad(grad))
         solver_kwargs = {k: dict(v) for k, v in (solver_kwargs or {}).items()}
         for name in solver_kwargs:
             if name not in SOLVERS:
@@ -122,6 +130,7 @@ class DEQFixedPoint(nn.Module):
             solver_kwargs={
                 "broyden": {"rank": cfg.broyden_rank},
                 "anderson": {"m": cfg.anderson_m, "beta": cfg.anderson_beta, "lam": cfg.anderson_lam},
+                "reversible": {"beta": cfg.reversible_beta, "state_dtype": cfg.reversible_dtype},
             },
         )
 
@@ -131,21 +140,29 @@ class DEQFixedPoint(nn.Module):
 
     def forward(
         self,
-        f: Callable[[torch.Tensor], torch.Tensor],
+        f: Callable[..., torch.Tensor],
         z0: torch.Tensor,
+        ctx: dict | None = None,
         *,
+        weights: Sequence[torch.Tensor] = (),
         max_iter: int | None = None,
         tol: float | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """`max_iter` / `tol`: this call's forward cap and tolerance (None: the layer's own, see above)."""
+        """f(z), or f(z, ctx) when `ctx` is given. `weights`: the tensors f reads besides ctx, for the
+        reversible gradient (the other gradients follow f's own graph and need neither). `max_iter` / `tol`:
+        this call's forward cap and tolerance (None: the layer's own, see above)."""
         grad_on = torch.is_grad_enabled()
         if max_iter is None:
             eval_like = not (self.training and grad_on)
             use_eval_cap = eval_like and self.eval_f_max_iter is not None
             max_iter = self.eval_f_max_iter if use_eval_cap else self.f_max_iter
         tol = self.f_tol if tol is None else tol
+        if grad_on and self.grad == REVERSIBLE:
+            f_ctx = f if ctx is not None else (lambda z, _ctx: f(z))
+            return self._reversible(f_ctx, z0, ctx or {}, weights, max_iter, tol)
+        f_z = f if ctx is None else (lambda z: f(z, ctx))
         with torch.no_grad():
-            res = self._solve(self.f_solver, f, z0.detach(), max_iter, tol)
+            res = self._solve(self.f_solver, f_z, z0.detach(), max_iter, tol)
         stats = {
             "f_nstep": float(res.nstep),
             "f_evals": float(res.f_evals),
@@ -158,7 +175,7 @@ class DEQFixedPoint(nn.Module):
             return z_star, stats
         if self.grad == IMPLICIT:
             z_in = z_star.detach().requires_grad_()
-            fz = f(z_in)
+            fz = f_z(z_in)
             b_name, b_max_iter, b_tol = self.b_solver, self.b_max_iter, self.b_tol
 
             def solve(adjoint_map: Callable, y0: torch.Tensor) -> SolverResult:
@@ -167,8 +184,24 @@ class DEQFixedPoint(nn.Module):
             return _ImplicitBackward.apply(fz, z_in, solve, stats), stats
         z = z_star.detach()
         for _ in range(self.grad):
-            z = f(z)
+            z = f_z(z)
         return z, stats
+
+    def _reversible(
+        self,
+        f: Callable,
+        z0: torch.Tensor,
+        ctx: dict,
+        weights: Sequence[torch.Tensor],
+        max_iter: int,
+        tol: float,
+    ) -> tuple[torch.Tensor, dict]:
+        stats: dict = {}
+        call = ReversibleCall(
+            f=f, ctx=ctx, z0=z0.detach(), max_iter=max_iter, tol=tol, stop_mode=self.stop_mode,
+            options=self.solver_kwargs.get(REVERSIBLE, {}), stats=stats,
+        )
+        return reversible_apply(call, weights), stats
 
     def extra_repr(self) -> str:
         return (

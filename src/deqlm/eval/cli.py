@@ -9,22 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from deqlm.config import ConfigError
-from deqlm.data.errors import DataError
-from deqlm.eval.runs import (
-    RunError,
-    caps_up_to_date,
-    checkpoint_id,
-    discover_runs,
-    find_checkpoint,
-    is_run_dir,
-    is_up_to_date,
-    load_run_config,
-    read_eval_json,
-    recorded_step,
-)
-from deqlm.eval.settings import DEFAULT_CAPS, SPLITS, EvalRequest, resolve_eval_settings
-from deqlm.exits import BAD_INPUT, FAILED, OK, describe, error, warn
+from deqlm.eval.runs import discover_runs, is_run_dir
+from deqlm.eval.settings import DEFAULT_CAPS, SPLITS, EvalRequest
+from deqlm.exits import BAD_INPUT, OK, error
 
 USAGE = """usage: python -m deqlm.eval RUN_DIR|ROOT [split=valid,test] [eval.KEY=VALUE ...]
                         [max_tokens=N] [device=cpu|cuda] [force=true] [caps=default|1,2,4,...]
@@ -90,63 +77,6 @@ def parse_args(argv: list[str]) -> tuple[list[Path], EvalRequest]:
     return paths, req
 
 
-def needs_evaluation(run_dir: Path, req: EvalRequest) -> bool:
-    """True when the run needs evaluating (eval.json missing or stale); RunError for a bad run."""
-    cfg = load_run_config(run_dir, req.eval_overrides, req.device)
-    ckpt_path = find_checkpoint(run_dir)
-    existing = read_eval_json(run_dir)
-    step = recorded_step(existing, ckpt_path, run_dir)
-    if step is None:
-        return True
-    settings = resolve_eval_settings(cfg).record(req.max_tokens)
-    return not is_up_to_date(existing, checkpoint_id(run_dir, ckpt_path, step), settings, req.splits)
-
-
-def _exit_code(exc: Exception) -> int:
-    """BAD_INPUT for a problem with what was asked (a bad run directory, setting or corpus), as train says it;
-    FAILED for a crash inside the model or data code."""
-    return BAD_INPUT if isinstance(exc, (RunError, ConfigError, DataError)) else FAILED
-
-
-def _failure(run: Path, exc: Exception) -> str:
-    return str(exc) if isinstance(exc, RunError) else f"{run}: {type(exc).__name__}: {describe(exc)}"
-
-
-def _evaluate_one(run: Path, req: EvalRequest, steps: tuple, *, only_stale: bool) -> bool:
-    """The run's eval.json, then, when caps are asked and it is a DEQ, its solver_caps.json; with `only_stale`
-    each only when missing or out of date. False when nothing needed doing."""
-    evaluate_run, sweep_solver_caps = steps
-    did = False
-    if not only_stale or needs_evaluation(run, req):
-        evaluate_run(run, req)
-        did = True
-    if req.solver_caps and not (only_stale and caps_up_to_date(run, req.solver_caps)):
-        if not only_stale or load_run_config(run).model.core == "deq":  # a named explicit run is an error
-            sweep_solver_caps(run, req)
-            did = True
-    return did
-
-
-def _evaluate_all(runs: list[Path], req: EvalRequest, steps: tuple) -> int:
-    """Every run that needs it; one broken run is a warning and the others go on."""
-    n_done = n_fresh = 0
-    failed: list[int] = []  # the exit code each skipped run would have had on its own
-    for run in runs:
-        try:
-            if not _evaluate_one(run, req, steps, only_stale=not req.force):
-                n_fresh += 1
-                print(f"up to date: {run}")
-                continue
-            n_done += 1
-        except Exception as exc:  # one broken run must not stop the others
-            failed.append(_exit_code(exc))
-            warn(f"{_failure(run, exc)} (skipped)")
-    print(f"evaluated {n_done}, up to date {n_fresh}, skipped {len(failed)} of {len(runs)} runs")
-    if not failed or n_done or n_fresh:
-        return OK
-    return failed[0] if len(set(failed)) == 1 else FAILED
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -160,19 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         return error(f"{missing[0]}: no such directory", BAD_INPUT)
 
-    # the evaluation loads torch: imported only once the command line is understood, so that --help and
-    # usage errors answer at once
-    from deqlm.eval.perplexity import evaluate_run
-    from deqlm.eval.solver_caps import sweep_solver_caps
-
-    steps = (evaluate_run, sweep_solver_caps)
-    if len(paths) == 1 and is_run_dir(paths[0]):  # one named run: always evaluate, failures are errors
-        try:
-            _evaluate_one(paths[0], req, steps, only_stale=False)
-        except Exception as exc:  # a crash inside the model or data code too: one line, not a traceback
-            return error(_failure(paths[0], exc), _exit_code(exc))
-        return OK
-    runs = [r for p in paths for r in discover_runs(p)]
+    named = len(paths) == 1 and is_run_dir(paths[0])  # one named run: always evaluated, failures are errors
+    runs = paths if named else [r for p in paths for r in discover_runs(p)]
     if not runs:
         return error(f"{', '.join(map(str, paths))}: no run directories found", BAD_INPUT)
-    return _evaluate_all(runs, req, steps)
+
+    # the evaluation loads torch: imported only once the command line is understood, so that --help and
+    # usage errors answer at once
+    from deqlm.eval import run
+
+    return run.evaluate_named(runs[0], req) if named else run.evaluate_all(runs, req)

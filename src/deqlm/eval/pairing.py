@@ -1,4 +1,4 @@
-"""Pairing for the comparison report: which DEQ run is compared with which explicit twin, and on what figure.
+"""Pairing for the comparison report: which DEQ run is compared with which unrolled baseline, on what.
 
 The rules are written out in docs/evaluation.md ("Pairing rules").
 """
@@ -17,7 +17,8 @@ def warmup_only(row: dict) -> bool:
 
 def _headline(row: dict) -> float | None:
     """The figure a pair is compared on: test ppl (test loss for copy memory), else the valid one; per word
-    for subword runs (test_word_ppl), so a sentencepiece run and a word-level twin compare like for like."""
+    for subword runs (test_word_ppl), so a sentencepiece run and a word-level baseline compare like for
+    like."""
     if row["corpus"] == "copy":
         return row["test_loss"] if row["test_loss"] is not None else row["valid_loss"]
     if row["test_word_ppl"] is not None:
@@ -30,14 +31,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def pair_runs(runs: list[dict]) -> list[dict]:
-    """DEQ run x explicit twin rows; fills ``twin``, ``mem_ratio`` and ``ppl_gap`` in the runs' own rows.
+    """DEQ run x unrolled baseline rows; fills ``paired_with``, ``mem_ratio`` and ``ppl_gap`` in the runs'
+    own rows (``paired_with``: a DEQ row's baseline run, a baseline row's DEQ run).
 
     Runs pair when they share corpus and a non-empty ``pair`` and one is ``core=deq``, the other ``unrolled``.
     Of several runs of one experiment and seed, the newest evaluated one (else the newest) represents it. A
-    DEQ run pairs only with the twins trained on the same budget (data, batch, segment, steps, eval settings)
-    when it has any, otherwise with every twin, and the pair's notes say what differs. In a seed study
-    (several twins, one of them with a DEQ's seed) runs pair seed by seed; a DEQ seed without its twin stays
-    unpaired.
+    DEQ run pairs only with the baselines trained on the same budget (data, batch, segment, steps, eval
+    settings) when it has any, otherwise with every baseline, and the pair's notes say what differs. In a seed
+    study (several baselines, one of them with a DEQ's seed) runs pair seed by seed; a DEQ seed without its
+    baseline stays unpaired.
     """
     latest: dict[tuple[str, str, str, int], dict] = {}
     for run in sorted(runs, key=lambda r: (r["eval"] is not None, r["dir"].name)):
@@ -49,12 +51,14 @@ def pair_runs(runs: list[dict]) -> list[dict]:
         groups[(corpus, pair)].append(run)
     pairs = []
     for (_, pair), members in groups.items():
-        twins = [m for m in members if m["row"]["core"] == "unrolled"]
+        baselines = [m for m in members if m["row"]["core"] == "unrolled"]
         deqs = [m for m in members if m["row"]["core"] == "deq" and not warmup_only(m["row"])]
-        by_seed = len(twins) > 1 and any(x["row"]["seed"] == d["row"]["seed"] for x in twins for d in deqs)
+        by_seed = len(baselines) > 1 and any(
+            x["row"]["seed"] == d["row"]["seed"] for x in baselines for d in deqs
+        )
         for d in deqs:
-            same = [x for x in twins if not _budget_differences(d["cfg"], x["cfg"], d["row"], x["row"])]
-            same = same or twins
+            same = [x for x in baselines if not _budget_differences(d["cfg"], x["cfg"], d["row"], x["row"])]
+            same = same or baselines
             for x in [x for x in same if x["row"]["seed"] == d["row"]["seed"]] if by_seed else same:
                 dr, xr = d["row"], x["row"]
                 gap = (
@@ -62,16 +66,16 @@ def pair_runs(runs: list[dict]) -> list[dict]:
                 )
                 mem_ratio = _ratio(dr["peak_train_mem_gib"], xr["peak_train_mem_gib"])
                 pairs.append({
-                    "pair": pair, "deq_run": dr["run"], "explicit_run": xr["run"],
-                    "deq_test": _headline(dr), "explicit_test": _headline(xr), "ppl_gap": gap,
-                    "deq_mem_gib": dr["peak_train_mem_gib"], "explicit_mem_gib": xr["peak_train_mem_gib"],
+                    "pair": pair, "deq_run": dr["run"], "unrolled_run": xr["run"],
+                    "deq_test": _headline(dr), "unrolled_test": _headline(xr), "ppl_gap": gap,
+                    "deq_mem_gib": dr["peak_train_mem_gib"], "unrolled_mem_gib": xr["peak_train_mem_gib"],
                     "mem_ratio": mem_ratio, "deq_params_nonembedding": dr["params_nonembedding"],
-                    "explicit_params_nonembedding": xr["params_nonembedding"],
+                    "unrolled_params_nonembedding": xr["params_nonembedding"],
                     "speed_ratio": _ratio(xr["tokens_per_s"], dr["tokens_per_s"]),
                     "notes": "; ".join(_budget_differences(d["cfg"], x["cfg"], dr, xr)),
                 })  # fmt: skip
-                dr.update(twin=xr["run"], mem_ratio=mem_ratio, ppl_gap=gap)
-                xr["twin"] = xr["twin"] or dr["run"]
+                dr.update(paired_with=xr["run"], mem_ratio=mem_ratio, ppl_gap=gap)
+                xr["paired_with"] = xr["paired_with"] or dr["run"]
     return pairs
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from deqlm.config import ConfigError, ExperimentConfig, to_dict
-from deqlm.data import build_dataset
+from deqlm.data.dataset import build_dataset
 from deqlm.eval.loop import evaluate
 from deqlm.eval.runs import (
     EVAL_FILE,

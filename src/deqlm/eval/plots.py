@@ -1,7 +1,8 @@
 """Figures of the comparison report: validation curves, peak memory, solver statistics over training.
 
 Every figure is titled, has labelled axes with units and a legend naming each run; a run keeps one colour and
-label across figures (a DEQ run and its explicit twin share a colour: DEQ solid, explicit dashed or hatched).
+label across figures (a DEQ run and its unrolled baseline share a colour: DEQ solid, unrolled dashed or
+hatched).
 Each function returns False, writing nothing, when no run has the data it plots.
 """
 
@@ -49,7 +50,7 @@ def log_values(events: list[dict], key: str) -> list[float]:
 
 
 def run_styles(runs: list[dict]) -> dict[str, dict]:
-    """One colour per pair (or experiment), solid for DEQ and dashed for explicit; labels name each run."""
+    """One colour per pair (or experiment), solid for DEQ and dashed for unrolled; labels name each run."""
     import matplotlib.pyplot as plt
 
     keys = sorted({r["row"]["pair"] or r["row"]["experiment"] for r in runs})
@@ -63,7 +64,7 @@ def run_styles(runs: list[dict]) -> dict[str, dict]:
         label = (
             row["experiment"] if counts[row["experiment"]] == 1 else f"{row['experiment']} @ {r['dir'].name}"
         )
-        label += " (DEQ)" if row["core"] == "deq" else " (explicit)"
+        label += " (DEQ)" if row["core"] == "deq" else " (unrolled)"
         style[row["run"]] = {
             "color": colours[keys.index(row["pair"] or row["experiment"]) % len(colours)],
             "linestyle": "-" if row["core"] == "deq" else "--",
@@ -142,7 +143,7 @@ def plot_memory(runs: list[dict], path: Path, title: str, style: dict[str, dict]
     kinds = sorted({r["row"]["peak_mem_kind"] for r in have if r["row"]["peak_mem_kind"]})
     ax.set_xlabel("peak training memory (GiB)" + (f" [{', '.join(kinds)}]" if kinds else ""))
     ax.set_xlim(0, max(r["row"]["peak_train_mem_gib"] for r in have) * 1.25)
-    ax.set_title(f"{title}: peak training memory per run (hatched: explicit)")
+    ax.set_title(f"{title}: peak training memory per run (hatched: unrolled)")
     ax.grid(True, axis="x", alpha=0.3)
     _save(fig, path)
     plt.close(fig)
@@ -188,7 +189,7 @@ def plot_solver(runs: list[dict], path: Path, title: str, style: dict[str, dict]
 
 
 def depth_families(runs: list[dict]) -> dict[str, list[dict]]:
-    """Pairs whose explicit runs differ in depth (a depth sweep), each with its runs (DEQ ones included)."""
+    """Pairs whose unrolled runs differ in depth (a depth sweep), each with its runs (DEQ ones included)."""
     by_pair: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
         if r["row"]["pair"]:
@@ -202,7 +203,7 @@ def depth_families(runs: list[dict]) -> dict[str, list[dict]]:
 
 def plot_tradeoff(runs: list[dict], path: Path, title: str, style: dict[str, dict]) -> bool:
     """The paper's claim in one figure: test ppl against the memory the model's own tensors take (activations
-    saved for backward + parameters, gradients, optimizer state), one point per run of a depth sweep. Explicit
+    saved for backward + parameters, gradients, optimizer state), one point per run of a depth sweep. Unrolled
     runs are joined in order of depth; the DEQ is one star."""
     import matplotlib.pyplot as plt
 
@@ -216,11 +217,11 @@ def plot_tradeoff(runs: list[dict], path: Path, title: str, style: dict[str, dic
         return False
     fig, axes = plt.subplots(1, len(families), figsize=(6.5 * len(families), 4.8), squeeze=False)
     for ax, (pair, members) in zip(axes[0], families.items()):
-        explicit = [r for r in members if r["row"]["core"] == "unrolled"]
-        explicit.sort(key=lambda r: r["cfg"].model.n_layer)
-        xs, ys = zip(*(point(r) for r in explicit)) if explicit else ((), ())
-        ax.plot(xs, ys, marker="o", color="tab:blue", label="explicit, by depth")
-        for r, x, y in zip(explicit, xs, ys):
+        unrolled = [r for r in members if r["row"]["core"] == "unrolled"]
+        unrolled.sort(key=lambda r: r["cfg"].model.n_layer)
+        xs, ys = zip(*(point(r) for r in unrolled)) if unrolled else ((), ())
+        ax.plot(xs, ys, marker="o", color="tab:blue", label="unrolled, by depth")
+        for r, x, y in zip(unrolled, xs, ys):
             ax.annotate(f" {r['cfg'].model.n_layer} levels", (x, y), fontsize=8)
         for r in (r for r in members if r["row"]["core"] == "deq"):
             x, y = point(r)
@@ -239,7 +240,7 @@ def plot_tradeoff(runs: list[dict], path: Path, title: str, style: dict[str, dic
 
 def plot_solver_caps(runs: list[dict], path: Path, title: str, style: dict[str, dict]) -> bool:
     """The DEQ's compute knob: test ppl of one checkpoint against the forward solver cap at inference, the
-    explicit twin's test ppl as a horizontal line and the training cap as a vertical one."""
+    unrolled baseline's test ppl as a horizontal line and the training cap as a vertical one."""
     import matplotlib.pyplot as plt
 
     deqs = [r for r in runs if (r.get("caps") or {}).get("points")]
@@ -252,10 +253,10 @@ def plot_solver_caps(runs: list[dict], path: Path, title: str, style: dict[str, 
         pts = sorted((p["cap"], p["ppl"]) for p in r["caps"]["points"] if as_number(p.get("ppl")) is not None)
         ax.plot(*zip(*pts), marker="o", color=st["color"], label=f"{st['label']} (DEQ)")
         ax.axvline(r["cfg"].deq.f_max_iter, color=st["color"], linestyle=":", alpha=0.6)
-        twin = by_run.get(r["row"]["twin"] or "")
-        if twin is not None and as_number(twin["row"]["test_ppl"]) is not None:
-            ax.axhline(twin["row"]["test_ppl"], color=st["color"], linestyle="--",
-                       label=f"{style[twin['row']['run']]['label']} (explicit twin)")
+        baseline = by_run.get(r["row"]["paired_with"] or "")
+        if baseline is not None and as_number(baseline["row"]["test_ppl"]) is not None:
+            ax.axhline(baseline["row"]["test_ppl"], color=st["color"], linestyle="--",
+                       label=f"{style[baseline['row']['run']]['label']} (unrolled baseline)")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="forward solver cap at inference (steps; dotted: the training cap)",
            ylabel="test perplexity (whole split)", yscale="log")

@@ -1,4 +1,4 @@
-"""Comparison report: one row per run, DEQ runs paired with their explicit twins, training-curve plots.
+"""Comparison report: one row per run, DEQ runs paired with their unrolled baselines, training-curve plots.
 
 Reads each run's ``config.yaml``, ``metrics.jsonl`` and ``eval.json`` (never a checkpoint) and writes
 ``summary.md``, ``summary.csv`` and PNG plots. The command line groups runs by corpus:
@@ -58,12 +58,12 @@ COLUMNS = [
     "state_bytes", "model_mem_mib",
     "tokens_per_s", "eval_tokens_per_s", "f_nstep_mean", "f_rel_res_mean", "b_nstep_mean",
     "converged_frac_mean", "train_time_s", "eval_step", "eval_batch_size", "eval_tgt_len", "eval_mem_len",
-    "eval_clamp_len", "eval_f_max_iter", "eval_f_tol", "eval_partial", "twin", "mem_ratio", "ppl_gap",
+    "eval_clamp_len", "eval_f_max_iter", "eval_f_tol", "eval_partial", "paired_with", "mem_ratio", "ppl_gap",
 ]  # fmt: skip
 DEFAULT_OUT = "results/compare"  # a user's comparisons; the committed results/<corpus>/ only on request
 PAIR_COLUMNS = [
-    "pair", "deq_run", "explicit_run", "deq_test", "explicit_test", "ppl_gap", "deq_mem_gib",
-    "explicit_mem_gib", "mem_ratio", "deq_params_nonembedding", "explicit_params_nonembedding", "speed_ratio",
+    "pair", "deq_run", "unrolled_run", "deq_test", "unrolled_test", "ppl_gap", "deq_mem_gib",
+    "unrolled_mem_gib", "mem_ratio", "deq_params_nonembedding", "unrolled_params_nonembedding", "speed_ratio",
     "notes",
 ]  # fmt: skip
 
@@ -243,22 +243,22 @@ def _pairs_section(pairs: list[dict], metric: str, per_word: bool) -> list[str]:
     out: list[str] = []
     if pairs:
         out += [
-            "## DEQ vs explicit twin",
+            "## DEQ vs unrolled baseline",
             "",
-            f"gap = DEQ minus explicit test {metric} (negative: DEQ better); memory ratio = DEQ / explicit "
-            f"peak training memory; speed ratio = explicit / DEQ training tokens/s (>1: DEQ slower)."
+            f"gap = DEQ minus unrolled test {metric} (negative: DEQ better); memory ratio = DEQ / unrolled "
+            f"peak training memory; speed ratio = unrolled / DEQ training tokens/s (>1: DEQ slower)."
             + (" Subword runs are compared on their perplexity per word." if per_word else ""),
             "",
             _md_table(
                 [
                     "pair",
                     "DEQ run",
-                    "explicit run",
+                    "unrolled run",
                     f"DEQ {metric}",
-                    f"explicit {metric}",
+                    f"unrolled {metric}",
                     "gap",
                     "DEQ mem (GiB)",
-                    "explicit mem (GiB)",
+                    "unrolled mem (GiB)",
                     "memory ratio",
                     "speed ratio",
                     "notes",
@@ -267,12 +267,12 @@ def _pairs_section(pairs: list[dict], metric: str, per_word: bool) -> list[str]:
                     [
                         p["pair"],
                         p["deq_run"],
-                        p["explicit_run"],
+                        p["unrolled_run"],
                         p["deq_test"],
-                        p["explicit_test"],
+                        p["unrolled_test"],
                         p["ppl_gap"],
                         p["deq_mem_gib"],
-                        p["explicit_mem_gib"],
+                        p["unrolled_mem_gib"],
                         p["mem_ratio"],
                         p["speed_ratio"],
                         p["notes"],
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=DEFAULT_OUT,
         help=f"output root (default: {DEFAULT_OUT}; `--out results` regenerates the committed results)",
     )
-    parser.add_argument("--title", default="", help="report title (default: '<corpus>: DEQ vs explicit')")
+    parser.add_argument("--title", default="", help="report title (default: '<corpus>: DEQ vs unrolled')")
     args = parser.parse_args(argv)
 
     paths = [Path(p) for p in args.runs]
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             n_bad += 1
             warn(f"{exc} (skipped)")
     for corpus, dirs in sorted(by_corpus.items()):
-        title = args.title or f"{corpus}: DEQ vs explicit"
+        title = args.title or f"{corpus}: DEQ vs unrolled"
 
         def log(msg: str) -> None:
             print(msg, file=sys.stderr if msg.startswith(("warning", "error")) else sys.stdout)

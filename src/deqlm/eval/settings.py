@@ -36,7 +36,7 @@ class EvalRequest:
 class EvalSettings:
     """The Transformer-XL protocol's settings for one model; everything that changes an evaluation number.
 
-    The solver fields are None for a model without a solver (an explicit core)."""
+    The solver fields are None for a model without a solver (an unrolled core)."""
 
     batch_size: int  # batch columns the split is cut into
     tgt_len: int  # segment length

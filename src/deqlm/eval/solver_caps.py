@@ -1,11 +1,11 @@
 """The DEQ's compute knob at inference: one set of weights, test perplexity at several forward solver caps.
 
-An explicit model's depth is fixed when it is built; a DEQ's is whatever the solver spends. Evaluating the
+An unrolled model's depth is fixed when it is built; a DEQ's is whatever the solver spends. Evaluating the
 same checkpoint with the forward solver capped at 1, 2, 4, ... steps (each at the training tolerance, so a
 converged batch still stops early) shows how much of the result the equilibrium carries and what more compute
 buys.
 The points go to ``solver_caps.json`` next to ``eval.json``; ``deqlm.eval.report`` draws them against the
-explicit twin's perplexity.
+unrolled baseline's perplexity.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def sweep_solver_caps(run_dir: str | Path, req: EvalRequest, *, log=print) -> di
     run_dir = Path(run_dir)
     run = load_run(run_dir, req)
     if run.cfg.model.core != "deq":
-        raise RunError(run_dir, "solver caps: an explicit model has no solver to cap")
+        raise RunError(run_dir, "solver caps: an unrolled model has no solver to cap")
     if run.model.mode(run.step) != "deq":
         raise RunError(run_dir, "solver caps: the checkpoint is from the unrolled warm-up, not the DEQ")
     points = []

@@ -1,4 +1,4 @@
-"""deqlm.models: SequenceLM (embedding -> core(cell) -> softmax), DEQ and explicit Transformer/TrellisNet."""
+"""deqlm.models: SequenceLM (embedding -> core(cell) -> softmax), DEQ and unrolled Transformer/TrellisNet."""
 
 from deqlm.models.build import build_model
 from deqlm.models.cores import CoreOut, DEQCore, UnrolledCore

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deqlm.models.dropout import embedding_row_dropout
+from deqlm.precision import at_least_float32
 
 
 def cluster_bounds(n_token: int, cutoffs: list[int]) -> list[int]:
@@ -151,7 +152,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         if self.n_clusters > 1:
             weight = torch.cat([weight, self.cluster_weight], 0)
             bias = torch.cat([bias, self.cluster_bias], 0)
-        head_logp_NV = F.log_softmax(F.linear(self._hidden(h_NP, 0), weight, bias).float(), dim=-1)
+        head_logp_NV = F.log_softmax(at_least_float32(F.linear(self._hidden(h_NP, 0), weight, bias)), dim=-1)
         if self.n_clusters == 1:
             return -head_logp_NV.gather(1, y_N[:, None]).squeeze(1)
         nll_N = head_logp_NV.new_zeros(y_N.numel())
@@ -166,7 +167,7 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
                 logp = head_part.gather(1, y_N[idx, None]).squeeze(1)
             else:
                 tail = F.linear(self._hidden(h_NP.index_select(0, idx), i), self.weights[i], self.biases[i])
-                tail_logp = F.log_softmax(tail.float(), dim=-1)
+                tail_logp = F.log_softmax(at_least_float32(tail), dim=-1)
                 logp = head_part[:, shortlist + i - 1] + tail_logp.gather(
                     1, (y_N[idx] - lo)[:, None]
                 ).squeeze(1)

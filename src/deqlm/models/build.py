@@ -1,7 +1,8 @@
-"""`build_model(cfg.model, cfg.deq, vocab_size)`: a SequenceLM from its config, one builder per choice.
+"""`build_model(cfg.model, cfg.deq, vocab_size)`: a SequenceLM from its config, one builder per choice;
+`count_on_meta` counts its parameters without allocating them (`python -m deqlm.params`).
 
 What differs between architectures (the embedding's width and scale, the cell, the readout width, whether an
-untied explicit stack injects the input at every level) comes from one builder per `model.arch` (`ARCHS`); how
+untied unrolled stack injects the input at every level) comes from one builder per `model.arch` (`ARCHS`); how
 the cells are stacked comes from one builder per `model.core` (`CORES`); the softmax head is the same for all.
 The names are those of deqlm.choices (`Arch`, `Core`), which the config accepts; importing this module checks
 that both registries hold exactly those names, so `build_model` looks a name up without checking it again.
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
 from torch import nn
 
 from deqlm.choices import Arch, Core, check_registry
@@ -22,7 +24,7 @@ from deqlm.config import DEQConfig, ModelConfig
 from deqlm.deq import DEQFixedPoint
 from deqlm.models.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from deqlm.models.cores import DEQCore, UnrolledCore
-from deqlm.models.lm import SequenceLM
+from deqlm.models.lm import SequenceLM, count_params
 from deqlm.models.transformer_cell import TransformerCell
 from deqlm.models.trellisnet_cell import TrellisNetCell
 
@@ -33,7 +35,7 @@ class ArchParts(NamedTuple):
     embed: AdaptiveEmbedding
     make_cell: Callable[[bool], nn.Module]  # inject -> a new cell (inject: x enters the cell at every call)
     d_read: int  # P: width of the readout the softmax head sees
-    inject_untied: bool  # an untied explicit stack injects x at every level (else: x is level 1's input)
+    inject_untied: bool  # an untied unrolled stack injects x at every level (else: x is level 1's input)
 
 
 class CoreParts(NamedTuple):
@@ -55,7 +57,7 @@ def _embedding(m: ModelConfig, vocab_size: int, d_proj: int, scale: bool) -> Ada
 
 def transformer_parts(m: ModelConfig, vocab_size: int) -> ArchParts:
     """DEQ-Transformer / Transformer-XL: embedding projected to d_model and scaled by sqrt(d_model); an
-    explicit untied stack takes the embedding as its first level's input (Transformer-XL proper)."""
+    unrolled untied stack takes the embedding as its first level's input (Transformer-XL proper)."""
 
     def make_cell(inject: bool) -> TransformerCell:
         return TransformerCell(
@@ -92,7 +94,7 @@ def deq_core(m: ModelConfig, cfg_deq: DEQConfig, parts: ArchParts) -> CoreParts:
 
 
 def unrolled_core(m: ModelConfig, cfg_deq: DEQConfig, parts: ArchParts) -> CoreParts:
-    """Explicit depth: one injected cell applied n_layer times (`weight_tied`), or n_layer cells."""
+    """Unrolled depth: one injected cell applied n_layer times (`weight_tied`), or n_layer cells."""
     if m.weight_tied:
         cells = [parts.make_cell(True)]
     else:
@@ -133,3 +135,9 @@ def build_model(cfg_model: ModelConfig, cfg_deq: DEQConfig, vocab_size: int) -> 
     head = _head(m, parts, vocab_size)
     cells, core, pretrain_core = CORES[m.core](m, cfg_deq, parts)
     return SequenceLM(m, parts.embed, cells, core, head, pretrain_core=pretrain_core)
+
+
+def count_on_meta(cfg_model: ModelConfig, cfg_deq: DEQConfig, vocab_size: int) -> dict[str, int]:
+    """`count_params` of the model built on the meta device: nothing is allocated, any size counts at once."""
+    with torch.device("meta"):
+        return count_params(build_model(cfg_model, cfg_deq, vocab_size=vocab_size))

@@ -4,10 +4,10 @@
         -> CoreOut(z, mems, stats, aux, jac_loss)
 
 * `DEQCore` finds z* = f(z*) with f(z) = cell(z, ctx) through `deqlm.deq.DEQFixedPoint` (Bai et al. 2019):
-  forward root solve without a graph, implicit (IFT) backward. ctx holds the injection, memory, positions and
-  dropout masks, built once, so f is one fixed map. Memory: the previous segment's z* (one slot). `solver`
-  holds this call's forward-solver overrides (`max_iter`, `tol`; evaluation settings), handed to the layer's
-  call; unrolled cores have no solver and ignore it.
+  forward root solve without a graph; implicit (IFT), phantom or reversible backward. ctx holds the
+  injection, memory, positions and dropout masks, built once, so f is one fixed map. Memory: the previous
+  segment's z* (one slot). `solver` holds this call's forward-solver overrides (`max_iter`, `tol`;
+  evaluation settings), handed to the layer's call; unrolled cores have no solver and ignore it.
 * `UnrolledCore(weight_tied=True)` applies the one cell n_layer times from z0 with ordinary backprop:
   exactly the DEQ's f iterated (same ctx, same single memory slot: the final state). It is the pretraining
   stack of a DEQ model and the paper's weight-tied baselines, and the cell's parameters are the DEQ's.
@@ -15,9 +15,9 @@
   its input (Transformer-XL proper, Dai et al. 2019; per-level history for an untied TrellisNet).
 
 `cells` is the model's list of cells (one for DEQ / tied cores, n_layer for untied), so a DEQ model and its
-weight-tied unrolled twin hold identical parameters. Optional gradient checkpointing recomputes each unrolled
-layer in backward (torch.utils.checkpoint, non-reentrant). Legend: B batch, L length; `x` is the embedded
-input (B, L, E), `z` a cell state in the cell's own layout.
+weight-tied unrolled baseline hold identical parameters. Optional gradient checkpointing recomputes each
+unrolled layer in backward (torch.utils.checkpoint, non-reentrant). Legend: B batch, L length; `x` is the
+embedded input (B, L, E), `z` a cell state in the cell's own layout.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deqlm.deq import jac_reg_loss
+from deqlm.models.dropout import weights_read
 
 
 class CoreOut(NamedTuple):
@@ -67,20 +68,19 @@ class DEQCore(nn.Module):
         # speed for backward memory there (TrellisNet on a CPU: deqlm.models.trellisnet_cell.causal_conv_k2)
         ctx["lean_backward"] = True
 
-        def f(z: torch.Tensor) -> torch.Tensor:
-            return cell(z, ctx)
-
-        z_star, stats = self.deq(f, cell.init_state(x), **(solver or {}))
+        # f(z) = cell(z, ctx), its inputs handed over explicitly: the reversible gradient re-runs f in
+        # backward and differentiates it with respect to ctx and the cell's weights as the forward read them
+        z_star, stats = self.deq(cell, cell.init_state(x), ctx, weights=weights_read(cell), **(solver or {}))
         jac_loss = None
         if jac_samples > 0:
             z_leaf = z_star.detach().requires_grad_()
-            jac_loss = jac_reg_loss(f(z_leaf), z_leaf, jac_samples)
+            jac_loss = jac_reg_loss(cell(z_leaf, ctx), z_leaf, jac_samples)
         new_mems = [cell.update_mem(mems[0], z_star, x, mem_len)]
         return CoreOut(z_star, new_mems, stats, [], jac_loss)
 
 
 class UnrolledCore(nn.Module):
-    """Explicit depth: the same cell n_layer times (weight_tied) or n_layer distinct cells."""
+    """Unrolled depth: the same cell n_layer times (weight_tied) or n_layer distinct cells."""
 
     def __init__(self, n_layer: int, weight_tied: bool, grad_checkpoint: bool = False, aux_every: int = 0):
         super().__init__()

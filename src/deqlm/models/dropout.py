@@ -89,6 +89,21 @@ def fill_parametrization_cache(module: nn.Module) -> None:
                 getattr(sub, name)
 
 
+def weights_read(module: nn.Module) -> list[torch.Tensor]:
+    """The weights `module` reads in a forward inside an active `parametrize.cached()`: each parametrized
+    tensor as cached (the weight-normed or DropConnect'd weight, not the originals it is computed from) and
+    every plain parameter. A layer that differentiates f without its stored graph (the reversible DEQ) takes
+    its gradients with respect to exactly these tensors; autograd carries them on to the originals."""
+    tensors: list[torch.Tensor] = []
+    for sub in module.modules():
+        if isinstance(sub, parametrize.ParametrizationList):
+            continue  # the originals: reached through the cached tensors, never read by f directly
+        if parametrize.is_parametrized(sub):
+            tensors += [getattr(sub, name) for name in sub.parametrizations]
+        tensors += list(sub.parameters(recurse=False))
+    return tensors
+
+
 def embedding_row_dropout(weight_VE: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Drop whole word vectors (Gal & Ghahramani 2016 embedding dropout, as in AWD-LSTM / TrellisNet)."""
     if not training or p == 0.0:

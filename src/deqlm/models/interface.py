@@ -16,7 +16,7 @@ class LMOutput:
     n_tokens  number of target tokens in nll_sum
     mems      memories for the next segment (detached; opaque to callers)
     stats     floats: solver figures in DEQ mode (`f_nstep`, `f_rel_res`, ...; `b_*` appear after backward),
-              `jac_loss` when the Jacobian term was computed; empty for explicit cores
+              `jac_loss` when the Jacobian term was computed; empty for unrolled cores
     """
 
     loss: torch.Tensor

@@ -1,6 +1,6 @@
 """SequenceLM: embedding -> core(cells) -> softmax head, the one model class behind every experiment.
 
-DEQ and explicit models differ only in their core (deqlm.models.cores); a DEQ model in its first
+DEQ and unrolled models differ only in their core (deqlm.models.cores); a DEQ model in its first
 `pretrain_steps` steps runs its own cell as a shallow weight-tied unrolled stack. That is the one visible
 branch in `forward`. The trainer never asks which kind of model it holds.
 
@@ -22,6 +22,7 @@ from deqlm.models.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from deqlm.models.cores import CoreOut, DEQCore, UnrolledCore
 from deqlm.models.dropout import VariationalDropout, apply_mask, fill_parametrization_cache
 from deqlm.models.interface import LMOutput
+from deqlm.precision import at_least_float32
 
 
 @contextlib.contextmanager
@@ -74,7 +75,7 @@ class SequenceLM(nn.Module):
 
     # --- the contract ---------------------------------------------------------------------------------------
     def mode(self, step: int | None = None) -> str:
-        """'pretrain' (DEQ model, step <= pretrain_steps), 'deq', or 'unrolled' (explicit core).
+        """'pretrain' (DEQ model, step <= pretrain_steps), 'deq', or 'unrolled' (unrolled core).
 
         `step` is the trainer's: optimizer steps count from 1 (and a checkpoint's step is the last one taken),
         so the first `pretrain_steps` steps run the unrolled stack, as the official code's 0-based
@@ -113,8 +114,8 @@ class SequenceLM(nn.Module):
         B = x_BL.size(0)
         if mems is None or len(mems) == 0:
             mems = self.init_mems(B)
-        # The one branch between DEQ and explicit computation: the shallow weight-tied warm-up stack
-        # (Bai et al. 2019 §4, pretraining) or the model's own core (DEQ solve or explicit stack).
+        # The one branch between DEQ and unrolled computation: the shallow weight-tied warm-up stack
+        # (Bai et al. 2019 §4, pretraining) or the model's own core (DEQ solve or unrolled stack).
         core = self.pretrain_core if self.mode(step) == "pretrain" else self.core
         mem_len = self.mem_len if mem_len is None else mem_len
         clamp_len = self.clamp_len if clamp_len is None else clamp_len
@@ -146,7 +147,7 @@ class SequenceLM(nn.Module):
                 stats["jac_loss"] = float(out.jac_loss.detach())
         return LMOutput(
             loss=loss,
-            nll_sum=nll_sum.detach().float(),
+            nll_sum=at_least_float32(nll_sum.detach()),
             n_tokens=int(y_BL.numel()),
             mems=out.mems,
             stats=stats,

@@ -6,13 +6,13 @@ score(i, j) = (q_i + u)·k_j + (q_i + v)·W_R R_{i-j}, with the learned biases u
 sinusoids R of the relative distance (clamped at clamp_len).
 
 Input injection (DEQ cells only, `inject=True`): a learned projection of the embedded tokens is added to the
-query/key/value of the current positions, so f depends on the input x at every solver step. Explicit
+query/key/value of the current positions, so f depends on the input x at every solver step. Unrolled
 Transformer-XL layers use `inject=False` and take the embedding as their first input instead.
 
 `input_path` says where else x enters an injected cell (docs/models.md, "Input path"):
 * `qkv` (the official cell): only through that projection. From z0 = 0 the token reaches the state through
   attention values alone, and with the official small injection the cell starts near the unigram plateau.
-* `residual` (our departure): the layer's input is z + x, as if x were the embedding an explicit first layer
+* `residual` (our departure): the layer's input is z + x, as if x were the embedding an unrolled first layer
   receives, so f(0) is one Transformer-XL layer applied to the embedding (plus the injection). Pre-LN feeds
   z + x to the attention branch and keeps z as the residual stream, as RevDEQ's cell does.
 
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deqlm.models.dropout import VariationalDropout, add_weight_norm, apply_mask
+from deqlm.precision import at_least_float32
 
 
 def sinusoid_RD(pos_R: torch.Tensor, d_model: int) -> torch.Tensor:
@@ -91,7 +92,7 @@ class GatherLast(torch.autograd.Function):
 
     Autograd's own gather saves x itself to know its size: for the relative-position scores that is one
     (B, H, L, R) float tensor per layer application, as large as the attention scores and kept once per
-    layer by an explicit stack (docs/models.md gives the size at the paper's shapes), which
+    layer by an unrolled stack (docs/models.md gives the size at the paper's shapes), which
     Transformer-XL's pad-and-reshape shift does not keep. The backward scatters the gradient into zeros out
     of differentiable operations, so it is itself differentiable (Jacobian regularisation)."""
 
@@ -159,7 +160,7 @@ class TransformerCell(nn.Module):
         return like.new_zeros(batch_size, 0, width)
 
     def init_state(self, x_BLD: torch.Tensor) -> torch.Tensor:
-        """z0: zeros for an injected (DEQ / weight-tied) cell, the embedding for an explicit first layer."""
+        """z0: zeros for an injected (DEQ / weight-tied) cell, the embedding for an unrolled first layer."""
         return torch.zeros_like(x_BLD) if self.inject is not None else x_BLD
 
     def readout(self, z_BLD: torch.Tensor) -> torch.Tensor:
@@ -237,7 +238,7 @@ class TransformerCell(nn.Module):
         position_BHLR = GatherLast.apply(position_BHLR, ctx["rel_index_LR"].expand(B, H, L, R))
         score_BHLR = (content_BHLR + position_BHLR) * (1.0 / math.sqrt(K))
         score_BHLR = score_BHLR.masked_fill(~ctx["allowed_LR"], float("-inf"))
-        prob_BHLR = apply_mask(torch.softmax(score_BHLR.float(), dim=-1).to(v.dtype), ctx["m_prob"])
+        prob_BHLR = apply_mask(torch.softmax(at_least_float32(score_BHLR), dim=-1).to(v.dtype), ctx["m_prob"])
         attn_BLHK = torch.einsum("bhlr,brhk->blhk", prob_BHLR, v)
         return apply_mask(self.o_net(attn_BLHK.reshape(B, L, H * K)), ctx["m_attn"])
 
@@ -249,7 +250,7 @@ class TransformerCell(nn.Module):
         masked ReLU holds two of them at once (the incoming gradient and its masked copy), once per adjoint
         step, at the training step's memory peak. Per block that working memory is
         as small as the block; the bytes saved for backward are unchanged (the same activations, in
-        pieces), and so is the function. Explicit layers (d_inner ~2,000) run as one block."""
+        pieces), and so is the function. Unrolled layers (d_inner ~2,000) run as one block."""
         B, L, _ = h_BLD.shape
         # the weights once per call: with weight norm each access recomputes them (and saves the result)
         weights = (self.ff1.weight, self.ff1.bias, self.ff2.weight, self.ff2.bias)

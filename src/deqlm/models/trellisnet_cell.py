@@ -41,7 +41,7 @@ def causal_conv_k2(x_BIL1: torch.Tensor, w_OI2: torch.Tensor, lean_backward: boo
     oneDNN's input-gradient re-materialises a copy of the whole weight in its own layout on every call,
     allocated inside each vector-Jacobian product, i.e. at the training step's memory peak (docs/models.md
     gives the size); the im2col path's input-gradient allocates only the gradient itself. Its forward is
-    slower, which costs one f-evaluation per training step. Elsewhere (no graph, explicit stacks, CUDA) the
+    slower, which costs one f-evaluation per training step. Elsewhere (no graph, unrolled stacks, CUDA) the
     default convolution.
     """
     lean = lean_backward and _IM2COL_CONV2D is not None and x_BIL1.device.type == "cpu"

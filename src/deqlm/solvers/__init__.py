@@ -15,6 +15,7 @@ from deqlm.solvers.anderson import anderson
 from deqlm.solvers.broyden import broyden
 from deqlm.solvers.fixed_point import fixed_point
 from deqlm.solvers.result import SolverResult
+from deqlm.solvers.reversible import reversible
 
 Solver = Callable[..., SolverResult]
 
@@ -41,9 +42,9 @@ def get_solver(name: str) -> Solver:
         raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(SOLVERS)}") from None
 
 
-for _solver in (broyden, anderson, fixed_point):
+for _solver in (broyden, anderson, fixed_point, reversible):
     register_solver(_solver)
 check_registry(SOLVERS, SolverName, "deq.f_solver / deq.b_solver")
 
 __all__ = ["SOLVERS", "Solver", "SolverResult", "anderson", "broyden", "fixed_point", "get_solver",
-           "register_solver"]
+           "register_solver", "reversible"]

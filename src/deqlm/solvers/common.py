@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from deqlm.choices import StopMode, values
+from deqlm.precision import working_dtype
 from deqlm.solvers.result import SolverResult
 
 STOP_MODES = values(StopMode)
@@ -34,12 +35,6 @@ def check_common(max_iter: int, tol: float, stop_mode: str, explode: float) -> N
         raise ValueError(f"tol={tol!r} must be >= 0")
     if not explode >= 1:  # below 1 the first iterate itself would count as exploded
         raise ValueError(f"explode={explode!r} must be >= 1 (inf: never stop a sample for growing)")
-
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Solver arithmetic runs in float64 for float64 inputs and float32 otherwise (never in half
-    precision)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @contextlib.contextmanager

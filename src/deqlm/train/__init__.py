@@ -1,21 +1,6 @@
-"""Training: `python -m deqlm.train EXPERIMENT.yaml [key=value ...]` or `--resume RUN_DIR`."""
+"""Training: `python -m deqlm.train EXPERIMENT.yaml [key=value ...]` or `--resume RUN_DIR`.
 
-__all__ = ["Trainer", "TrainingDiverged", "train", "main"]
-
-# The trainer loads torch, and `python -m deqlm.train` imports this package before its __main__: the trainer's
-# names are looked up on first use (PEP 562) so that `--help` answers without loading torch.
-_TRAINER_NAMES = ("Trainer", "TrainingDiverged", "train")
-
-
-def __getattr__(name: str):
-    if name in _TRAINER_NAMES:
-        from deqlm.train import trainer
-
-        return getattr(trainer, name)
-    raise AttributeError(f"module 'deqlm.train' has no attribute {name!r}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from deqlm.train.cli import main as _main
-
-    return _main(argv)
+`cli.py` parses the command line without torch, `run.py` trains (the one module the command line imports once
+it is understood), `trainer.py` holds `Trainer` and `train`. Import names from those modules: this package
+re-exports nothing, so importing it loads nothing.
+"""

@@ -6,12 +6,9 @@ import sys
 from pathlib import Path
 
 from deqlm import config_reference
-from deqlm.checkpoint_io import CKPT_DIR, LAST, CheckpointError, checkpoint_path
+from deqlm.checkpoint_io import CKPT_DIR, LAST, checkpoint_path
 from deqlm.config import ConfigError, load_config
-from deqlm.data.errors import DataError
-from deqlm.exits import BAD_INPUT, FAILED, INTERRUPTED, OK, error
-from deqlm.io import JsonlError
-from deqlm.train.signals import Stopped
+from deqlm.exits import BAD_INPUT, OK, error
 
 USAGE = ("usage: python -m deqlm.train EXPERIMENT.yaml [key=value ...]\n"
          "       python -m deqlm.train --resume RUN_DIR [key=value ...]")
@@ -59,25 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return error(str(exc), BAD_INPUT)
 
-    # the trainer's modules load torch: imported only once the command line is understood, so that --help
-    # and usage errors answer at once
-    from deqlm import distributed
-    from deqlm.train.checkpoint import NothingToDo
-    from deqlm.train.trainer import TrainingDiverged, train
+    # the training loads torch: imported only once the command line is understood, so that --help and usage
+    # errors answer at once
+    from deqlm.train import run
 
-    try:
-        train(cfg, resume_dir=resume_dir)
-    except (ConfigError, DataError, CheckpointError, JsonlError) as exc:
-        return error(str(exc), BAD_INPUT)
-    except NothingToDo as exc:
-        print(exc)
-        return OK
-    except TrainingDiverged as exc:
-        return error(str(exc), FAILED)
-    except Stopped as exc:
-        return error(str(exc), exc.exit_code)
-    except KeyboardInterrupt:
-        return error("interrupted (resume with --resume RUN_DIR)", INTERRUPTED)
-    finally:
-        distributed.cleanup()
-    return 0
+    return run.main(cfg, resume_dir)

@@ -1,7 +1,7 @@
-"""The one training loop for every model (DEQ or explicit, Transformer or TrellisNet).
+"""The one training loop for every model (DEQ or unrolled, Transformer or TrellisNet).
 
 The trainer never asks what kind of model it holds: `model(x, y, mems, step=step) -> LMOutput`, and
-`model.mode(step)` says whether this step is unrolled pretraining, DEQ, or an explicit stack. Solver
+`model.mode(step)` says whether this step is unrolled pretraining, DEQ, or an unrolled stack. Solver
 statistics come from `LMOutput.stats` (`b_*` filled in by the implicit backward) and are logged when present.
 Validation is `deqlm.eval.loop.evaluate` with the eval settings resolved once from the config, the loop and
 the settings `python -m deqlm.eval` uses.
@@ -30,7 +30,7 @@ from deqlm.activation import SavedTensorMeter
 from deqlm.allocator import summary_line as allocator_summary_line
 from deqlm.checkpoint_io import BEST, CKPT_DIR, LAST
 from deqlm.config import ConfigError, ExperimentConfig, save_config, to_dict
-from deqlm.data import build_dataset
+from deqlm.data.dataset import build_dataset
 from deqlm.eval.loop import evaluate
 from deqlm.eval.settings import resolve_eval_settings
 from deqlm.metrics import (

@@ -1,4 +1,4 @@
-"""Explicit (unrolled) cores: causality, memory equivalence, losses, checkpointing, modes."""
+"""Unrolled cores: causality, memory equivalence, losses, checkpointing, modes."""
 
 from __future__ import annotations
 
