@@ -34,10 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from deqlm.choices import check_beta
-from deqlm.solvers.common import check_common, solver_mode
+from deqlm.solvers.common import _TINY, check_common, solver_mode
 from deqlm.solvers.result import SolverResult
-
-_TINY = 1e-30  # keeps ||f(z)|| = 0 from dividing by zero in the relative residual
 
 
 @dataclass
@@ -66,13 +64,14 @@ def state_map(f: Callable, z0: torch.Tensor, state_dtype: torch.dtype, caller_au
     return fmap
 
 
-def _residuals(z_SF: torch.Tensor, fz_SF: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-sample ||f(z) - z|| and ||f(z)||, on the host (the one synchronisation of a step)."""
+def _residuals(z_SF: torch.Tensor, fz_SF: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
+    """Per-sample ||f(z) - z||, ||f(z) - z|| / ||f(z)|| and ||f(z)||, on the host (a step's one sync)."""
     B = z_SF.shape[0]
     norms = torch.cat(
         [torch.linalg.vector_norm(fz_SF - z_SF, dim=1), torch.linalg.vector_norm(fz_SF, dim=1)]
     ).tolist()
-    return norms[:B], norms[B:]
+    abs_B, fnorm_B = norms[:B], norms[B:]
+    return abs_B, [a / (n + _TINY) for a, n in zip(abs_B, fnorm_B)], fnorm_B
 
 
 def reversible_run(
@@ -97,18 +96,18 @@ def reversible_run(
         z_SF = z0.detach().reshape(z0.shape[0], -1).to(sdt, copy=True)
         y_SF = z_SF
         fz_SF = fmap(z_SF)
-        abs_B, fnorm_B = _residuals(z_SF, fz_SF)
+        abs_B, rel_B, fnorm_B = _residuals(z_SF, fz_SF)
         limit_B = [a * explode if math.isfinite(a) else math.inf for a in abs_B]
-        abs_trace, rel_trace = [abs_B], [[a / (n + _TINY) for a, n in zip(abs_B, fnorm_B)]]
+        abs_trace, rel_trace = [abs_B], [rel_B]
         nstep = 0
         while nstep < max_iter and not _stop(abs_trace[-1], rel_trace[-1], limit_B, tol, stop_mode):
             y_SF = torch.add(y_SF, fz_SF - y_SF, alpha=beta)  # (1 - beta) y + beta f(z)
             z_SF = torch.add(z_SF, fmap(y_SF) - z_SF, alpha=beta)  # (1 - beta) z + beta f(y')
             fz_SF = fmap(z_SF)
             nstep += 1
-            abs_B, fnorm_B = _residuals(z_SF, fz_SF)
+            abs_B, rel_B, fnorm_B = _residuals(z_SF, fz_SF)
             abs_trace.append(abs_B)
-            rel_trace.append([a / (n + _TINY) for a, n in zip(abs_B, fnorm_B)])
+            rel_trace.append(rel_B)
         result = _result(z0, z_SF, nstep, abs_trace, rel_trace, fnorm_B, tol, stop_mode)
     return ReversibleRun(result, z_SF, y_SF, beta)
 
