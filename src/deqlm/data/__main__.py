@@ -9,7 +9,6 @@ import sys
 from deqlm.choices import DatasetName, Tokenizer, values
 from deqlm.config import DataConfig
 from deqlm.data.corpus import SPLITS
-from deqlm.data.dataset import build_dataset
 from deqlm.data.errors import DataError
 from deqlm.exits import BAD_INPUT, OK, error
 
@@ -23,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--tokenizer", default="word", choices=values(Tokenizer))
     ins.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     args = parser.parse_args(argv)
+    # the datasets hand out torch tensors: imported only now, so that `--help` answers without torch
+    from deqlm.data.dataset import build_dataset
 
     try:
         cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, tokenizer=args.tokenizer)

@@ -1,8 +1,7 @@
 """What the trainer and the evaluator hold: ``build_dataset(cfg.data)`` -> an ``LMDataset`` or a
 ``CopyMemoryDataset``, each handing out ordered batches as torch tensors.
 
-Kept apart from corpus.py (files, token caches) so that preparing a corpus does not load torch;
-``python -m deqlm.data inspect`` builds the datasets the trainer builds, so it does.
+Kept apart from corpus.py (files, token caches) so that preparing or inspecting a corpus does not load torch.
 """
 
 from __future__ import annotations
