@@ -8,9 +8,17 @@ import sys
 
 from deqlm.choices import DatasetName, Tokenizer, values
 from deqlm.config import DataConfig
-from deqlm.data.corpus import SPLITS
+from deqlm.data.copy_memory import copy_memory_summary
+from deqlm.data.corpus import corpus_summary, open_corpus
 from deqlm.data.errors import DataError
 from deqlm.exits import BAD_INPUT, OK, error
+
+
+def describe(cfg: DataConfig) -> dict:
+    """Vocabulary, split sizes and OOV counts, from the corpus cache or the task's definition (no torch)."""
+    if cfg.dataset == "copy":
+        return copy_memory_summary(cfg.copy_T, cfg.copy_n_train, cfg.copy_n_valid, cfg.copy_n_test)
+    return corpus_summary(*open_corpus(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,18 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--tokenizer", default="word", choices=values(Tokenizer))
     ins.add_argument("--json", action="store_true", help="one JSON line instead of a table")
     args = parser.parse_args(argv)
-    # the datasets hand out torch tensors: imported only now, so that `--help` answers without torch
-    from deqlm.data.dataset import build_dataset
-
     try:
-        cfg = DataConfig(dataset=args.dataset, data_dir=args.data_dir, tokenizer=args.tokenizer)
-        ds = build_dataset(cfg)
-        if args.dataset == "copy":
-            info = {"dataset": "copy", "vocab_size": ds.vocab_size,
-                    **{f"{s}_tokens": ds.split_tokens(s) for s in SPLITS},
-                    "oov_valid": 0, "oov_test": 0}
-        else:
-            info = ds.summary()
+        info = describe(DataConfig(dataset=args.dataset, data_dir=args.data_dir, tokenizer=args.tokenizer))
     except DataError as exc:
         return error(str(exc), BAD_INPUT)
     if args.json:

@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from deqlm.choices import Tokenizer, values
+from deqlm.config import DataConfig
 from deqlm.data.errors import DataError
+from deqlm.data.synthetic import ensure_synthetic
 from deqlm.data.tokenizers import SentencePieceVocab, WordVocab
 
 SPLITS = ("train", "valid", "test")
@@ -115,6 +117,24 @@ class TokenizedCorpus:
     vocab: WordVocab | SentencePieceVocab
     ids: dict[str, np.ndarray]
     stats: dict[str, dict]  # split -> {tokens, words, lines, oov}
+
+
+def open_corpus(cfg: DataConfig) -> tuple[str, TokenizedCorpus]:
+    """(name, corpus) of a text dataset: a downloaded corpus, or the synthetic language (written once)."""
+    if cfg.dataset == "synthetic":
+        corpus_dir = ensure_synthetic(cfg.data_dir, cfg.synth_seed, cfg.synth_vocab, cfg.synth_train_tokens)
+        return f"synthetic-{cfg.synth_seed}", load_corpus(corpus_dir, WIKITEXT_FILES, cfg.tokenizer,
+                                                          cfg.sp_vocab_size)
+    spec = CORPORA[cfg.dataset]
+    corpus = load_corpus(locate_corpus(cfg.data_dir, spec), spec.files, cfg.tokenizer, cfg.sp_vocab_size)
+    return cfg.dataset, corpus
+
+
+def corpus_summary(name: str, corpus: TokenizedCorpus) -> dict:
+    """The figures ``python -m deqlm.data inspect`` prints for a text corpus."""
+    return {"dataset": name, "vocab_size": corpus.vocab.vocab_size,
+            **{f"{split}_tokens": int(corpus.stats[split]["tokens"]) for split in SPLITS},
+            "oov_valid": int(corpus.stats["valid"]["oov"]), "oov_test": int(corpus.stats["test"]["oov"])}
 
 
 def _tokenizer_settings(tokenizer: str, sp_vocab_size: int) -> dict:

@@ -9,14 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 
 from deqlm.choices import DatasetName, check_registry
 from deqlm.config import DataConfig
-from deqlm.data.copy_memory import CopyMemoryDataset
-from deqlm.data.corpus import CORPORA, SPLITS, WIKITEXT_FILES, TokenizedCorpus, load_corpus, locate_corpus
+from deqlm.data.copy_memory import N_SYMBOLS, make_copy_memory
+from deqlm.data.corpus import CORPORA, SPLITS, TokenizedCorpus, corpus_summary, open_corpus
 from deqlm.data.errors import DataError
-from deqlm.data.iterators import LMOrderedIterator
-from deqlm.data.synthetic import ensure_synthetic, read_entropy_rate
+from deqlm.data.iterators import LMOrderedIterator, ShuffledIterator
+from deqlm.data.synthetic import read_entropy_rate
 
 
 def build_dataset(cfg: DataConfig) -> LMDataset | CopyMemoryDataset:
@@ -29,21 +30,15 @@ def _copy_memory(cfg: DataConfig) -> CopyMemoryDataset:
                              n_valid=cfg.copy_n_valid, seed=cfg.copy_seed)
 
 
-def _synthetic(cfg: DataConfig) -> LMDataset:
-    corpus_dir = ensure_synthetic(cfg.data_dir, cfg.synth_seed, cfg.synth_vocab, cfg.synth_train_tokens)
-    corpus = load_corpus(corpus_dir, WIKITEXT_FILES, cfg.tokenizer, cfg.sp_vocab_size)
-    return LMDataset(f"synthetic-{cfg.synth_seed}", corpus, entropy_rate=read_entropy_rate(corpus_dir))
-
-
-def _downloaded_corpus(cfg: DataConfig) -> LMDataset:
-    spec = CORPORA[cfg.dataset]
-    corpus = load_corpus(locate_corpus(cfg.data_dir, spec), spec.files, cfg.tokenizer, cfg.sp_vocab_size)
-    return LMDataset(cfg.dataset, corpus)
+def _text_corpus(cfg: DataConfig) -> LMDataset:
+    name, corpus = open_corpus(cfg)
+    entropy = read_entropy_rate(corpus.corpus_dir) if cfg.dataset == "synthetic" else None
+    return LMDataset(name, corpus, entropy_rate=entropy)
 
 
 # data.dataset -> builder: the corpora scripts/prepare_data.py downloads, the embedded synthetic language, and
 # copy memory (generated from its seed)
-BUILDERS = {name: _downloaded_corpus for name in CORPORA} | {"synthetic": _synthetic, "copy": _copy_memory}
+BUILDERS = {name: _text_corpus for name in (*CORPORA, "synthetic")} | {"copy": _copy_memory}
 check_registry(BUILDERS, DatasetName, "data.dataset")
 
 
@@ -100,6 +95,57 @@ class LMDataset:
 
     def summary(self) -> dict:
         """The figures ``python -m deqlm.data inspect`` prints."""
-        return {"dataset": self.name, "vocab_size": self.vocab_size,
-                **{f"{s}_tokens": self.split_tokens(s) for s in SPLITS},
-                "oov_valid": self.split_oov("valid"), "oov_test": self.split_oov("test")}
+        return corpus_summary(self.name, self.corpus)
+
+
+class CopyMemoryDataset:
+    """Copy memory as a Dataset: inputs 0..9 (vocab_size 10), 10 classes, no memory across batches."""
+
+    name = "copy"
+    carry_mems = False
+    vocab_size = N_SYMBOLS
+    n_classes = N_SYMBOLS
+    entropy_rate = None
+    corpus_dir = None
+    tokenizer = "copy"
+
+    def __init__(self, T: int = 400, n_train: int = 20000, n_test: int = 2000, n_valid: int = 2000,
+                 seed: int = 1111):
+        self.T, self.seed = T, seed
+        self.train_x_NL, self.train_y_NL = make_copy_memory(n_train, T, seed)
+        # separate streams: the test set does not change when n_train does, and validation (which picks the
+        # best checkpoint) never sees it (the paper's task has train and test only)
+        self.test_x_NL, self.test_y_NL = make_copy_memory(n_test, T, seed + 1_000_003)
+        self.valid_x_NL, self.valid_y_NL = make_copy_memory(n_valid, T, seed + 2_000_003)
+        self.vocab_hash = f"copy-T{T}"
+
+    def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split == "train":
+            return self.train_x_NL, self.train_y_NL
+        if split == "valid":
+            return self.valid_x_NL, self.valid_y_NL
+        if split == "test":
+            return self.test_x_NL, self.test_y_NL
+        raise DataError(f"split={split!r} is not one of train, valid, test")
+
+    def split_tokens(self, split: str) -> int:
+        return int(self._split(split)[1].size)
+
+    def split_words(self, split: str) -> int:
+        return self.split_tokens(split)
+
+    def train_iterator(self, batch_size: int, tgt_len: int = 0, rank: int = 0, world_size: int = 1):
+        """``tgt_len`` is ignored: a batch holds whole sequences of length T+20."""
+        return ShuffledIterator(self.train_x_NL, self.train_y_NL, batch_size, self.seed, rank, world_size)
+
+    def eval_batches(self, split: str, batch_size: int, tgt_len: int = 0) -> Iterator:
+        """The whole split in order, in batches of whole sequences (the last one may be smaller)."""
+        x_NL, y_NL = self._split(split)
+        if batch_size <= 0:
+            raise DataError(f"batch_size={batch_size} must be positive")
+        rows = [slice(start, start + batch_size) for start in range(0, len(x_NL), batch_size)]
+        return ((torch.from_numpy(x_NL[r]), torch.from_numpy(y_NL[r])) for r in rows)
+
+    def check_vocab_hash(self, expected: str) -> None:
+        if expected != self.vocab_hash:
+            raise DataError(f"task mismatch: checkpoint has {expected}, dataset is {self.vocab_hash}")

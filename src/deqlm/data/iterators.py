@@ -8,6 +8,8 @@ columns (positions 1..S-1) is seen exactly once per pass when the last, short se
 training drops that short segment so every batch has the same shape.
 
 Under DDP, rank r of W takes columns ``[r*B/W, (r+1)*B/W)``: the union over ranks is the single-process batch.
+
+``ShuffledIterator`` is copy memory's: whole independent samples, reshuffled each epoch.
 """
 
 from __future__ import annotations
@@ -94,3 +96,53 @@ def parse_position(state: dict, n_batches: int) -> tuple[int, int]:
     if epoch < 0 or not 0 <= position <= n_batches:
         raise DataError(f"iterator state {state} is outside {n_batches} batches per epoch")
     return epoch, position
+
+
+class ShuffledIterator:
+    """Endless training batches of whole samples, reshuffled each epoch with ``seed + epoch``.
+
+    The shuffle is a function of (seed, epoch) only, so ``{epoch, position}`` is a complete resume state.
+    The last partial batch of an epoch is dropped (fixed shapes). Under DDP, rank r takes rows
+    ``[r*B/W, (r+1)*B/W)`` of every global batch.
+    """
+
+    def __init__(self, x_NL: np.ndarray, y_NL: np.ndarray, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        if batch_size <= 0 or batch_size % world_size or not 0 <= rank < world_size:
+            raise DataError(f"batch_size={batch_size} must be positive and divisible by "
+                            f"world_size={world_size} (rank={rank})")
+        if batch_size > len(x_NL):
+            raise DataError(f"batch_size={batch_size} exceeds the {len(x_NL)} training samples")
+        self.x_NL, self.y_NL = x_NL, y_NL
+        self.batch_size, self.seed = batch_size, seed
+        per_rank = batch_size // world_size
+        self.rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        self.n_batches = len(x_NL) // batch_size
+        self.epoch, self.position = 0, 0
+        self._perm_epoch, self._perm = -1, np.arange(0)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm_epoch != self.epoch:
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x_NL))
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position >= self.n_batches:
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position * self.batch_size
+        idx = self._permutation()[start : start + self.batch_size][self.rows]
+        self.position += 1
+        return torch.from_numpy(self.x_NL[idx]), torch.from_numpy(self.y_NL[idx])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = parse_position(state, self.n_batches)
