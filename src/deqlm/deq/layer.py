@@ -15,7 +15,7 @@ solve, K stored applications.
 
 grad=reversible (with f_solver=reversible) backpropagates exactly through the reversible iteration, rebuilding
 its states in backward (`deqlm.deq.reversible`): no stored application of f at all. It needs f's inputs
-explicitly: f is called as f(z, ctx), and `weights` lists the other tensors f reads.
+explicitly: f is called as f(z, ctx), and `weights` gives the other tensors f reads.
 """
 
 # B: batch (dim 0 of z); z has any shape (B, ...)
@@ -144,13 +144,13 @@ class DEQFixedPoint(nn.Module):
         z0: torch.Tensor,
         ctx: dict | None = None,
         *,
-        weights: Sequence[torch.Tensor] = (),
+        weights: Sequence[torch.Tensor] | Callable[[], Sequence[torch.Tensor]] = (),
         max_iter: int | None = None,
         tol: float | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """f(z), or f(z, ctx) when `ctx` is given. `weights`: the tensors f reads besides ctx, for the
-        reversible gradient (the other gradients follow f's own graph and need neither). `max_iter` / `tol`:
-        this call's forward cap and tolerance (None: the layer's own, see above)."""
+        """f(z), or f(z, ctx) when `ctx` is given. `weights`: the tensors f reads besides ctx, or a function
+        returning them, called only by the reversible gradient (the other gradients follow f's own graph and
+        need neither). `max_iter` / `tol`: this call's forward cap and tolerance (None: the layer's own)."""
         grad_on = torch.is_grad_enabled()
         if max_iter is None:
             eval_like = not (self.training and grad_on)
@@ -159,7 +159,8 @@ class DEQFixedPoint(nn.Module):
         tol = self.f_tol if tol is None else tol
         if grad_on and self.grad == REVERSIBLE:
             f_ctx = f if ctx is not None else (lambda z, _ctx: f(z))
-            return self._reversible(f_ctx, z0, ctx or {}, weights, max_iter, tol)
+            read = weights() if callable(weights) else weights
+            return self._reversible(f_ctx, z0, ctx or {}, read, max_iter, tol)
         f_z = f if ctx is None else (lambda z: f(z, ctx))
         with torch.no_grad():
             res = self._solve(self.f_solver, f_z, z0.detach(), max_iter, tol)

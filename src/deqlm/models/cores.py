@@ -23,6 +23,7 @@ embedded input (B, L, E), `z` a cell state in the cell's own layout.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -70,7 +71,9 @@ class DEQCore(nn.Module):
 
         # f(z) = cell(z, ctx), its inputs handed over explicitly: the reversible gradient re-runs f in
         # backward and differentiates it with respect to ctx and the cell's weights as the forward read them
-        z_star, stats = self.deq(cell, cell.init_state(x), ctx, weights=weights_read(cell), **(solver or {}))
+        # (listed only when that gradient asks)
+        z_star, stats = self.deq(cell, cell.init_state(x), ctx, weights=partial(weights_read, cell),
+                                 **(solver or {}))
         jac_loss = None
         if jac_samples > 0:
             z_leaf = z_star.detach().requires_grad_()

@@ -142,20 +142,8 @@ def _result(z0, z_SF, nstep, abs_trace, rel_trace, fnorm_B, tol, stop_mode) -> S
     )
 
 
-def reversible(
-    f: Callable[[torch.Tensor], torch.Tensor],
-    z0: torch.Tensor,
-    *,
-    max_iter: int = 8,
-    tol: float = 1e-3,
-    stop_mode: str = "rel",
-    beta: float = 0.5,
-    state_dtype: str = "float64",
-    explode: float = 1e3,
-) -> SolverResult:
+def reversible(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, **options) -> SolverResult:
     """The reversible iteration as a plain solver (no graph): what a model trained with the reversible
-    gradient runs at evaluation, where nothing needs reversing. `max_iter` counts steps of two f each."""
-    return reversible_run(
-        f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, beta=beta, state_dtype=state_dtype,
-        explode=explode,
-    ).result
+    gradient runs at evaluation, where nothing needs reversing. Takes `reversible_run`'s keywords; `max_iter`
+    counts steps of two f each."""
+    return reversible_run(f, z0, **options).result
