@@ -90,6 +90,9 @@ class ModelConfig:
     grad_checkpoint: bool = False  # unrolled core: recompute each layer in backward (gradient checkpointing)
     pretrain_steps: int = 0  # deq core: the first this many steps train an unrolled weight-tied stack
     pretrain_depth: int = 2  # deq core: depth of that pretraining stack
+    # Transformer DEQ / weight-tied cores: untied layers inside one application of f (1: the paper's single
+    # layer; more is our departure, docs/models.md "Layers per cell")
+    cell_layers: int = 1
     mem_len: int = 150  # Transformer memory kept across segments in training (base YAMLs set ${data.mem_len})
     # sizes shared by both cells
     d_embed: int = 410  # word embedding size (TrellisNet: emsize / ninp)
@@ -248,6 +251,7 @@ _RANGES: dict[str, str] = {
     "model.n_layer": "[1, inf)",
     "model.pretrain_steps": "[0, inf)",
     "model.pretrain_depth": "[1, inf)",
+    "model.cell_layers": "[1, inf)",
     "model.mem_len": "[0, inf)",
     "model.d_embed": "[1, inf)",
     "model.d_model": "[1, inf)",
@@ -337,6 +341,11 @@ def _validate(cfg: ExperimentConfig) -> None:
         check_beta(cfg.deq.reversible_beta)
     except ValueError as exc:
         raise ConfigError(str(exc).replace("beta=", "deq.reversible_beta=", 1)) from None
+    m = cfg.model
+    if m.cell_layers > 1 and (m.arch != "transformer" or (m.core == "unrolled" and not m.weight_tied)):
+        raise ConfigError(
+            f"model.cell_layers={m.cell_layers} needs model.arch=transformer with a deq or weight-tied core"
+        )
     betas = list(cfg.optim.betas)
     if len(betas) != 2 or not all(_in_range(b, _BETA_RANGE) for b in betas):
         raise ConfigError(f"optim.betas={betas!r} must hold two numbers in {_BETA_RANGE}")

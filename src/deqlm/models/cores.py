@@ -78,7 +78,7 @@ class DEQCore(nn.Module):
         if jac_samples > 0:
             z_leaf = z_star.detach().requires_grad_()
             jac_loss = jac_reg_loss(cell(z_leaf, ctx), z_leaf, jac_samples)
-        new_mems = [cell.update_mem(mems[0], z_star, x, mem_len)]
+        new_mems = [cell.update_mem(mems[0], z_star, x, mem_len, ctx)]
         return CoreOut(z_star, new_mems, stats, [], jac_loss)
 
 
@@ -123,13 +123,14 @@ class UnrolledCore(nn.Module):
                 z = self._layer(cell, z, ctx)
                 if self._wants_aux(level):
                     aux.append(z)
-            return CoreOut(z, [cell.update_mem(mems[0], z, x, mem_len)], {}, aux, None)
+            return CoreOut(z, [cell.update_mem(mems[0], z, x, mem_len, ctx)], {}, aux, None)
         assert len(cells) == self.n_layer, (len(cells), self.n_layer)
         z = cells[0].init_state(x)
         new_mems = []
         for level, (cell, mem) in enumerate(zip(cells, mems), start=1):
-            new_mems.append(cell.update_mem(mem, z, x, mem_len))  # memory of this layer's input
-            z = self._layer(cell, z, cell.context(x, mem, clamp_len))
+            ctx = cell.context(x, mem, clamp_len)
+            new_mems.append(cell.update_mem(mem, z, x, mem_len, ctx))  # memory of this layer's input
+            z = self._layer(cell, z, ctx)
             if self._wants_aux(level):
                 aux.append(z)
         return CoreOut(z, new_mems, {}, aux, None)

@@ -167,12 +167,13 @@ class TransformerCell(nn.Module):
         return z_BLD
 
     def update_mem(
-        self, mem_BMW: torch.Tensor, z_BLD: torch.Tensor, x_BLD: torch.Tensor, mem_len: int
+        self, mem_BMW: torch.Tensor, z_BLD: torch.Tensor, x_BLD: torch.Tensor, mem_len: int, ctx: dict
     ) -> torch.Tensor:
         """Transformer-XL memory: the last mem_len steps of [mem ; new], detached (no grad across segments).
 
         An injected cell also keeps the embedded tokens next to the states (W = 2D), so the memory's keys and
         values carry the same injection they had when they were computed (as in the official DEQ-Transformer).
+        `ctx` (this segment's context) is not needed by one layer; a `TransformerBlock` needs it.
         """
         if mem_len <= 0:
             return mem_BMW[:, :0].detach()
@@ -272,3 +273,61 @@ class TransformerCell(nn.Module):
             return h_BLD + self._ffn(self.ln2(h_BLD), ctx)
         h_BLD = self.ln1(in_BLD + a_BLD)
         return self.ln2(h_BLD + self._ffn(h_BLD, ctx))
+
+
+class TransformerBlock(nn.Module):
+    """Several Transformer-XL layers applied in turn as one map f (`model.cell_layers` > 1; our departure).
+
+    The paper's DEQ-Transformer solves one layer. A block of n untied layers keeps the DEQ's O(1) memory in
+    depth but gives the equilibrium n distinct attention patterns per head and n FFNs, which tests whether
+    the DEQ's gap to an untied stack comes from weight tying (docs/models.md, "Layers per cell"). Only the
+    first layer is injected (its input path applies); the others read the previous layer's output, as
+    Transformer-XL's upper layers do, and each attends over a memory of its own input at the previous
+    segment's fixed point. The memory is [z* ; x ; y1* ; ... ; y(n-1)*] (W = (n + 1) D), yi* the output of
+    layer i at z*, so a segment split in two with memory is solved as one long segment.
+    """
+
+    def __init__(self, layers: list[TransformerCell]):
+        super().__init__()
+        if layers[0].inject is None or any(layer.inject is not None for layer in layers[1:]):
+            raise ValueError("a TransformerBlock injects x into its first layer only")
+        self.layers = nn.ModuleList(layers)
+        self.d_model = layers[0].d_model
+
+    def empty_mem(self, batch_size: int, like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros(batch_size, 0, (len(self.layers) + 1) * self.d_model)
+
+    def init_state(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        return self.layers[0].init_state(x_BLD)
+
+    def readout(self, z_BLD: torch.Tensor) -> torch.Tensor:
+        return z_BLD
+
+    def update_mem(
+        self, mem_BMW: torch.Tensor, z_BLD: torch.Tensor, x_BLD: torch.Tensor, mem_len: int, ctx: dict
+    ) -> torch.Tensor:
+        """The last mem_len steps of [mem ; new], new = [z* ; x ; y1* ; ...] (the upper layers' inputs at z*,
+        recomputed once with this segment's context), detached."""
+        if mem_len <= 0:
+            return mem_BMW[:, :0].detach()
+        parts = [z_BLD, x_BLD]
+        with torch.no_grad():
+            y_BLD = z_BLD
+            for layer, layer_ctx in zip(self.layers[:-1], ctx["layers"][:-1]):
+                y_BLD = layer(y_BLD, layer_ctx)
+                parts.append(y_BLD)
+        return torch.cat([mem_BMW, torch.cat(parts, dim=-1)], dim=1)[:, -mem_len:].detach()
+
+    def context(self, x_BLD: torch.Tensor, mem_BMW: torch.Tensor, clamp_len: int = -1) -> dict:
+        """One context per layer, each with its slice of the memory: [z ; x] for the injected first layer,
+        the stored input yi for layer i + 1."""
+        D = self.d_model
+        slices = [mem_BMW[..., : 2 * D]] + [
+            mem_BMW[..., (i + 1) * D : (i + 2) * D] for i in range(1, len(self.layers))
+        ]
+        return {"layers": [layer.context(x_BLD, m, clamp_len) for layer, m in zip(self.layers, slices)]}
+
+    def forward(self, z_BLD: torch.Tensor, ctx: dict) -> torch.Tensor:
+        for layer, layer_ctx in zip(self.layers, ctx["layers"]):
+            z_BLD = layer(z_BLD, layer_ctx)
+        return z_BLD

@@ -164,9 +164,10 @@ class TrellisNetCell(nn.Module):
 
     @staticmethod
     def update_mem(
-        mem: torch.Tensor, z_BFL: torch.Tensor, x_BLE: torch.Tensor, mem_len: int = 1
+        mem: torch.Tensor, z_BFL: torch.Tensor, x_BLE: torch.Tensor, mem_len: int = 1, ctx: dict | None = None
     ) -> torch.Tensor:
-        """History padding for the next segment: [z_{L-1} ; x_{L-1}], detached. `mem_len` is not used."""
+        """History padding for the next segment: [z_{L-1} ; x_{L-1}], detached. `mem_len` and `ctx` are not
+        used."""
         return torch.cat([z_BFL[:, :, -1:], x_BLE[:, -1:].transpose(1, 2)], dim=1).detach()
 
     # --- the map f ------------------------------------------------------------------------------------------
