@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _model_helpers import TIGHT, VOCAB, tiny_cfg, tiny_model
+from _model_helpers import TIGHT, VOCAB, split_and_long_segment, tiny_cfg, tiny_model
 from deqlm.config import ConfigError
 from deqlm.models.transformer_cell import TransformerBlock
 
@@ -41,16 +41,8 @@ def test_block_output_is_the_fixed_point_of_its_layers_applied_in_turn():
 
 def test_block_over_two_segments_with_memory_equals_one_long_segment():
     model = tiny_model("transformer", *BLOCK, "model.mem_len=6").eval()
-    x = _tokens(1)
-
-    def solve(x_BL, mems):
-        return model.core(model.layers, model.embed(x_BL), mems, mem_len=model.mem_len)
-
-    with torch.no_grad():
-        z_long = solve(x, model.init_mems(2)).z
-        out_a = solve(x[:, :6], model.init_mems(2))
-        z_b = solve(x[:, 6:], out_a.mems).z
-    torch.testing.assert_close(torch.cat([out_a.z, z_b], 1), z_long, atol=1e-4, rtol=1e-4)
+    z_split, z_long = split_and_long_segment(model, _tokens(1), 6)
+    torch.testing.assert_close(z_split, z_long, atol=1e-4, rtol=1e-4)
 
 
 def test_implicit_gradients_reach_every_layer_of_the_block():

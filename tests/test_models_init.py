@@ -9,7 +9,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from _model_helpers import TIGHT as _TIGHT_SOLVER
-from _model_helpers import VOCAB, tiny_model
+from _model_helpers import VOCAB, split_and_long_segment, tiny_model
 from deqlm.models.transformer_cell import TransformerCell
 
 D, H, K, I = 64, 4, 16, 256  # wide enough for std estimates within a few percent
@@ -96,15 +96,8 @@ def test_residual_path_deq_over_two_segments_with_memory_equals_one_long_segment
     model = tiny_model("transformer", "model.core=deq", *TIGHT, "model.input_path=residual",
                        "model.mem_len=6").eval()
     x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
-
-    def solve(x_BL, mems):
-        return model.core(model.layers, model.embed(x_BL), mems, mem_len=model.mem_len)
-
-    with torch.no_grad():
-        z_long = solve(x, model.init_mems(2)).z
-        out_a = solve(x[:, :6], model.init_mems(2))
-        z_b = solve(x[:, 6:], out_a.mems).z
-    torch.testing.assert_close(torch.cat([out_a.z, z_b], 1), z_long, atol=1e-4, rtol=1e-4)
+    z_split, z_long = split_and_long_segment(model, x, 6)
+    torch.testing.assert_close(z_split, z_long, atol=1e-4, rtol=1e-4)
 
 
 def test_pre_ln_residual_path_does_not_pile_up_the_input_over_applications():
