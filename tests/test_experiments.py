@@ -99,20 +99,27 @@ def test_params_cli_prints_one_json_line_and_rejects_bad_keys(capsys):
     assert "model.nope" in capsys.readouterr().err
 
 
-CPU_PTB = sorted(p for p in (ROOT / "experiments/ptb/cpu").glob("*.yaml") if not p.stem.endswith("base"))
+CPU_PTB = {
+    p: load_config(p, env={})
+    for p in sorted((ROOT / "experiments/ptb/cpu").glob("*.yaml"))
+    if not p.stem.endswith("base")
+}
 
 
-@pytest.mark.parametrize("path", [p for p in CPU_PTB if "_deq" in p.stem], ids=lambda p: p.stem)
+CPU_PTB_DEQS = [p for p, c in CPU_PTB.items() if c.model.core == "deq"]
+
+
+@pytest.mark.parametrize("path", CPU_PTB_DEQS, ids=lambda p: p.stem)
 def test_cpu_ptb_deq_and_its_unrolled_baseline_are_a_fair_pair(path):
     """Same token budget and non-embedding parameters within 5% (issues 16, 19), for every DEQ of a pair."""
-    deq = load_config(path, env={})
-    baselines = [p for p in CPU_PTB if load_config(p, env={}).pair == deq.pair and "_unrolled" in p.stem]
+    deq = CPU_PTB[path]
+    baselines = [p for p, c in CPU_PTB.items() if c.pair == deq.pair and c.model.core == "unrolled"]
     assert len(baselines) == 1, (deq.pair, baselines)
-    base = load_config(baselines[0], env={})
+
     def budget(c):
         return c.train.max_steps, c.data.batch_size, c.data.tgt_len
 
-    assert budget(deq) == budget(base)
+    assert budget(deq) == budget(CPU_PTB[baselines[0]])
     ratio = count_experiment(str(path))["params_nonembedding"] / count_experiment(str(baselines[0]))[
         "params_nonembedding"
     ]
