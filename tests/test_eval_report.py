@@ -20,7 +20,8 @@ REQUIRED = ["run", "experiment", "core", "pair", "params_nonembedding", "valid_p
 
 def make_run(root: Path, corpus: str, name: str, core: str, *, pair: str = "", mem_gib: float = 1.0,
              test: float = 30.0, stamp: str = "20250101-000000", with_eval: bool = True,
-             max_steps: int = 1000, seed: int = 1111, n_layer: int = 16) -> Path:  # fmt: skip
+             max_steps: int = 1000, seed: int = 1111, n_layer: int = 16,
+             act_mib_per_step: float = 1.0) -> Path:  # fmt: skip
     """A run directory as the trainer leaves it, plus an eval.json as deqlm.eval writes it."""
     run = root / corpus / name / stamp
     cfg = ExperimentConfig(name=name, pair=pair, paper_test=test - 1.0)
@@ -34,7 +35,8 @@ def make_run(root: Path, corpus: str, name: str, core: str, *, pair: str = "", m
     for step in (10, 20, 30):
         ev = {"step": step, "train/loss": 5.0 - step / 10, "speed/tokens_per_s": 1000.0 + step,
               "mem/peak_gib": mem_gib * step / 30, "mem/peak_kind": "cuda_max_allocated",
-              "mem/activation_bytes": 2**20 * step, "mem/state_bytes": 2**20, "time/elapsed_s": 60.0 * step,
+              "mem/activation_bytes": int(2**20 * act_mib_per_step * step), "mem/state_bytes": 2**20,
+              "time/elapsed_s": 60.0 * step,
               "mode": core}  # fmt: skip
         if core == "deq":
             ev.update({"solver/f_nstep": 10.0 + step / 10, "solver/f_rel_res": 1e-3 / step,
@@ -69,7 +71,8 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def test_report_contains_every_run_and_pairs_deq_with_its_unrolled_baseline(tmp_path):
-    deq = make_run(tmp_path, "wt103", "tx_deq", "deq", pair="tx_small", mem_gib=1.0, test=32.0)
+    deq = make_run(tmp_path, "wt103", "tx_deq", "deq", pair="tx_small", mem_gib=1.0, test=32.0,
+                   act_mib_per_step=0.1)
     baseline = make_run(tmp_path, "wt103", "tx_unrolled", "unrolled", pair="tx_small", mem_gib=4.0, test=35.0)
     lone = make_run(tmp_path, "wt103", "tx_lone", "unrolled", with_eval=False)
     logs: list[str] = []
@@ -97,6 +100,9 @@ def test_report_contains_every_run_and_pairs_deq_with_its_unrolled_baseline(tmp_
     assert "## DEQ vs unrolled baseline" in md and "0.25" in md
     pairs = read_csv(out / "pairs.csv")
     assert len(pairs) == 1 and pairs[0]["notes"] == ""
+    assert float(pairs[0]["gap_pct"]) == pytest.approx(100 * (32.0 / 35.0 - 1))
+    # model memory = the largest logged activation bytes (3 vs 30 MiB) + 1 MiB of state
+    assert float(pairs[0]["model_mem_ratio"]) == pytest.approx(4.0 / 31.0)
     for png in ("perplexity.png", "memory.png", "solver.png"):
         assert (out / png).stat().st_size > 1000 and f"({png})" in md
 

@@ -61,22 +61,32 @@ def pair_runs(runs: list[dict]) -> list[dict]:
             same = same or baselines
             for x in [x for x in same if x["row"]["seed"] == d["row"]["seed"]] if by_seed else same:
                 dr, xr = d["row"], x["row"]
-                gap = (
-                    None if _headline(dr) is None or _headline(xr) is None else _headline(dr) - _headline(xr)
-                )
-                mem_ratio = _ratio(dr["peak_train_mem_gib"], xr["peak_train_mem_gib"])
-                pairs.append({
-                    "pair": pair, "deq_run": dr["run"], "unrolled_run": xr["run"],
-                    "deq_test": _headline(dr), "unrolled_test": _headline(xr), "ppl_gap": gap,
-                    "deq_mem_gib": dr["peak_train_mem_gib"], "unrolled_mem_gib": xr["peak_train_mem_gib"],
-                    "mem_ratio": mem_ratio, "deq_params_nonembedding": dr["params_nonembedding"],
-                    "unrolled_params_nonembedding": xr["params_nonembedding"],
-                    "speed_ratio": _ratio(xr["tokens_per_s"], dr["tokens_per_s"]),
-                    "notes": "; ".join(_budget_differences(d["cfg"], x["cfg"], dr, xr)),
-                })  # fmt: skip
-                dr.update(paired_with=xr["run"], mem_ratio=mem_ratio, ppl_gap=gap)
+                pairs.append(_pair_row(pair, d, x))
+                dr.update(paired_with=xr["run"], mem_ratio=pairs[-1]["mem_ratio"],
+                          ppl_gap=pairs[-1]["ppl_gap"])
                 xr["paired_with"] = xr["paired_with"] or dr["run"]
     return pairs
+
+
+def _pair_row(pair: str, d: dict, x: dict) -> dict:
+    """One row of the pair table: DEQ run ``d`` against unrolled run ``x``, the gap both absolute and relative
+    (the issues' targets are relative), memory both as the process peak and as the model's own tensors."""
+    dr, xr = d["row"], x["row"]
+    deq, unrolled = _headline(dr), _headline(xr)
+    rel = _ratio(deq, unrolled)
+    return {
+        "pair": pair, "deq_run": dr["run"], "unrolled_run": xr["run"],
+        "deq_test": deq, "unrolled_test": unrolled,
+        "ppl_gap": None if deq is None or unrolled is None else deq - unrolled,
+        "gap_pct": None if rel is None else 100.0 * (rel - 1.0),
+        "deq_mem_gib": dr["peak_train_mem_gib"], "unrolled_mem_gib": xr["peak_train_mem_gib"],
+        "mem_ratio": _ratio(dr["peak_train_mem_gib"], xr["peak_train_mem_gib"]),
+        "model_mem_ratio": _ratio(dr.get("model_mem_mib"), xr.get("model_mem_mib")),
+        "deq_params_nonembedding": dr["params_nonembedding"],
+        "unrolled_params_nonembedding": xr["params_nonembedding"],
+        "speed_ratio": _ratio(xr["tokens_per_s"], dr["tokens_per_s"]),
+        "notes": "; ".join(_budget_differences(d["cfg"], x["cfg"], dr, xr)),
+    }  # fmt: skip
 
 
 def _budget_differences(dc: ExperimentConfig, xc: ExperimentConfig, dr: dict, xr: dict) -> list[str]:

@@ -62,9 +62,9 @@ COLUMNS = [
 ]  # fmt: skip
 DEFAULT_OUT = "results/compare"  # a user's comparisons; the committed results/<corpus>/ only on request
 PAIR_COLUMNS = [
-    "pair", "deq_run", "unrolled_run", "deq_test", "unrolled_test", "ppl_gap", "deq_mem_gib",
-    "unrolled_mem_gib", "mem_ratio", "deq_params_nonembedding", "unrolled_params_nonembedding", "speed_ratio",
-    "notes",
+    "pair", "deq_run", "unrolled_run", "deq_test", "unrolled_test", "ppl_gap", "gap_pct", "deq_mem_gib",
+    "unrolled_mem_gib", "mem_ratio", "model_mem_ratio", "deq_params_nonembedding",
+    "unrolled_params_nonembedding", "speed_ratio", "notes",
 ]  # fmt: skip
 
 
@@ -245,8 +245,10 @@ def _pairs_section(pairs: list[dict], metric: str, per_word: bool) -> list[str]:
         out += [
             "## DEQ vs unrolled baseline",
             "",
-            f"gap = DEQ minus unrolled test {metric} (negative: DEQ better); memory ratio = DEQ / unrolled "
-            f"peak training memory; speed ratio = unrolled / DEQ training tokens/s (>1: DEQ slower)."
+            f"gap = DEQ minus unrolled test {metric} (negative: DEQ better), gap % = the same relative to "
+            f"the unrolled run; memory ratio = DEQ / unrolled peak training memory, model memory ratio = the "
+            f"same for the model's own tensors (model_mem_mib); speed ratio = unrolled / DEQ training "
+            f"tokens/s (>1: DEQ slower)."
             + (" Subword runs are compared on their perplexity per word." if per_word else ""),
             "",
             _md_table(
@@ -257,9 +259,11 @@ def _pairs_section(pairs: list[dict], metric: str, per_word: bool) -> list[str]:
                     f"DEQ {metric}",
                     f"unrolled {metric}",
                     "gap",
+                    "gap %",
                     "DEQ mem (GiB)",
                     "unrolled mem (GiB)",
                     "memory ratio",
+                    "model memory ratio",
                     "speed ratio",
                     "notes",
                 ],
@@ -271,9 +275,11 @@ def _pairs_section(pairs: list[dict], metric: str, per_word: bool) -> list[str]:
                         p["deq_test"],
                         p["unrolled_test"],
                         p["ppl_gap"],
+                        p["gap_pct"],
                         p["deq_mem_gib"],
                         p["unrolled_mem_gib"],
                         p["mem_ratio"],
+                        p["model_mem_ratio"],
                         p["speed_ratio"],
                         p["notes"],
                     ]
