@@ -11,7 +11,7 @@ RUN_DIR is a trained DEQ-Transformer or DEQ-TrellisNet run (its ckpt/). On the f
   depend on beta), next to the run's solver with the implicit gradient at its own caps and no Jacobian
   regulariser (`ift`): medians of a few steps, interleaved so machine noise hits all alike.
 
-This is what the reversible row's steps and beta were picked from (experiments/ptb/cpu/
+This is what the reversible row's steps and beta were picked from (experiments/ptb/cpu/d128/
 transformer_deq_reversible.yaml says which). One thread, as the training runs.
 """
 

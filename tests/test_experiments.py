@@ -99,9 +99,12 @@ def test_params_cli_prints_one_json_line_and_rejects_bad_keys(capsys):
     assert "model.nope" in capsys.readouterr().err
 
 
+# the pair of record (experiments/ptb/cpu/) and the d_model 128 family kept beside it (d128/); a folder's
+# files pair among themselves
 CPU_PTB = {
     p: load_config(p, env={})
-    for p in sorted((ROOT / "experiments/ptb/cpu").glob("*.yaml"))
+    for folder in ("experiments/ptb/cpu", "experiments/ptb/cpu/d128")
+    for p in sorted((ROOT / folder).glob("*.yaml"))
     if not p.stem.endswith("base")
 }
 
@@ -113,7 +116,10 @@ CPU_PTB_DEQS = [p for p, c in CPU_PTB.items() if c.model.core == "deq"]
 def test_cpu_ptb_deq_and_its_unrolled_baseline_are_a_fair_pair(path):
     """Same token budget and non-embedding parameters within 5% (issues 16, 19), for every DEQ of a pair."""
     deq = CPU_PTB[path]
-    baselines = [p for p, c in CPU_PTB.items() if c.pair == deq.pair and c.model.core == "unrolled"]
+    baselines = [
+        p for p, c in CPU_PTB.items()
+        if p.parent == path.parent and c.pair == deq.pair and c.model.core == "unrolled"
+    ]
     assert len(baselines) == 1, (deq.pair, baselines)
 
     def budget(c):

@@ -50,8 +50,8 @@ class Case:
 
 
 CASES = {
-    "ptb-unrolled": Case("experiments/ptb/cpu/transformer_unrolled.yaml", 20),
-    "ptb-deq": Case("experiments/ptb/cpu/transformer_deq.yaml", 12, ("model.pretrain_steps=0",)),
+    "ptb-unrolled": Case("experiments/ptb/cpu/d128/transformer_unrolled.yaml", 20),
+    "ptb-deq": Case("experiments/ptb/cpu/d128/transformer_deq.yaml", 12, ("model.pretrain_steps=0",)),
     "copy-deq": Case("experiments/copy/cpu/transformer_deq.yaml", 6, ("model.pretrain_steps=0",)),
 }
 PAIR = ("ptb-unrolled", "ptb-deq")
