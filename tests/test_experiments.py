@@ -112,7 +112,7 @@ CPU_PTB = {
 CPU_PTB_DEQS = [p for p, c in CPU_PTB.items() if c.model.core == "deq"]
 
 
-@pytest.mark.parametrize("path", CPU_PTB_DEQS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", CPU_PTB_DEQS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_cpu_ptb_deq_and_its_unrolled_baseline_are_a_fair_pair(path):
     """Same token budget and non-embedding parameters within 5% (issues 16, 19), for every DEQ of a pair."""
     deq = CPU_PTB[path]
