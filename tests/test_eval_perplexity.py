@@ -16,6 +16,8 @@ from deqlm.eval.cli import main as eval_main
 from deqlm.eval.perplexity import _split_result
 from deqlm.eval.settings import resolve_eval_settings
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def tiny_config(tmp_path: Path, core: str) -> ExperimentConfig:
     cfg = ExperimentConfig(name=f"tiny_{core}", pair="tiny")
@@ -252,3 +254,36 @@ def test_solver_caps_are_refused_for_a_named_unrolled_run_and_skipped_in_a_folde
     assert eval_main([str(run.parent.parent), "caps=default"]) == 0
     assert not (run / "solver_caps.json").exists()
     assert eval_main([str(run), "caps=0,x"]) == 2
+
+
+def test_eval_json_says_whether_the_deq_reached_its_fixed_point(tmp_path):
+    run, cfg = make_trained_run(tmp_path, "deq")
+    events = [{"step": s, "mode": "deq", "solver/f_nstep": float(s), "solver/f_rel_res": 0.01 * s,
+               "solver/converged_frac": 1.0 if s < 9 else 0.0} for s in range(1, 11)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert eval_main([str(run)]) == 0
+    record = json.loads((run / "eval.json").read_text())
+    conv, test = record["convergence"], record["splits"]["test"]
+    assert conv["eval"] == {k: test[k] for k in ("f_nstep", "f_rel_res", "converged_frac")}
+    # the last 20% of 10 steps: steps 8, 9 and 10
+    assert conv["train_tail"] == pytest.approx({"f_nstep": 9.0, "f_rel_res": 0.09, "converged_frac": 1 / 3})
+    reached = test["f_rel_res"] <= conv["max_rel_res"] == 0.05
+    assert conv["label"] == ("at equilibrium" if reached else "not at equilibrium")
+    assert len(record["eval_code"]["source_sha256"]) == 64
+
+
+def test_solver_probe_reads_validation_only_and_refuses_an_unrolled_run(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("solver_probe", ROOT / "scripts" / "solver_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    run, _ = make_trained_run(tmp_path, "deq")
+    rows = probe.probe(run, ["broyden", "anderson"], [1, 4], 1e-3, 200)
+    assert [(r["solver"], r["cap"]) for r in rows] == [("broyden", 1), ("broyden", 4), ("anderson", 1),
+                                                        ("anderson", 4)]
+    assert all(r["f_nstep"] <= r["cap"] and r["n_tokens"] >= 200 for r in rows)
+    assert not (run / "eval.json").exists()  # it chooses settings: nothing is written, no test split read
+    flat, _ = make_trained_run(tmp_path / "u", "unrolled")
+    with pytest.raises(SystemExit, match="not a DEQ run"):
+        probe.probe(flat, ["broyden"], [4], 1e-3, 200)

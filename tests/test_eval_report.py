@@ -271,3 +271,72 @@ def test_a_deq_with_solver_caps_gets_the_compute_knob_figure(tmp_path):
     assert "(solver_caps.png)" in (out / "summary.md").read_text()
     write_report([baseline], tmp_path / "none", "fixture", log=lambda m: None)
     assert not (tmp_path / "none" / "solver_caps.png").exists()
+
+
+def _set_eval_solver(run: Path, f_nstep: float, f_rel_res: float, converged_frac: float) -> None:
+    record = json.loads((run / "eval.json").read_text())
+    record["splits"]["test"].update(f_nstep=f_nstep, f_rel_res=f_rel_res, converged_frac=converged_frac)
+    (run / "eval.json").write_text(json.dumps(record))
+
+
+def test_a_deq_above_the_residual_threshold_is_labelled_not_at_equilibrium(tmp_path):
+    capped = make_run(tmp_path, "ptb", "tn_deq", "deq", pair="tn", test=181.0)
+    solved = make_run(tmp_path, "ptb", "tn_deq_f30", "deq", pair="tn", test=180.0)
+    baseline = make_run(tmp_path, "ptb", "tn_unrolled", "unrolled", pair="tn", test=177.0)
+    _set_eval_solver(capped, 12.0, 0.196, 0.0)
+    _set_eval_solver(solved, 21.5, 0.05, 0.4)  # the threshold itself counts as reached
+    out = tmp_path / "out"
+    write_report([capped, solved, baseline], out, "fixture")
+    rows = {r["experiment"]: r for r in read_csv(out / "summary.csv")}
+    assert rows["tn_deq"]["equilibrium"] == "not at equilibrium"
+    assert float(rows["tn_deq"]["eval_f_rel_res"]) == 0.196 and float(rows["tn_deq"]["eval_f_nstep"]) == 12.0
+    assert rows["tn_deq_f30"]["equilibrium"] == "at equilibrium"
+    assert rows["tn_unrolled"]["equilibrium"] == "" and rows["tn_unrolled"]["eval_f_rel_res"] == ""
+    # end of training: the last 20% of the steps (events at 10, 20, 30: only step 30's figures)
+    assert float(rows["tn_deq"]["tail_f_nstep"]) == 13.0
+    assert float(rows["tn_deq"]["tail_f_rel_res"]) == pytest.approx(1e-3 / 30)
+    pairs = {p["deq_experiment"]: p for p in read_csv(out / "pairs.csv")}
+    assert pairs["tn_deq"]["deq_equilibrium"] == "not at equilibrium"
+    assert float(pairs["tn_deq"]["deq_eval_converged_frac"]) == 0.0
+    text = (out / "summary.md").read_text()
+    assert "deq (not at equilibrium)" in text and text.count("deq (not at equilibrium)") == 1
+
+
+@pytest.mark.parametrize("env, patch, label", [
+    ({"git_sha": "0123456789abcdef", "git_dirty": False}, False, "0123456"),
+    ({"git_sha": "0123456789abcdef", "git_dirty": True, "git_patch": "code.patch"}, True, "0123456+patch"),
+    ({"git_sha": "0123456789abcdef", "git_dirty": True, "git_patch": None}, False, "code not recorded"),
+    ({"git_sha": None, "git_dirty": None, "source_sha256": "fedcba9876543210"}, False, "src:fedcba9"),
+    ({"git_sha": None, "git_dirty": None}, False, "code not recorded"),
+])  # fmt: skip
+def test_the_code_column_names_a_commit_only_when_its_code_can_be_rebuilt(tmp_path, env, patch, label):
+    run = make_run(tmp_path, "ptb", "tx_deq", "deq", pair="tx")
+    (run / "env.json").write_text(json.dumps(env))
+    if patch:
+        (run / "code.patch").write_text("diff --git a/x b/x\n")
+    baseline = make_run(tmp_path, "ptb", "tx_unrolled", "unrolled", pair="tx")  # no env.json at all
+    write_report([run, baseline], tmp_path / "out", "fixture")
+    rows = {r["experiment"]: r for r in read_csv(tmp_path / "out" / "summary.csv")}
+    assert rows["tx_deq"]["code"] == label and rows["tx_unrolled"]["code"] == "code not recorded"
+    (pair,) = read_csv(tmp_path / "out" / "pairs.csv")
+    assert pair["deq_code"] == label
+
+
+def test_a_seed_study_is_summarised_by_its_mean_gap_and_range(tmp_path):
+    runs = []
+    for seed, deq, unrolled in ((1111, 102.0, 100.0), (2222, 104.0, 100.0), (3333, 109.0, 100.0)):
+        runs.append(make_run(tmp_path, "ptb", "tx_deq", "deq", pair="tx", test=deq, seed=seed,
+                             stamp=f"2025010{seed % 10}-000000"))
+        runs.append(make_run(tmp_path, "ptb", "tx_unrolled", "unrolled", pair="tx", test=unrolled, seed=seed,
+                             stamp=f"2025010{seed % 10}-000000"))
+    _set_eval_solver(runs[0], 9.0, 1e-3, 1.0)
+    _set_eval_solver(runs[2], 9.5, 2e-3, 0.98)
+    _set_eval_solver(runs[4], 12.0, 0.2, 0.0)  # seed 3333's DEQ stopped short of its fixed point
+    write_report(runs, tmp_path / "out", "fixture")
+    (row,) = read_csv(tmp_path / "out" / "pair_means.csv")
+    assert row["n_seeds"] == "3" and row["seeds"] == "1111 2222 3333"
+    assert float(row["gap_pct_mean"]) == pytest.approx(5.0)
+    assert (float(row["gap_pct_min"]), float(row["gap_pct_max"])) == pytest.approx((2.0, 9.0))
+    assert float(row["gap_pct_sd"]) == pytest.approx(3.6055, abs=1e-4)
+    assert row["deq_at_equilibrium"] == "2/3"
+    assert "+5.0 (+2.0 to +9.0)" in (tmp_path / "out" / "summary.md").read_text()

@@ -101,7 +101,8 @@ def test_run_directory_holds_config_env_metrics_and_weights_only_checkpoints(tmp
     for name in ("config.yaml", "env.json", "metrics.jsonl", "ckpt/last.pt", "ckpt/best.pt"):
         assert (run / name).is_file(), name
     env = (run / "env.json").read_text()
-    for key in ("git_sha", "git_dirty", "torch", "device", "world_size", "threads", "hostname", "start_time"):
+    for key in ("git_sha", "git_dirty", "git_patch", "source_sha256", "torch", "device", "world_size",
+                "threads", "hostname", "start_time"):
         assert f'"{key}"' in env
     state = torch.load(run / "ckpt" / "last.pt", weights_only=True)
     for key in ("model", "optimizer", "scheduler", "scaler", "step", "data_state", "rng", "config",

@@ -2,13 +2,17 @@
 
 A run directory holds everything needed to trust a number next to it:
 
-    <train.run_dir>/<corpus>/<experiment>/<stamp>/{config.yaml, env.json, metrics.jsonl, ckpt/}
+    <train.run_dir>/<corpus>/<experiment>/<stamp>/{config.yaml, env.json, [code.patch], metrics.jsonl, ckpt/}
+
+env.json names the code: its commit, whether the checkout differed from it (then code.patch holds the
+difference, which `git apply` re-applies to that commit) and a hash of the package source.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import os
 import platform
 import random
@@ -22,7 +26,7 @@ import torch
 
 from deqlm.allocator import allocator_info
 from deqlm.config import ConfigError
-from deqlm.io import atomic_write_json
+from deqlm.io import atomic_write_bytes, atomic_write_json
 
 
 def seed_everything(seed: int) -> None:
@@ -81,20 +85,73 @@ def make_run_dir(root: str | os.PathLike, corpus: str, experiment: str) -> Path:
     raise RuntimeError(f"cannot create a fresh run directory under {parent}")
 
 
-def _git(*args: str) -> str | None:
+UNTRACKED_PATCH_LIMIT = 1 << 20  # untracked files larger than this are named in env.json, not patched
+
+
+def _git_bytes(cwd: Path, *args: str, ok: tuple[int, ...] = (0,)) -> bytes | None:
+    """git's raw stdout, or None when git is missing, fails, or `cwd` is not inside a checkout."""
     try:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    return out.stdout if out.returncode in ok else None
 
 
-def git_state() -> dict:
-    """The commit the code came from and whether the working tree differed from it."""
-    sha = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+def _git(cwd: Path, *args: str) -> str | None:
+    out = _git_bytes(cwd, *args)
+    return None if out is None else out.decode(errors="replace").strip()
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def git_state(where: Path | None = None) -> dict:
+    """The commit the code came from and whether the checkout differs from it (untracked files that git does
+    not ignore count: a new module or experiment file changes what runs)."""
+    where = where or _package_dir()
+    sha = _git(where, "rev-parse", "HEAD")
+    status = _git(where, "status", "--porcelain") if sha else None
     return {"git_sha": sha, "git_dirty": None if status is None else bool(status)}
+
+
+def git_patch(where: Path | None = None) -> tuple[bytes, list[str]]:
+    """The checkout's difference from its commit as one patch that `git apply` re-applies there: tracked
+    changes, staged or not, then each untracked file git does not ignore as a new file. Returns the patch
+    and the untracked files left out for size (over UNTRACKED_PATCH_LIMIT bytes)."""
+    top = Path(_git(where or _package_dir(), "rev-parse", "--show-toplevel") or ".")
+    parts = [_git_bytes(top, "diff", "HEAD", "--binary") or b""]
+    skipped = []
+    listing = _git_bytes(top, "ls-files", "--others", "--exclude-standard", "-z") or b""
+    for rel in sorted(filter(None, listing.decode().split("\0"))):
+        if (top / rel).stat().st_size > UNTRACKED_PATCH_LIMIT:
+            skipped.append(rel)
+            continue
+        new_file = _git_bytes(top, "diff", "--no-index", "--binary", "--", "/dev/null", rel, ok=(0, 1))
+        parts.append(new_file or b"")
+    return b"".join(parts), skipped
+
+
+def source_hash(package_dir: Path | None = None) -> dict:
+    """sha256 over the package's Python files (each one's relative path, length and bytes, in path order):
+    names the code of a run started outside a git checkout, and tells two runs' code apart when it differs."""
+    root = package_dir or _package_dir()
+    files = sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+    digest = hashlib.sha256()
+    for path in files:
+        data = path.read_bytes()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+        digest.update(data)
+    return {"source_sha256": digest.hexdigest(), "source_files": len(files)}
+
+
+def code_provenance(where: Path | None = None) -> tuple[dict, bytes | None]:
+    """env.json's code fields and, for a dirty checkout, the patch that turns its commit into the code run."""
+    info = {**git_state(where), **source_hash(where)}
+    if not info["git_dirty"]:
+        return {**info, "git_untracked_skipped": []}, None
+    patch, skipped = git_patch(where)
+    return {**info, "git_untracked_skipped": skipped}, patch
 
 
 def env_info(device: torch.device, world_size: int = 1) -> dict:
@@ -102,7 +159,6 @@ def env_info(device: torch.device, world_size: int = 1) -> dict:
     info = {
         "start_time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "hostname": socket.gethostname(),
-        **git_state(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -120,8 +176,19 @@ def env_info(device: torch.device, world_size: int = 1) -> dict:
     return info
 
 
+def patch_name(env_name: str) -> str:
+    """The patch saved beside an env file: env.json -> code.patch, env-resume-400.json ->
+    code-resume-400.patch."""
+    return "code" + env_name.removeprefix("env").removesuffix(".json") + ".patch"
+
+
 def write_env(run_dir: str | os.PathLike, device: torch.device, world_size: int = 1,
               name: str = "env.json") -> dict:
-    info = env_info(device, world_size)
+    """env.json: the process facts and the code's provenance (commit, dirty flag, source hash); a dirty
+    checkout's patch is written first, so an env.json that names a patch always has it beside it."""
+    code, patch = code_provenance()
+    if patch is not None:
+        atomic_write_bytes(Path(run_dir) / patch_name(name), patch)
+    info = {**env_info(device, world_size), **code, "git_patch": None if patch is None else patch_name(name)}
     atomic_write_json(Path(run_dir) / name, info)
     return info

@@ -5,9 +5,14 @@ The rules are written out in docs/evaluation.md ("Pairing rules").
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 
 from deqlm.config import ExperimentConfig
+from deqlm.eval.convergence import AT_EQUILIBRIUM, SOLVER_KEYS
+
+# the DEQ's convergence as its row has it, repeated in the pair table
+CONVERGENCE_KEYS = (*(f"eval_{k}" for k in SOLVER_KEYS), *(f"tail_{k}" for k in SOLVER_KEYS), "equilibrium")
 
 
 def warmup_only(row: dict) -> bool:
@@ -75,7 +80,9 @@ def _pair_row(pair: str, d: dict, x: dict) -> dict:
     deq, unrolled = _headline(dr), _headline(xr)
     rel = _ratio(deq, unrolled)
     return {
-        "pair": pair, "deq_run": dr["run"], "unrolled_run": xr["run"],
+        "pair": pair, "seed": dr["seed"], "deq_experiment": dr["experiment"],
+        "unrolled_experiment": xr["experiment"], "deq_run": dr["run"], "deq_code": dr.get("code"),
+        "unrolled_run": xr["run"], "unrolled_code": xr.get("code"),
         "deq_test": deq, "unrolled_test": unrolled,
         "ppl_gap": None if deq is None or unrolled is None else deq - unrolled,
         "gap_pct": None if rel is None else 100.0 * (rel - 1.0),
@@ -85,6 +92,7 @@ def _pair_row(pair: str, d: dict, x: dict) -> dict:
         "deq_params_nonembedding": dr["params_nonembedding"],
         "unrolled_params_nonembedding": xr["params_nonembedding"],
         "speed_ratio": _ratio(xr["tokens_per_s"], dr["tokens_per_s"]),
+        **{f"deq_{k}": dr.get(k) for k in CONVERGENCE_KEYS},
         "notes": "; ".join(_budget_differences(d["cfg"], x["cfg"], dr, xr)),
     }  # fmt: skip
 
@@ -98,3 +106,31 @@ def _budget_differences(dc: ExperimentConfig, xc: ExperimentConfig, dr: dict, xr
         "eval settings": ((dr["eval_tgt_len"], dr["eval_mem_len"]), (xr["eval_tgt_len"], xr["eval_mem_len"])),
     }  # fmt: skip
     return [f"{k} differs ({a} vs {b})" for k, (a, b) in checks.items() if a != b]
+
+
+def seed_means(pairs: list[dict]) -> list[dict]:
+    """One row per DEQ experiment against one baseline experiment, over the seeds they were paired on: the
+    mean test figures and the gap's mean, spread and range (the figure a seed study quotes), and how many of
+    the DEQ's seeds reached their equilibrium."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for p in pairs:
+        groups[(p["pair"], p["deq_experiment"], p["unrolled_experiment"])].append(p)
+    means = []
+    for (pair, deq, unrolled), members in groups.items():
+        gaps = [p["gap_pct"] for p in members if p["gap_pct"] is not None]
+        n_eq = sum(p["deq_equilibrium"] == AT_EQUILIBRIUM for p in members)
+        means.append({
+            "pair": pair, "deq_experiment": deq, "unrolled_experiment": unrolled, "n_seeds": len(members),
+            "seeds": " ".join(str(p["seed"]) for p in sorted(members, key=lambda p: p["seed"])),
+            "deq_test_mean": _mean([p["deq_test"] for p in members]),
+            "unrolled_test_mean": _mean([p["unrolled_test"] for p in members]),
+            "gap_pct_mean": _mean(gaps), "gap_pct_sd": statistics.stdev(gaps) if len(gaps) > 1 else None,
+            "gap_pct_min": min(gaps, default=None), "gap_pct_max": max(gaps, default=None),
+            "deq_at_equilibrium": f"{n_eq}/{len(members)}",
+        })  # fmt: skip
+    return means
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None

@@ -25,6 +25,7 @@ import torch
 
 from deqlm.config import ConfigError, ExperimentConfig, to_dict
 from deqlm.data.dataset import build_dataset
+from deqlm.eval.convergence import convergence_record
 from deqlm.eval.loop import evaluate
 from deqlm.eval.runs import (
     EVAL_FILE,
@@ -36,12 +37,21 @@ from deqlm.eval.runs import (
     read_eval_json,
 )
 from deqlm.eval.settings import EvalRequest, EvalSettings, resolve_eval_settings
-from deqlm.io import atomic_write_json
+from deqlm.io import JsonlError, atomic_write_json, read_jsonl
 from deqlm.metrics import MemoryMeter
 from deqlm.models import build_model, count_params
-from deqlm.runtime import pick_device
+from deqlm.runtime import git_state, pick_device, source_hash
 
 SCHEMA_VERSION = 1
+
+
+def _training_events(run_dir: Path) -> list[dict]:
+    """The run's training log for the end-of-training solver figures; empty when it is missing or damaged
+    (the evaluation itself does not depend on it)."""
+    try:
+        return read_jsonl(run_dir / "metrics.jsonl")
+    except (OSError, JsonlError):
+        return []
 
 
 def _split_result(raw: dict, *, word_count: int | None, token_count: int | None, copy_task: bool) -> dict:
@@ -200,6 +210,8 @@ def build_record(run_dir: Path, cfg: ExperimentConfig, settings: dict, ckpt_info
         "torch": torch.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config_eval": to_dict(cfg.eval),
+        "convergence": convergence_record(cfg.model.core, splits, _training_events(run_dir)),
+        "eval_code": {**git_state(), **source_hash()},  # the code that computed these figures
     }
     for split, res in splits.items():
         record[f"{split}_loss"] = res["loss"]

@@ -1,8 +1,8 @@
 """Figures of the comparison report: validation curves, peak memory, solver statistics over training.
 
-Every figure is titled, has labelled axes with units and a legend naming each run; a run keeps one colour and
-label across figures (a DEQ run and its unrolled baseline share a colour: DEQ solid, unrolled dashed or
-hatched).
+Every figure is titled, has labelled axes with units and a legend naming each run once; a run keeps one
+colour (its experiment's), marker (its seed's) and label across figures, DEQ solid and unrolled dashed or
+hatched, and a DEQ that stopped short of its fixed point says so in its label.
 Each function returns False, writing nothing, when no run has the data it plots.
 """
 
@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from deqlm.eval.convergence import EQUILIBRIUM_MAX_REL_RES, NOT_AT_EQUILIBRIUM
 from deqlm.io import atomic_write_bytes
 
 
@@ -49,28 +50,55 @@ def log_values(events: list[dict], key: str) -> list[float]:
     return [v for v in (as_number(e.get(key)) for e in events) if v is not None]
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # one per seed of an experiment
+
+
+def run_label(row: dict, seeds_of_experiment: int) -> str:
+    """A run's legend entry, written once: its experiment, its seed when the experiment has several, its core,
+    and for a DEQ that stopped short of its fixed point, that it did."""
+    label = row["experiment"] + (f" seed {row['seed']}" if seeds_of_experiment > 1 else "")
+    if row["core"] != "deq":
+        return label + " (unrolled)"
+    short = row.get("equilibrium") == NOT_AT_EQUILIBRIUM
+    return label + (f" (DEQ, {NOT_AT_EQUILIBRIUM})" if short else " (DEQ)")
+
+
 def run_styles(runs: list[dict]) -> dict[str, dict]:
-    """One colour per pair (or experiment), solid for DEQ and dashed for unrolled; labels name each run."""
+    """One colour per experiment and one marker per seed, solid for DEQ and dashed for unrolled: every run
+    can be told apart in every figure, and a run keeps its colour, marker and label across figures."""
     import matplotlib.pyplot as plt
 
-    keys = sorted({r["row"]["pair"] or r["row"]["experiment"] for r in runs})
-    colours = plt.get_cmap("tab10").colors
-    counts = defaultdict(int)
+    experiments = sorted({r["row"]["experiment"] for r in runs})
+    paired = plt.get_cmap("tab20").colors  # dark and light shades alternate: all dark ones first
+    colours = paired[0::2] + paired[1::2]
+    seeds: dict[str, list] = defaultdict(list)
     for r in runs:
-        counts[r["row"]["experiment"]] += 1
+        seeds[r["row"]["experiment"]].append(r["row"]["seed"])
     style = {}
     for r in runs:
         row = r["row"]
-        label = (
-            row["experiment"] if counts[row["experiment"]] == 1 else f"{row['experiment']} @ {r['dir'].name}"
-        )
-        label += " (DEQ)" if row["core"] == "deq" else " (unrolled)"
+        own = sorted(set(seeds[row["experiment"]]), key=str)
         style[row["run"]] = {
-            "color": colours[keys.index(row["pair"] or row["experiment"]) % len(colours)],
+            "color": colours[experiments.index(row["experiment"]) % len(colours)],
             "linestyle": "-" if row["core"] == "deq" else "--",
-            "label": label,
+            "marker": MARKERS[own.index(row["seed"]) % len(MARKERS)],
+            "label": run_label(row, len(own)),
         }
     return style
+
+
+def label_log_axis(axis) -> None:
+    """Plain numbers on a log axis at 1, 2 and 5 of every decade, or at ten points a decade when the data span
+    less than two decades, so a reader can place a curve without the CSV (matplotlib's default labels only
+    the powers of ten). Call it after the data are plotted."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = sorted(axis.get_view_interval())
+    short = lo > 0 and hi / lo < 100
+    subs = (1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0) if short else (1.0, 2.0, 5.0)
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _time_axis(runs: list[dict]) -> tuple[float, str]:
@@ -89,7 +117,6 @@ def _save(fig, path: Path) -> None:
 def plot_curves(runs: list[dict], path: Path, title: str, style: dict[str, dict]) -> bool:
     """Validation perplexity (loss for copy memory) vs optimizer step and vs wall-clock time."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogFormatter
 
     copy_task = all(r["row"]["corpus"] == "copy" for r in runs)
     key, ylabel = (
@@ -104,9 +131,9 @@ def plot_curves(runs: list[dict], path: Path, title: str, style: dict[str, dict]
     for r in runs:
         st = style[r["row"]["run"]]
         xs, ys = log_series(r["events"], key)
-        ax_s.plot(xs, ys, marker="o", markersize=3, **st)
+        ax_s.plot(xs, ys, markersize=3, **st)
         ts, ys_t = log_series(r["events"], key, x="time/elapsed_s")
-        ax_t.plot([t / scale for t in ts], ys_t, marker="o", markersize=3, **st)
+        ax_t.plot([t / scale for t in ts], ys_t, markersize=3, **st)
     # log scale when possible: early perplexities are orders of magnitude above the final ones
     yscale = "log" if all(v > 0 for r in runs for v in log_values(r["events"], key)) else "linear"
     if yscale == "linear":
@@ -117,9 +144,8 @@ def plot_curves(runs: list[dict], path: Path, title: str, style: dict[str, dict]
     ax_t.set(xlabel=f"wall-clock training time ({unit})", yscale=yscale, title="vs wall-clock time")
     for ax in (ax_s, ax_t):
         ax.grid(True, which="both", alpha=0.3)
-        if yscale == "log":  # plain numbers (35, 40) instead of 3.5x10^1 on short log ranges
-            ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        if yscale == "log":
+            label_log_axis(ax.yaxis)
     what = "Validation loss" if copy_task else "Validation perplexity"
     fig.suptitle(f"{title}: {what} during training (training-log figures, not eval.json)")
     _legend_below_and_save(fig, ax_s, 3, path)
@@ -166,9 +192,13 @@ def plot_solver(runs: list[dict], path: Path, title: str, style: dict[str, dict]
             (ax_n, "solver/f_nstep", "solver/b_nstep"),
             (ax_r, "solver/f_rel_res", "solver/b_rel_res"),
         ):
-            ax.plot(*log_series(r["events"], fkey), linestyle="-", label=f"{label} forward", **st)
+            ax.plot(*log_series(r["events"], fkey), linestyle="-", label=f"{label} forward", markevery=0.1,
+                    markersize=4, **st)
             if log_values(r["events"], bkey):
-                ax.plot(*log_series(r["events"], bkey), linestyle=":", label=f"{label} backward", **st)
+                ax.plot(*log_series(r["events"], bkey), linestyle=":", label=f"{label} backward",
+                        markevery=0.1, markersize=4, **st)
+    ax_r.axhline(EQUILIBRIUM_MAX_REL_RES, color="black", linewidth=1, linestyle="-.",
+                 label=f"equilibrium threshold ({EQUILIBRIUM_MAX_REL_RES})")
     ax_n.set(
         xlabel="training step (optimizer updates)",
         ylabel="solver iterations per solve",
@@ -182,6 +212,8 @@ def plot_solver(runs: list[dict], path: Path, title: str, style: dict[str, dict]
     )
     for ax in (ax_n, ax_r):
         ax.grid(True, which="both", alpha=0.3)
+    label_log_axis(ax_r.yaxis)
+    ax_r.legend(handles=ax_r.get_lines()[-1:], fontsize=8, loc="upper right")
     fig.subplots_adjust(wspace=0.3)
     fig.suptitle(f"{title}: equilibrium solver over training (DEQ mode only)")
     _legend_below_and_save(fig, ax_n, 2, path)
@@ -242,6 +274,7 @@ def plot_solver_caps(runs: list[dict], path: Path, title: str, style: dict[str, 
     """The DEQ's compute knob: test ppl of one checkpoint against the forward solver cap at inference, the
     unrolled baseline's test ppl as a horizontal line and the training cap as a vertical one."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     deqs = [r for r in runs if (r.get("caps") or {}).get("points")]
     if not deqs:
@@ -251,16 +284,20 @@ def plot_solver_caps(runs: list[dict], path: Path, title: str, style: dict[str, 
     for r in deqs:
         st = style[r["row"]["run"]]
         pts = sorted((p["cap"], p["ppl"]) for p in r["caps"]["points"] if as_number(p.get("ppl")) is not None)
-        ax.plot(*zip(*pts), marker="o", color=st["color"], label=f"{st['label']} (DEQ)")
+        ax.plot(*zip(*pts), marker=st["marker"], color=st["color"], label=st["label"])
         ax.axvline(r["cfg"].deq.f_max_iter, color=st["color"], linestyle=":", alpha=0.6)
         baseline = by_run.get(r["row"]["paired_with"] or "")
         if baseline is not None and as_number(baseline["row"]["test_ppl"]) is not None:
             ax.axhline(baseline["row"]["test_ppl"], color=st["color"], linestyle="--",
-                       label=f"{style[baseline['row']['run']]['label']} (unrolled baseline)")
+                       label=f"{style[baseline['row']['run']]['label']}, its baseline")
     ax.set_xscale("log", base=2)
+    caps = sorted({p["cap"] for r in deqs for p in r["caps"]["points"]})
+    ax.set_xticks(caps, [str(c) for c in caps])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="forward solver cap at inference (steps; dotted: the training cap)",
            ylabel="test perplexity (whole split)", yscale="log")
     ax.grid(True, which="both", alpha=0.3)
+    label_log_axis(ax.yaxis)
     ax.set_title(f"{title}: one set of DEQ weights, more solver steps at inference")
     _legend_below_and_save(fig, ax, 2, path)
     return True

@@ -16,9 +16,6 @@ last validation figure is shown only as ``last_logged_valid_ppl``. Pairing rules
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
-import io
 import statistics
 import sys
 from collections import defaultdict
@@ -27,7 +24,8 @@ from typing import Any
 
 from deqlm.allocator import tune_allocator
 from deqlm.config import ExperimentConfig
-from deqlm.eval.pairing import pair_runs, warmup_only
+from deqlm.eval.convergence import equilibrium_label, eval_solver, training_tail
+from deqlm.eval.pairing import pair_runs, seed_means, warmup_only
 from deqlm.eval.plots import (
     log_values,
     plot_curves,
@@ -38,6 +36,7 @@ from deqlm.eval.plots import (
     run_styles,
 )
 from deqlm.eval.runs import (
+    CODE_NOT_RECORDED,
     RunError,
     discover_runs,
     has_checkpoint,
@@ -45,26 +44,36 @@ from deqlm.eval.runs import (
     load_run_config,
     read_eval_json,
     read_solver_caps,
+    run_code,
 )
+from deqlm.eval.tables import csv_text, render_markdown
 from deqlm.exits import BAD_INPUT, OK, error, warn
-from deqlm.fmt import number
 from deqlm.io import JsonlError, atomic_write_text, read_jsonl
 
 COLUMNS = [
-    "run", "experiment", "corpus", "arch", "core", "mode", "pair", "seed", "steps", "params_total",
+    "run", "code", "experiment", "corpus", "arch", "core", "mode", "pair", "seed", "steps", "params_total",
     "params_nonembedding",
     "valid_ppl", "test_ppl", "valid_loss", "test_loss", "test_word_ppl", "best_possible_ppl", "paper_test",
     "paper_row", "last_logged_valid_ppl", "peak_train_mem_gib", "peak_mem_kind", "activation_bytes",
     "state_bytes", "model_mem_mib",
     "tokens_per_s", "eval_tokens_per_s", "f_nstep_mean", "f_rel_res_mean", "b_nstep_mean",
-    "converged_frac_mean", "train_time_s", "eval_step", "eval_batch_size", "eval_tgt_len", "eval_mem_len",
+    "converged_frac_mean", "eval_f_nstep", "eval_f_rel_res", "eval_converged_frac", "tail_f_nstep",
+    "tail_f_rel_res", "tail_converged_frac", "equilibrium", "train_time_s", "eval_step", "eval_batch_size",
+    "eval_tgt_len", "eval_mem_len",
     "eval_clamp_len", "eval_f_max_iter", "eval_f_tol", "eval_partial", "paired_with", "mem_ratio", "ppl_gap",
 ]  # fmt: skip
 DEFAULT_OUT = "results/compare"  # a user's comparisons; the committed results/<corpus>/ only on request
 PAIR_COLUMNS = [
-    "pair", "deq_run", "unrolled_run", "deq_test", "unrolled_test", "ppl_gap", "gap_pct", "deq_mem_gib",
+    "pair", "seed", "deq_experiment", "unrolled_experiment", "deq_run", "deq_code", "unrolled_run",
+    "unrolled_code", "deq_test", "unrolled_test", "ppl_gap", "gap_pct", "deq_mem_gib",
     "unrolled_mem_gib", "mem_ratio", "model_mem_ratio", "deq_params_nonembedding",
-    "unrolled_params_nonembedding", "speed_ratio", "notes",
+    "unrolled_params_nonembedding", "speed_ratio", "deq_eval_f_nstep", "deq_eval_f_rel_res",
+    "deq_eval_converged_frac", "deq_tail_f_nstep", "deq_tail_f_rel_res", "deq_tail_converged_frac",
+    "deq_equilibrium", "notes",
+]  # fmt: skip
+MEAN_COLUMNS = [
+    "pair", "deq_experiment", "unrolled_experiment", "n_seeds", "seeds", "deq_test_mean",
+    "unrolled_test_mean", "gap_pct_mean", "gap_pct_sd", "gap_pct_min", "gap_pct_max", "deq_at_equilibrium",
 ]  # fmt: skip
 
 
@@ -92,8 +101,10 @@ def _int(value: float | None) -> int | None:
     return None if value is None else int(round(value))
 
 
-def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: dict | None) -> dict:
-    """One report row (keys: COLUMNS) from the config, the training log and eval.json."""
+def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: dict | None,
+                  code: str = CODE_NOT_RECORDED) -> dict:
+    """One report row (keys: COLUMNS) from the config, the training log, eval.json and the run's `code`
+    label (`deqlm.eval.runs.run_code`)."""
     ev = ev or {}
     settings = ev.get("settings") or {}
     splits = ev.get("splits") or {}
@@ -144,6 +155,9 @@ def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: 
         eval_f_tol=settings.get("f_tol"),
         eval_partial=ev.get("partial") if ev else None,
     )
+    at_eval, tail = eval_solver(splits), training_tail(events)
+    row.update({f"eval_{k}": v for k, v in at_eval.items()} | {f"tail_{k}": v for k, v in tail.items()})
+    row.update(code=code, equilibrium=equilibrium_label(cfg.model.core, at_eval["f_rel_res"]))
     if row["activation_bytes"] is not None and row["state_bytes"] is not None:
         row["model_mem_mib"] = (row["activation_bytes"] + row["state_bytes"]) / 2**20
     return row
@@ -170,7 +184,7 @@ def collect_run(run_dir: str | Path) -> dict:
         warnings.append(
             f"warning: {run_dir}: eval.json was made with max_tokens={ev['settings']['max_tokens']}"
         )
-    row = summarize_run(run_dir, cfg, events, ev)
+    row = summarize_run(run_dir, cfg, events, ev, run_code(run_dir))
     if warmup_only(row):
         warnings.append(
             f"warning: {run_dir}: a DEQ run that never left its warm-up (model.pretrain_steps "
@@ -179,146 +193,6 @@ def collect_run(run_dir: str | Path) -> dict:
         )
     return {"dir": run_dir, "cfg": cfg, "events": events, "eval": ev, "row": row, "warnings": warnings,
             "caps": read_solver_caps(run_dir)}
-
-
-# ------------------------------------------------------------------------------------------------
-# tables
-
-
-def _md_table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(number(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _csv_text(rows: list[dict], columns: list[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
-    return buf.getvalue()
-
-
-def _runs_table(rows: list[dict], metric: str, copy_task: bool) -> str:
-    mib = [None if r["activation_bytes"] is None else r["activation_bytes"] / 2**20 for r in rows]
-    per_word = any(r["test_word_ppl"] is not None for r in rows)  # subword runs: ppl per token above
-    return _md_table(
-        ["run", "core", "pair", "params (non-emb)", f"valid {metric}", f"test {metric}"]
-        + (["test ppl per word"] if per_word else [])
-        + ([] if copy_task else ["best possible ppl"])
-        + [
-            "paper test",
-            "peak train mem (GiB)",
-            "activations (MiB)",
-            "train tok/s",
-            "f_nstep (mean)",
-            "eval tgt/mem/f_max_iter",
-        ],
-        [
-            [
-                r["run"],
-                "deq (warm-up only)" if warmup_only(r) else r["core"],
-                r["pair"],
-                r["params_nonembedding"],
-                r[f"valid_{metric}"],
-                r[f"test_{metric}"],
-            ]
-            + ([r["test_word_ppl"]] if per_word else [])
-            + ([] if copy_task else [r["best_possible_ppl"]])
-            + [
-                r["paper_test"],
-                r["peak_train_mem_gib"],
-                m,
-                r["tokens_per_s"],
-                r["f_nstep_mean"],
-                "/".join(number(r[k]) for k in ("eval_tgt_len", "eval_mem_len", "eval_f_max_iter")),
-            ]
-            for r, m in zip(rows, mib)
-        ],
-    )
-
-
-def _pairs_section(pairs: list[dict], metric: str, per_word: bool) -> list[str]:
-    out: list[str] = []
-    if pairs:
-        out += [
-            "## DEQ vs unrolled baseline",
-            "",
-            f"gap = DEQ minus unrolled test {metric} (negative: DEQ better), gap % = the same relative to "
-            f"the unrolled run; memory ratio = DEQ / unrolled peak training memory, model memory ratio = the "
-            f"same for the model's own tensors (model_mem_mib); speed ratio = unrolled / DEQ training "
-            f"tokens/s (>1: DEQ slower)."
-            + (" Subword runs are compared on their perplexity per word." if per_word else ""),
-            "",
-            _md_table(
-                [
-                    "pair",
-                    "DEQ run",
-                    "unrolled run",
-                    f"DEQ {metric}",
-                    f"unrolled {metric}",
-                    "gap",
-                    "gap %",
-                    "DEQ mem (GiB)",
-                    "unrolled mem (GiB)",
-                    "memory ratio",
-                    "model memory ratio",
-                    "speed ratio",
-                    "notes",
-                ],
-                [
-                    [
-                        p["pair"],
-                        p["deq_run"],
-                        p["unrolled_run"],
-                        p["deq_test"],
-                        p["unrolled_test"],
-                        p["ppl_gap"],
-                        p["gap_pct"],
-                        p["deq_mem_gib"],
-                        p["unrolled_mem_gib"],
-                        p["mem_ratio"],
-                        p["model_mem_ratio"],
-                        p["speed_ratio"],
-                        p["notes"],
-                    ]
-                    for p in pairs
-                ],
-            ),
-            "",
-        ]
-    return out
-
-
-def render_markdown(
-    title: str, rows: list[dict], pairs: list[dict], plots: list[str], warnings: list[str]
-) -> str:
-    copy_task = bool(rows) and all(r["corpus"] == "copy" for r in rows)
-    metric = "loss" if copy_task else "ppl"
-    per_word = any(r["test_word_ppl"] is not None for r in rows)
-    runs_table = _runs_table(rows, metric, copy_task)
-    partial = [r["run"] for r in rows if r["eval_partial"]]
-    extent = "whole split" if not partial else f"whole split, except partial evals of {', '.join(partial)}"
-    out = [
-        f"# {title}",
-        "",
-        f"Generated {_dt.date.today().isoformat()} by `python -m deqlm.eval.report` from {len(rows)} run(s). "
-        f"Valid/test figures come from each run's `eval.json` ({extent}; Transformer-XL protocol, memory "
-        f"carried across segments); memory, speed and solver figures from `metrics.jsonl` (training). "
-        f"Columns are described in docs/evaluation.md; every column is in `summary.csv`.",
-        "",
-        "## Runs",
-        "",
-        runs_table,
-        "",
-    ]
-    out += _pairs_section(pairs, metric, per_word)
-    if plots:
-        out += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots] + [""]
-    if warnings:
-        out += ["## Warnings", ""] + [f"- {w.removeprefix('warning: ')}" for w in warnings] + [""]
-    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,6 +223,7 @@ def write_report(run_dirs, out_dir, title: str, *, skip_bad: bool = False, log=p
         key=lambda r: (r["row"]["pair"] or "~", r["row"]["core"], r["row"]["experiment"], r["dir"].name)
     )
     pairs = pair_runs(runs)
+    means = seed_means(pairs)
     rows = [r["row"] for r in runs]
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = []
@@ -366,10 +241,11 @@ def write_report(run_dirs, out_dir, title: str, *, skip_bad: bool = False, log=p
         ):
             if fn(runs, out_dir / name, title, style):
                 plots.append(name)
-    atomic_write_text(out_dir / "summary.csv", _csv_text(rows, COLUMNS))
+    atomic_write_text(out_dir / "summary.csv", csv_text(rows, COLUMNS))
     if pairs:
-        atomic_write_text(out_dir / "pairs.csv", _csv_text(pairs, PAIR_COLUMNS))
-    atomic_write_text(out_dir / "summary.md", render_markdown(title, rows, pairs, plots, warnings))
+        atomic_write_text(out_dir / "pairs.csv", csv_text(pairs, PAIR_COLUMNS))
+        atomic_write_text(out_dir / "pair_means.csv", csv_text(means, MEAN_COLUMNS))
+    atomic_write_text(out_dir / "summary.md", render_markdown(title, rows, pairs, means, plots, warnings))
     log(f"wrote {out_dir / 'summary.md'} ({len(rows)} runs, {len(pairs)} pairs, {len(plots)} plots)")
     return rows
 

@@ -15,6 +15,8 @@ from deqlm.config import ConfigError, ExperimentConfig, load_config
 from deqlm.exits import warn
 
 EVAL_FILE = "eval.json"
+ENV_FILE = "env.json"  # the process facts and the code's provenance (deqlm.runtime.write_env)
+CODE_NOT_RECORDED = "code not recorded"
 CAPS_FILE = "solver_caps.json"  # the DEQ's test ppl at several forward solver caps (deqlm.eval.solver_caps)
 EVAL_ORDER = (BEST, LAST)  # the best-validation weights when there are some
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "env.json", CKPT_DIR)  # what makes a folder look like a run
@@ -111,6 +113,35 @@ def read_eval_json(run_dir: Path) -> dict | None:
     if not isinstance(data, dict):
         raise RunError(run_dir, f"corrupt {EVAL_FILE} (not a JSON object)")
     return data
+
+
+def read_env(run_dir: Path) -> dict | None:
+    """The run's ``env.json``, None when absent or unreadable (older runs may lack one)."""
+    try:
+        data = json.loads((run_dir / ENV_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def code_label(env: dict | None, patch_saved: bool) -> str:
+    """The report's ``code`` cell: the short commit, ``+patch`` when the checkout was dirty and its patch is
+    in the run folder (`patch_saved`); a run from outside git is named by its source hash (``src:<hash>``). A
+    dirty checkout without its patch, or no record at all, is CODE_NOT_RECORDED: nobody can rebuild it."""
+    env = env or {}
+    sha, dirty = env.get("git_sha"), env.get("git_dirty")
+    if sha and (dirty is False or (dirty and patch_saved)):
+        return sha[:7] + ("+patch" if dirty else "")
+    if not sha and env.get("source_sha256"):
+        return "src:" + env["source_sha256"][:7]
+    return CODE_NOT_RECORDED
+
+
+def run_code(run_dir: Path) -> str:
+    """`code_label` of the run's own env.json and patch."""
+    env = read_env(run_dir)
+    patch = (env or {}).get("git_patch")
+    return code_label(env, bool(patch) and (run_dir / str(patch)).is_file())
 
 
 def checkpoint_id(run_dir: Path, ckpt_path: Path, step: int | None) -> dict:

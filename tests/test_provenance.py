@@ -1,0 +1,97 @@
+"""env.json names the code a run used: commit, dirty flag, a patch rebuilding a dirty tree, a source hash."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from deqlm.runtime import code_provenance, patch_name, source_hash, write_env
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+
+
+def _git(repo: Path, *args: str) -> str:
+    out = subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=repo,
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def _repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "model.py").write_text("WIDTH = 64\n")
+    (repo / "pkg" / "solver.py").write_text("CAP = 12\n")
+    (repo / "exp.yaml").write_text("lr: 3.0e-3\n")
+    (repo / ".gitignore").write_text("runs/\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "start")
+    return repo
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and ".git" not in p.relative_to(root).parts and "runs" not in p.parts}
+
+
+def test_dirty_checkout_patch_reapplies_to_its_commit(tmp_path):
+    repo = _repo(tmp_path)
+    (repo / "pkg" / "model.py").write_text("WIDTH = 128\n")  # unstaged change
+    (repo / "exp.yaml").write_text("lr: 1.0e-3\n")
+    _git(repo, "add", "exp.yaml")  # staged change
+    (repo / "pkg" / "block.py").write_text("LAYERS = 4\n")  # untracked, not ignored
+    (repo / "runs").mkdir()
+    (repo / "runs" / "out.txt").write_text("ignored\n")
+    info, patch = code_provenance(repo)
+    assert info["git_sha"] == _git(repo, "rev-parse", "HEAD") and info["git_dirty"] is True
+    assert patch and b"runs/out.txt" not in patch
+
+    rebuilt = tmp_path / "rebuilt"
+    _git(tmp_path, "clone", "-q", str(repo), str(rebuilt))
+    _git(rebuilt, "checkout", "-q", info["git_sha"])
+    (tmp_path / "code.patch").write_bytes(patch)
+    _git(rebuilt, "apply", "--check", str(tmp_path / "code.patch"))
+    _git(rebuilt, "apply", str(tmp_path / "code.patch"))
+    assert _tree(rebuilt) == _tree(repo)
+
+
+def test_clean_checkout_records_its_commit_and_no_patch(tmp_path):
+    repo = _repo(tmp_path)
+    (repo / "runs").mkdir()
+    (repo / "runs" / "metrics.jsonl").write_text("{}\n")  # ignored output does not make the tree dirty
+    info, patch = code_provenance(repo)
+    assert info["git_dirty"] is False and patch is None and len(info["git_sha"]) == 40
+
+
+def test_source_hash_follows_content_not_timestamps(tmp_path):
+    repo = _repo(tmp_path)
+    before = source_hash(repo)
+    assert before["source_files"] == 2  # the .py files only
+    (repo / "pkg" / "model.py").touch()
+    (repo / "exp.yaml").write_text("lr: 9\n")
+    assert source_hash(repo) == before
+    (repo / "pkg" / "solver.py").write_text("CAP = 30\n")
+    assert source_hash(repo)["source_sha256"] != before["source_sha256"]
+
+
+def test_code_outside_a_checkout_is_still_named_by_its_source_hash(tmp_path):
+    code = tmp_path / "copy"
+    code.mkdir()
+    (code / "model.py").write_text("WIDTH = 64\n")
+    info, patch = code_provenance(code)
+    assert info["git_sha"] is None and info["git_dirty"] is None and patch is None
+    assert info["source_sha256"] == source_hash(code)["source_sha256"]
+
+
+def test_write_env_puts_the_patch_beside_the_env_file_it_names(tmp_path):
+    info = write_env(tmp_path, torch.device("cpu"), name="env-resume-400.json")
+    saved = json.loads((tmp_path / "env-resume-400.json").read_text())
+    assert saved["source_sha256"] == info["source_sha256"] == source_hash()["source_sha256"]
+    if saved["git_dirty"]:
+        assert saved["git_patch"] == patch_name("env-resume-400.json") == "code-resume-400.patch"
+        assert (tmp_path / saved["git_patch"]).stat().st_size > 0
+    else:
+        assert saved["git_patch"] is None and not list(tmp_path.glob("*.patch"))
