@@ -14,7 +14,7 @@ from deqlm.params import count_experiment, main
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p for d in ("ptb", "wt103", "copy") for p in (ROOT / "experiments" / d).glob("*.yaml"))
 
-# (file, params_total, params_nonembedding or None, relative tolerance): REFERENCE.md §1-2
+# (file, params_total, params_nonembedding or None, relative tolerance): docs/paper.md §1-2
 EXPECTED = [
     ("wt103/transformer_deq_medium_adaptive.yaml", 98e6, 70e6, 0.03),
     ("wt103/transformer_unrolled_base.yaml", 151e6, None, 0.01),

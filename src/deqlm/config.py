@@ -156,7 +156,7 @@ class DataConfig:
     synth_seed: int = 1234  # seed of the embedded stochastic language
     synth_vocab: int = 200  # its vocabulary size (without <eos>)
     synth_train_tokens: int = 200000  # words in its train split
-    # copy memory (REFERENCE.md §1)
+    # copy memory (docs/paper.md §1)
     copy_T: int = 400  # blank length T (sequence length T+20)
     copy_n_train: int = 20000  # training samples
     copy_n_test: int = 2000  # test samples
@@ -225,7 +225,7 @@ class LogConfig:
 class ExperimentConfig:
     name: str = "experiment"  # experiment name (run directories and reports)
     pair: str = ""  # name shared by a DEQ run and its unrolled baseline in comparisons
-    paper_row: str = ""  # the row of REFERENCE.md this experiment reproduces ("" if none)
+    paper_row: str = ""  # the row of docs/paper.md §1 this experiment reproduces ("" if none)
     paper_test: float | None = None  # the paper's test figure for that row (ppl, or loss for copy memory)
     note: str = ""  # the experiment file's free text: where sizes come from, deviations from the paper
     # the key=value overrides the run was started (then resumed) with, in order; they may make `note` untrue

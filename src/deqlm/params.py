@@ -18,7 +18,7 @@ from deqlm.exits import BAD_INPUT, OK, error
 
 USAGE = "usage: python -m deqlm.params CONFIG [key=value ...]"
 
-# word-level vocabulary sizes (REFERENCE.md §4); copy memory has 10 input symbols
+# word-level vocabulary sizes (docs/paper.md §4); copy memory has 10 input symbols
 VOCAB_SIZES = {"ptb": 10000, "wt103": 267735, "wt2": 33278, "copy": 10}
 
 

@@ -4,7 +4,7 @@
     python -m deqlm.bench memory --sweep [--size reduced|full]
     python -m deqlm.bench memory --row wt103-deq-transformer-small --json      # one row, this process
 
-Protocol (REFERENCE.md §1, memory column): sequence length 150, batch 15, Transformer memory 150, word
+Protocol (docs/paper.md §1, memory column): sequence length 150, batch 15, Transformer memory 150, word
 embeddings excluded by feeding the core random embedded inputs (no embedding or softmax tables, no logits; the
 loss is the mean square of the core's readout). Every row runs in a fresh process: build, one warm-up training
 step (it also fills the Transformer-XL memory and creates the Adam state), then one measured training step.

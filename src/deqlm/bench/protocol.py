@@ -1,7 +1,7 @@
 """What the memory and speed benchmarks measure, as plain data: the paper's rows, its protocol, the sizes.
 
-- The paper's rows (REFERENCE.md Tables 2 and 3) with their memory figures and the pairs they belong to, and
-  the experiment YAML that builds each (`find_experiment`).
+- The paper's rows (docs/paper.md §1, Tables 2 and 3) with their memory figures and the pairs they belong to,
+  and the experiment YAML that builds each (`find_experiment`).
 - The protocol (batch 15, sequence 150, memory 150), the sizes (`full`, `reduced`, `quick`) and the memory
   sweep's grids.
 
@@ -19,7 +19,7 @@ from deqlm.config import ConfigError, load_config
 REPO_ROOT = Path(__file__).resolve().parents[3]
 EXPERIMENTS_DIR = REPO_ROOT / "experiments"
 
-# The paper's memory protocol (REFERENCE.md §1): sequence length 150, batch 15, word embeddings excluded.
+# The paper's memory protocol (docs/paper.md §1): sequence length 150, batch 15, word embeddings excluded.
 PAPER_BATCH = 15
 PAPER_TGT_LEN = 150
 PAPER_MEM_LEN = 150
@@ -31,10 +31,10 @@ QUICK_MEM_LEN = 8
 
 @dataclass(frozen=True)
 class PaperRow:
-    """One row of REFERENCE.md with a memory figure; `key` is its command-line name."""
+    """One row of docs/paper.md §1 with a memory figure; `key` is its command-line name."""
 
     key: str  # --row name
-    row: str  # the model column of REFERENCE.md, verbatim
+    row: str  # the model column of docs/paper.md §1, verbatim
     corpus: str  # ptb | wt103 (experiments/<corpus>/)
     core: str  # deq | unrolled
     paper_mem_gib: float  # the paper's memory column ("GB" in the paper)
@@ -70,7 +70,7 @@ PAPER_ROWS: tuple[PaperRow, ...] = (
 )
 ROWS = {r.key: r for r in PAPER_ROWS}
 
-# REFERENCE.md §1 "Runtime" (Table 4): DEQ / unrolled time on WT103; keyed by the memory pair it compares.
+# docs/paper.md §1 "Time" (Table 4): DEQ / unrolled time on WT103; keyed by the memory pair it compares.
 PAPER_SPEED = {
     "wt103-transformer-medium-adaptive": {"train": 2.82, "infer": 1.76},  # vs 18-layer Transformer-XL
     "wt103-trellisnet": {"train": 2.40, "infer": 1.64},  # vs 70-layer TrellisNet

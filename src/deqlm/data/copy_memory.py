@@ -1,4 +1,4 @@
-"""The copy-memory task (REFERENCE.md §1; the TCN repository's convention).
+"""The copy-memory task (docs/paper.md §1; the TCN repository's convention).
 
 A sample has length T+20. Input: x1..x10 uniform in {1..8}, then T-1 zeros, then the marker 9 on the last 11
 positions. Target: 0 everywhere except the last 10 positions, which must reproduce x1..x10. Loss is 10-class

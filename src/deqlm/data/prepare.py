@@ -40,7 +40,7 @@ HUB = {  # dataset -> (repo id, config or path template, revision)
     "ptb": ("ptb-text-only/ptb_text_only", "penn_treebank", "refs/convert/parquet"),
 }
 HUB_SPLIT = {"train": "train", "valid": "validation", "test": "test"}
-# Published token counts (words + one <eos> per line; REFERENCE.md §4), checked after preparation.
+# Published token counts (words + one <eos> per line; docs/paper.md §4), checked after preparation.
 KNOWN_TOKENS = {
     "ptb": {"train": 929_589, "valid": 73_760, "test": 82_430},
     "wt103": {"train": 103_227_021, "valid": 217_646, "test": 245_569},
