@@ -1,6 +1,7 @@
 """env.json names the code a run used: commit, dirty flag, a patch rebuilding a dirty tree, a source hash."""
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -95,3 +96,30 @@ def test_write_env_puts_the_patch_beside_the_env_file_it_names(tmp_path):
         assert (tmp_path / saved["git_patch"]).stat().st_size > 0
     else:
         assert saved["git_patch"] is None and not list(tmp_path.glob("*.patch"))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_run_of_record_names_its_commit_and_its_small_files_collect_without_checkpoints(tmp_path):
+    sha = _git(ROOT, "rev-parse", "HEAD")
+    script = ROOT / "scripts" / "run_of_record.sh"
+    env = {**os.environ, "RUNS_ROOT": str(tmp_path)}
+    tree = tmp_path / f"run-{sha[:7]}"
+    try:
+        out = subprocess.run([str(script), "HEAD", "experiments/debug/transformer_xl.yaml",
+                              "train.max_steps=2", "train.eval_every=2", "train.ckpt_every=2",
+                              "log.progress=false", "log.wandb_mode=disabled"],
+                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        (run,) = (tree / "results" / "runs").glob("*/*/*")
+        saved = json.loads((run / "env.json").read_text())
+        assert saved["git_sha"] == sha and saved["git_dirty"] is False and saved["git_patch"] is None
+        dest = Path(subprocess.run([str(script), "collect", str(run), str(tmp_path / "record")],
+                                   capture_output=True, text=True, check=True).stdout.strip())
+        assert sorted(p.name for p in dest.iterdir()) == ["config.yaml", "env.json", "metrics.jsonl"]
+        bad = subprocess.run([str(script), "no-such-commit", "x.yaml"], env=env, capture_output=True,
+                             text=True)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "not a commit" in bad.stderr
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
