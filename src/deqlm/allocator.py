@@ -9,7 +9,7 @@ settings below serve requests up to 1 GiB from the heap (a fixed mmap threshold,
 dynamic adjustment off; 32 MiB, the most older glibc versions accept, where 1 GiB is refused), make the heap
 grow in large steps (top pad) and keep up to the pad's worth of freed memory mapped (trim threshold).
 Numerics are untouched: only where the bytes live changes. The cost is a higher resident set (freed memory
-stays mapped for reuse). docs/performance.md has the measurements.
+stays mapped for reuse). results/bench/README.md has the measurements.
 
 Mechanism: `tune_allocator()` calls `mallopt` in the process itself, first thing in each entry point's
 `__main__`. glibc applies mallopt settings to later allocations at any time, so no re-exec is needed; each

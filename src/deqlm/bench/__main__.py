@@ -14,7 +14,7 @@ USAGE = f"usage: python -m deqlm.bench {{{','.join(PARSERS)}}} [args]   (SUBCOMM
 
 def overview() -> str:
     """The top-level help: each subcommand with what its module's docstring says it measures."""
-    lines = [USAGE, "", "benchmarks (results and commands: docs/benchmarks.md):"]
+    lines = [USAGE, "", "benchmarks (protocols: docs/benchmarks.md; figures: results/bench/README.md):"]
     for name in PARSERS:
         head = f"  {name:<11}"
         lines.append(textwrap.fill(summary(name), 110, initial_indent=head, subsequent_indent=" " * 13))

@@ -88,7 +88,7 @@ class Tracker:
     one synchronisation per step that deciding "does any sample go on" needs anyway, and the rest is Python
     arithmetic on B numbers. As tensor operations the same logic is some thirty kernels on (B,) tensors per
     step, each paying a full dispatch right after f has evicted the caches: a large share of a cheap solver's
-    overhead (docs/benchmarks.md has the measured cost and the command that measures it).
+    overhead (results/bench/README.md has the measured cost and the command that measures it).
 
     The lowest-residual iterate is kept lazily: a sample whose newest iterate is its best so far (the usual
     case) is only marked, and its row is copied into `best_z_BF` only once a later iterate fails to improve on
