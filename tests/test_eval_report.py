@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deqlm.config import ExperimentConfig, save_config
+from deqlm.config import ExperimentConfig, load_config, save_config
 from deqlm.eval.report import main as report_main
 from deqlm.eval.report import write_report
 
@@ -340,3 +340,25 @@ def test_a_seed_study_is_summarised_by_its_mean_gap_and_range(tmp_path):
     assert float(row["gap_pct_sd"]) == pytest.approx(3.6055, abs=1e-4)
     assert row["deq_at_equilibrium"] == "2/3"
     assert "+5.0 (+2.0 to +9.0)" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_runs_of_one_experiment_at_two_widths_stay_apart_and_pair_within_their_width(tmp_path):
+    runs = []
+    for width, deq, unrolled in ((64, 102.0, 100.0), (128, 96.0, 90.0)):
+        for name, core, test in (("tx_deq", "deq", deq), ("tx_unrolled", "unrolled", unrolled)):
+            run = make_run(tmp_path / f"w{width}", "ptb", name, core, pair="tx", test=test)
+            cfg = load_config(run / "config.yaml")
+            cfg.model.d_model = width
+            save_config(cfg, run / "config.yaml")
+            runs.append(run)
+    _set_eval_solver(runs[0], 9.0, 1e-3, 1.0)
+    _set_eval_solver(runs[2], 12.0, 0.08, 0.0)
+    out = tmp_path / "out"
+    write_report(runs, out, "fixture", log=lambda _: None)
+    pairs = {p["width"]: p for p in read_csv(out / "pairs.csv")}
+    assert set(pairs) == {"64", "128"}  # same names and seed, kept apart by width, each with its own baseline
+    assert float(pairs["64"]["gap_pct"]) == pytest.approx(2.0)
+    assert float(pairs["128"]["gap_pct"]) == pytest.approx(100 * (96 / 90 - 1))
+    assert pairs["128"]["deq_equilibrium"] == "not at equilibrium" and pairs["64"]["notes"] == ""
+    # both parity figures are drawn from these pairs
+    assert (out / "gap_by_width.png").stat().st_size > 0 and (out / "gap_by_residual.png").stat().st_size > 0

@@ -40,19 +40,20 @@ def pair_runs(runs: list[dict]) -> list[dict]:
     own rows (``paired_with``: a DEQ row's baseline run, a baseline row's DEQ run).
 
     Runs pair when they share corpus and a non-empty ``pair`` and one is ``core=deq``, the other ``unrolled``.
-    Of several runs of one experiment and seed, the newest evaluated one (else the newest) represents it. A
-    DEQ run pairs only with the baselines trained on the same budget (data, batch, segment, steps, eval
-    settings) when it has any, otherwise with every baseline, and the pair's notes say what differs. In a seed
+    Of several runs of one experiment, seed and recipe (width and budget), the newest evaluated one (else the
+    newest) represents it. A DEQ run pairs with the baselines of its own width trained on the same budget
+    (data, batch, segment, steps, eval settings) when it has any, else with the same-budget ones, else with
+    every baseline, and the pair's notes say what differs. In a seed
     study (several baselines, one of them with a DEQ's seed) runs pair seed by seed; a DEQ seed without its
     baseline stays unpaired.
     """
-    latest: dict[tuple[str, str, str, int], dict] = {}
+    latest: dict[tuple, dict] = {}
     for run in sorted(runs, key=lambda r: (r["eval"] is not None, r["dir"].name)):
         row = run["row"]
         if row["pair"]:
-            latest[(row["corpus"], row["pair"], row["experiment"], row["seed"])] = run
+            latest[(row["corpus"], row["pair"], row["experiment"], row["seed"], _recipe(run["cfg"]))] = run
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for (corpus, pair, _, _), run in sorted(latest.items()):
+    for (corpus, pair, *_), run in sorted(latest.items()):
         groups[(corpus, pair)].append(run)
     pairs = []
     for (_, pair), members in groups.items():
@@ -62,8 +63,9 @@ def pair_runs(runs: list[dict]) -> list[dict]:
             x["row"]["seed"] == d["row"]["seed"] for x in baselines for d in deqs
         )
         for d in deqs:
-            same = [x for x in baselines if not _budget_differences(d["cfg"], x["cfg"], d["row"], x["row"])]
-            same = same or baselines
+            budget = [x for x in baselines if not _budget_differences(d["cfg"], x["cfg"], d["row"], x["row"])]
+            width = [x for x in budget if x["cfg"].model.d_model == d["cfg"].model.d_model]
+            same = width or budget or baselines
             for x in [x for x in same if x["row"]["seed"] == d["row"]["seed"]] if by_seed else same:
                 dr, xr = d["row"], x["row"]
                 pairs.append(_pair_row(pair, d, x))
@@ -71,6 +73,12 @@ def pair_runs(runs: list[dict]) -> list[dict]:
                           ppl_gap=pairs[-1]["ppl_gap"])
                 xr["paired_with"] = xr["paired_with"] or dr["run"]
     return pairs
+
+
+def _recipe(cfg: ExperimentConfig) -> tuple[int, int, int, int]:
+    """What tells apart two runs that share an experiment name and seed (a study at another width or
+    budget reusing the pair of record's files): width, steps, batch, segment."""
+    return cfg.model.d_model, cfg.train.max_steps, cfg.data.batch_size, cfg.data.tgt_len
 
 
 def _pair_row(pair: str, d: dict, x: dict) -> dict:
@@ -81,7 +89,9 @@ def _pair_row(pair: str, d: dict, x: dict) -> dict:
     rel = _ratio(deq, unrolled)
     return {
         "pair": pair, "seed": dr["seed"], "deq_experiment": dr["experiment"],
-        "unrolled_experiment": xr["experiment"], "deq_run": dr["run"], "deq_code": dr.get("code"),
+        "unrolled_experiment": xr["experiment"], "arch": dr["arch"], "width": d["cfg"].model.d_model,
+        "train_tokens": d["cfg"].train.max_steps * d["cfg"].data.batch_size * d["cfg"].data.tgt_len,
+        "deq_run": dr["run"], "deq_code": dr.get("code"),
         "unrolled_run": xr["run"], "unrolled_code": xr.get("code"),
         "deq_test": deq, "unrolled_test": unrolled,
         "ppl_gap": None if deq is None or unrolled is None else deq - unrolled,

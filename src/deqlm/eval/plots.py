@@ -301,3 +301,75 @@ def plot_solver_caps(runs: list[dict], path: Path, title: str, style: dict[str, 
     ax.set_title(f"{title}: one set of DEQ weights, more solver steps at inference")
     _legend_below_and_save(fig, ax, 2, path)
     return True
+
+
+def _width_families(pairs: list[dict]) -> dict[str, list[dict]]:
+    """Pairs of the DEQ experiments that were trained at two widths or more, by DEQ experiment."""
+    by_exp: dict[str, list[dict]] = defaultdict(list)
+    for p in pairs:
+        if as_number(p.get("gap_pct")) is not None and p.get("width") is not None:
+            by_exp[p["deq_experiment"]].append(p)
+    return {e: ps for e, ps in sorted(by_exp.items()) if len({p["width"] for p in ps}) >= 2}
+
+
+def plot_gap_by_width(pairs: list[dict], path: Path, title: str) -> bool:
+    """Does parity depend on width? The DEQ's test gap to its baseline against the model width, one line per
+    DEQ experiment and token budget: the seeds' mean, their range as an error bar."""
+    import matplotlib.pyplot as plt
+
+    families = _width_families(pairs)
+    if not families:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for i, (exp, members) in enumerate(families.items()):
+        by_budget: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for p in members:
+            by_budget[p["train_tokens"]][p["width"]].append(p["gap_pct"])
+        for j, (tokens, by_width) in enumerate(sorted(by_budget.items())):
+            widths = sorted(by_width)
+            means = [sum(by_width[w]) / len(by_width[w]) for w in widths]
+            low = [m - min(by_width[w]) for m, w in zip(means, widths)]
+            high = [max(by_width[w]) - m for m, w in zip(means, widths)]
+            seeds = max(len(v) for v in by_width.values())
+            ax.errorbar(widths, means, yerr=[low, high], marker=MARKERS[j % len(MARKERS)], capsize=3,
+                        label=f"{exp}, {tokens / 1e6:g}M tokens ({seeds} seed{'s' if seeds > 1 else ''})",
+                        color=f"C{(i * 3 + j) % 10}")
+    ax.axhline(0.0, color="black", linewidth=1)
+    ax.set(xlabel="model width d_model", ylabel="test gap, % of the unrolled baseline (DEQ worse > 0)",
+           title=f"{title}: DEQ - unrolled gap against width, by token budget")
+    ax.set_xticks(sorted({p["width"] for ps in families.values() for p in ps}))
+    ax.grid(True, alpha=0.3)
+    _legend_below_and_save(fig, ax, 1, path)
+    return True
+
+
+def plot_gap_by_residual(pairs: list[dict], path: Path, title: str) -> bool:
+    """Does parity follow convergence? Each DEQ-Transformer pair's test gap against its DEQ's mean forward
+    relative residual at evaluation, the equilibrium threshold as a vertical line."""
+    import matplotlib.pyplot as plt
+
+    have = [p for p in pairs if p.get("arch") == "transformer" and as_number(p.get("gap_pct")) is not None
+            and as_number(p.get("deq_eval_f_rel_res")) is not None]  # fmt: skip
+    if len(have) < 2:
+        return False
+    widths = sorted({p["width"] for p in have})
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for p in have:
+        at = p["deq_equilibrium"] != NOT_AT_EQUILIBRIUM
+        label = f"d_model {p['width']}, " + ("at equilibrium" if at else NOT_AT_EQUILIBRIUM)
+        ax.plot([p["deq_eval_f_rel_res"]], [p["gap_pct"]], linestyle="", marker="o" if at else "X",
+                markersize=8, color=f"C{widths.index(p['width']) % 10}", label=label)
+    ax.axvline(EQUILIBRIUM_MAX_REL_RES, color="black", linewidth=1, linestyle="-.")
+    ax.axhline(0.0, color="black", linewidth=1)
+    ax.set_xscale("log")
+    label_log_axis(ax.xaxis)
+    ax.set(xlabel="DEQ's mean forward relative residual at evaluation (log scale; dash-dot: 0.05)",
+           ylabel="test gap, % of the unrolled baseline (DEQ worse > 0)",
+           title=f"{title}: gap against how close each DEQ got to its fixed point")
+    ax.grid(True, which="both", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # one legend entry per width and label
+    fig.legend(unique.values(), unique.keys(), loc="upper center", ncol=2, bbox_to_anchor=(0.5, -0.01))
+    _save(fig, path)
+    plt.close(fig)
+    return True

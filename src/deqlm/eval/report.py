@@ -29,6 +29,8 @@ from deqlm.eval.pairing import pair_runs, seed_means, warmup_only
 from deqlm.eval.plots import (
     log_values,
     plot_curves,
+    plot_gap_by_residual,
+    plot_gap_by_width,
     plot_memory,
     plot_solver,
     plot_solver_caps,
@@ -64,9 +66,9 @@ COLUMNS = [
 ]  # fmt: skip
 DEFAULT_OUT = "results/compare"  # a user's comparisons; the committed results/<corpus>/ only on request
 PAIR_COLUMNS = [
-    "pair", "seed", "deq_experiment", "unrolled_experiment", "deq_run", "deq_code", "unrolled_run",
-    "unrolled_code", "deq_test", "unrolled_test", "ppl_gap", "gap_pct", "deq_mem_gib",
-    "unrolled_mem_gib", "mem_ratio", "model_mem_ratio", "deq_params_nonembedding",
+    "pair", "seed", "deq_experiment", "unrolled_experiment", "arch", "width", "train_tokens", "deq_run",
+    "deq_code", "unrolled_run", "unrolled_code", "deq_test", "unrolled_test", "ppl_gap", "gap_pct",
+    "deq_mem_gib", "unrolled_mem_gib", "mem_ratio", "model_mem_ratio", "deq_params_nonembedding",
     "unrolled_params_nonembedding", "speed_ratio", "deq_eval_f_nstep", "deq_eval_f_rel_res",
     "deq_eval_converged_frac", "deq_tail_f_nstep", "deq_tail_f_rel_res", "deq_tail_converged_frac",
     "deq_equilibrium", "notes",
@@ -240,6 +242,10 @@ def write_report(run_dirs, out_dir, title: str, *, skip_bad: bool = False, log=p
             ("solver_caps.png", plot_solver_caps),
         ):
             if fn(runs, out_dir / name, title, style):
+                plots.append(name)
+        for name, pair_fn in (("gap_by_width.png", plot_gap_by_width),
+                              ("gap_by_residual.png", plot_gap_by_residual)):
+            if pair_fn(pairs, out_dir / name, title):
                 plots.append(name)
     atomic_write_text(out_dir / "summary.csv", csv_text(rows, COLUMNS))
     if pairs:
