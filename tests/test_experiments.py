@@ -99,34 +99,70 @@ def test_params_cli_prints_one_json_line_and_rejects_bad_keys(capsys):
     assert "model.nope" in capsys.readouterr().err
 
 
-# the pair of record (experiments/ptb/cpu/) and the d_model 128 family kept beside it (d128/); a folder's
-# files pair among themselves
-CPU_PTB = {
+# the pair of record (experiments/ptb/cpu/), the d_model 128 family kept beside it (d128/) and the GPU width
+# study (gpu/, scripts/gpu_width_study.sh); a folder's files pair among themselves
+PTB_PAIRS = {
     p: load_config(p, env={})
-    for folder in ("experiments/ptb/cpu", "experiments/ptb/cpu/d128")
+    for folder in ("experiments/ptb/cpu", "experiments/ptb/cpu/d128", "experiments/ptb/gpu")
     for p in sorted((ROOT / folder).glob("*.yaml"))
     if not p.stem.endswith("base")
 }
 
 
-CPU_PTB_DEQS = [p for p, c in CPU_PTB.items() if c.model.core == "deq"]
+PTB_PAIR_DEQS = [p for p, c in PTB_PAIRS.items() if c.model.core == "deq"]
 
 
-@pytest.mark.parametrize("path", CPU_PTB_DEQS, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_cpu_ptb_deq_and_its_unrolled_baseline_are_a_fair_pair(path):
-    """Same token budget and non-embedding parameters within 5% (issues 16, 19), for every DEQ of a pair."""
-    deq = CPU_PTB[path]
-    baselines = [
-        p for p, c in CPU_PTB.items()
+def _baselines(path: Path) -> list[Path]:
+    """The unrolled runs sharing a DEQ's folder and pair name."""
+    deq = PTB_PAIRS[path]
+    return [
+        p for p, c in PTB_PAIRS.items()
         if p.parent == path.parent and c.pair == deq.pair and c.model.core == "unrolled"
     ]
-    assert len(baselines) == 1, (deq.pair, baselines)
+
+
+def _nonembedding(path: Path) -> int:
+    return count_experiment(str(path))["params_nonembedding"]
+
+
+@pytest.mark.parametrize("path", PTB_PAIR_DEQS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_ptb_deq_and_its_unrolled_baseline_are_a_fair_pair(path):
+    """Same token budget as every baseline it pairs with, and exactly one of them with non-embedding
+    parameters within 5% (issues 16, 19): its fair baseline. Others (the GPU study's 8-layer baseline) are
+    deeper stacks the report also compares it with."""
+    deq = PTB_PAIRS[path]
+    baselines = _baselines(path)
+    assert baselines, deq.pair
 
     def budget(c):
         return c.train.max_steps, c.data.batch_size, c.data.tgt_len
 
-    assert budget(deq) == budget(CPU_PTB[baselines[0]])
-    ratio = count_experiment(str(path))["params_nonembedding"] / count_experiment(str(baselines[0]))[
-        "params_nonembedding"
-    ]
-    assert abs(ratio - 1) <= 0.05, ratio
+    assert all(budget(deq) == budget(PTB_PAIRS[b]) for b in baselines)
+    ratios = [_nonembedding(path) / _nonembedding(b) for b in baselines]
+    assert sum(abs(r - 1) <= 0.05 for r in ratios) == 1, dict(zip(baselines, ratios, strict=True))
+
+
+GPU_PTB_DEQS = [p for p in PTB_PAIR_DEQS if p.parent.name == "gpu"]
+
+
+@pytest.mark.parametrize("path", GPU_PTB_DEQS, ids=lambda p: p.stem)
+def test_gpu_width_study_pairs_differ_only_in_core_depth_and_ffn(path):
+    """No sweep on the GPU: a DEQ and its baselines share data, optimiser, training, evaluation, width and
+    every dropout, the settings of the CPU pair of record (issue 34, item 4)."""
+    record = load_config(ROOT / "experiments/ptb/cpu/transformer_deq.yaml", env={})
+    deq = PTB_PAIRS[path]
+    assert deq.train.device == "cuda" and deq.pair.startswith("ptb_gpu_transformer_d")
+    dropouts = ("dropout", "dropouti", "dropout_out", "dropatt")
+    same_model = (*dropouts, "arch", "d_model", "d_embed", "n_head", "d_head", "mem_len", "weight_norm",
+                  "tie_weight", "init_std", "pre_ln")  # fmt: skip
+    for b in _baselines(path):
+        base = PTB_PAIRS[b]
+        for section in ("data", "optim", "train", "eval"):
+            assert getattr(deq, section) == getattr(base, section), (b.stem, section)
+        assert all(getattr(deq.model, k) == getattr(base.model, k) for k in same_model), b.stem
+        assert deq.model.d_model == 32 * deq.model.n_head == int(deq.pair.rsplit("_d", 1)[1])
+    for section in ("data", "optim", "deq"):
+        assert getattr(deq, section) == getattr(record, section), section
+    assert deq.train.max_steps == record.train.max_steps
+    for k in (*dropouts, "input_path", "pretrain_steps", "pretrain_depth"):
+        assert getattr(deq.model, k) == getattr(record.model, k), k
