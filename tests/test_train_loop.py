@@ -102,7 +102,7 @@ def test_run_directory_holds_config_env_metrics_and_weights_only_checkpoints(tmp
         assert (run / name).is_file(), name
     env = (run / "env.json").read_text()
     for key in ("git_sha", "git_dirty", "git_patch", "source_sha256", "torch", "device", "world_size",
-                "threads", "hostname", "start_time"):
+                "threads", "cpu_model", "hostname", "start_time"):
         assert f'"{key}"' in env
     state = torch.load(run / "ckpt" / "last.pt", weights_only=True)
     for key in ("model", "optimizer", "scheduler", "scaler", "step", "data_state", "rng", "config",

@@ -154,6 +154,18 @@ def code_provenance(where: Path | None = None) -> tuple[dict, bytes | None]:
     return {**info, "git_untracked_skipped": skipped}, patch
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string: floating-point results differ in
+    their last digits between CPU models, so a rerun on another one is not expected to match to the digit."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def env_info(device: torch.device, world_size: int = 1) -> dict:
     """Versions, hardware and launch facts of this process (written once per run as env.json)."""
     info = {
@@ -170,6 +182,7 @@ def env_info(device: torch.device, world_size: int = 1) -> dict:
         "world_size": world_size,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "allocator": allocator_info(),
         "argv": sys.argv,
     }
