@@ -13,6 +13,7 @@ import torch
 
 from deqlm.config import ExperimentConfig, save_config, to_dict
 from deqlm.eval.cli import main as eval_main
+from deqlm.eval.convergence import equilibrium_label
 from deqlm.eval.perplexity import _split_result
 from deqlm.eval.settings import resolve_eval_settings
 
@@ -267,23 +268,34 @@ def test_eval_json_says_whether_the_deq_reached_its_fixed_point(tmp_path):
     assert conv["eval"] == {k: test[k] for k in ("f_nstep", "f_rel_res", "converged_frac")}
     # the last 20% of 10 steps: steps 8, 9 and 10
     assert conv["train_tail"] == pytest.approx({"f_nstep": 9.0, "f_rel_res": 0.09, "converged_frac": 1 / 3})
-    reached = test["f_rel_res"] <= conv["max_rel_res"] == 0.05
-    assert conv["label"] == ("at equilibrium" if reached else "not at equilibrium")
+    assert conv["max_rel_res"] == 0.05 and conv["label"] in ("at equilibrium", "not at equilibrium")
+    assert conv["label"] == equilibrium_label("deq", conv["eval"])  # the threshold itself: test_eval_report
     assert len(record["eval_code"]["source_sha256"]) == 64
 
 
-def test_solver_probe_reads_validation_only_and_refuses_an_unrolled_run(tmp_path, capsys):
+def test_solver_probe_reads_validation_only_and_refuses_an_unrolled_run(tmp_path, monkeypatch):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("solver_probe", ROOT / "scripts" / "solver_probe.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
+    import deqlm.eval.loop as loop
+
+    splits_read = []
+    real_evaluate = loop.evaluate
+
+    def spy(model, dataset, split, *args, **kwargs):
+        splits_read.append(split)
+        return real_evaluate(model, dataset, split, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", spy)
     run, _ = make_trained_run(tmp_path, "deq")
     rows = probe.probe(run, ["broyden", "anderson"], [1, 4], 1e-3, 200)
+    assert set(splits_read) == {"valid"} and len(splits_read) == 4
     assert [(r["solver"], r["cap"]) for r in rows] == [("broyden", 1), ("broyden", 4), ("anderson", 1),
                                                         ("anderson", 4)]
     assert all(r["f_nstep"] <= r["cap"] and r["n_tokens"] >= 200 for r in rows)
-    assert not (run / "eval.json").exists()  # it chooses settings: nothing is written, no test split read
+    assert not (run / "eval.json").exists()  # it chooses settings: nothing is written
     flat, _ = make_trained_run(tmp_path / "u", "unrolled")
     with pytest.raises(SystemExit, match="not a DEQ run"):
         probe.probe(flat, ["broyden"], [4], 1e-3, 200)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from deqlm.config import ExperimentConfig, load_config, save_config
+from deqlm.eval.convergence import equilibrium_label
 from deqlm.eval.report import main as report_main
 from deqlm.eval.report import write_report
 
@@ -306,6 +307,8 @@ def test_a_deq_above_the_residual_threshold_is_labelled_not_at_equilibrium(tmp_p
     ({"git_sha": "0123456789abcdef", "git_dirty": False}, False, "0123456"),
     ({"git_sha": "0123456789abcdef", "git_dirty": True, "git_patch": "code.patch"}, True, "0123456+patch"),
     ({"git_sha": "0123456789abcdef", "git_dirty": True, "git_patch": None}, False, "code not recorded"),
+    ({"git_sha": "0123456789abcdef", "git_dirty": True, "git_patch": "code.patch",
+      "git_untracked_skipped": ["big.bin"]}, True, "0123456+partial patch"),
     ({"git_sha": None, "git_dirty": None, "source_sha256": "fedcba9876543210"}, False, "src:fedcba9"),
     ({"git_sha": None, "git_dirty": None}, False, "code not recorded"),
 ])  # fmt: skip
@@ -360,5 +363,18 @@ def test_runs_of_one_experiment_at_two_widths_stay_apart_and_pair_within_their_w
     assert float(pairs["64"]["gap_pct"]) == pytest.approx(2.0)
     assert float(pairs["128"]["gap_pct"]) == pytest.approx(100 * (96 / 90 - 1))
     assert pairs["128"]["deq_equilibrium"] == "not at equilibrium" and pairs["64"]["notes"] == ""
+    means = {m["width"]: m for m in read_csv(out / "pair_means.csv")}
+    assert set(means) == {"64", "128"} and all(m["n_seeds"] == "1" for m in means.values())
     # both parity figures are drawn from these pairs
     assert (out / "gap_by_width.png").stat().st_size > 0 and (out / "gap_by_residual.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("core, at_eval, label", [
+    ("deq", {"f_nstep": 12.0, "f_rel_res": 0.05}, "at equilibrium"),
+    ("deq", {"f_nstep": 12.0, "f_rel_res": 0.0501}, "not at equilibrium"),
+    ("deq", {"f_nstep": 12.0, "f_rel_res": None}, "not at equilibrium"),  # every solve diverged
+    ("deq", {"f_nstep": None, "f_rel_res": None}, None),  # no solve ran: warm-up only, or not evaluated
+    ("unrolled", {"f_nstep": None, "f_rel_res": None}, None),
+])  # fmt: skip
+def test_the_equilibrium_label_puts_the_threshold_at_a_residual_of_five_percent(core, at_eval, label):
+    assert equilibrium_label(core, at_eval) == label

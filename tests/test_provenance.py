@@ -34,22 +34,47 @@ def _repo(tmp_path: Path) -> Path:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and ".git" not in p.relative_to(root).parts and "runs" not in p.parts}
+    """Every file and symlink of a checkout but .git and the ignored runs/: contents, or link targets."""
+    out = {}
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if ".git" in rel.parts or "runs" in rel.parts:
+            continue
+        if p.is_symlink():
+            out[rel.as_posix()] = b"-> " + os.fsencode(os.readlink(p))
+        elif p.is_file():
+            out[rel.as_posix()] = p.read_bytes()
+    return out
 
 
-def test_dirty_checkout_patch_reapplies_to_its_commit(tmp_path):
+def test_dirty_checkout_patch_reapplies_to_its_commit(tmp_path, monkeypatch):
     repo = _repo(tmp_path)
+    (repo / "data.bin").write_bytes(bytes(range(256)))
+    (repo / "old name.py").write_text("X = 1\n")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "more")
     (repo / "pkg" / "model.py").write_text("WIDTH = 128\n")  # unstaged change
     (repo / "exp.yaml").write_text("lr: 1.0e-3\n")
     _git(repo, "add", "exp.yaml")  # staged change
-    (repo / "pkg" / "block.py").write_text("LAYERS = 4\n")  # untracked, not ignored
+    (repo / "pkg" / "solver.py").unlink()  # deleted
+    _git(repo, "mv", "old name.py", "new name.py")  # renamed, with a space
+    (repo / "data.bin").write_bytes(bytes(range(255, -1, -1)))  # binary
+    (repo / "pkg" / "sub" / "deep").mkdir(parents=True)
+    (repo / "pkg" / "sub" / "deep" / "block.py").write_text("LAYERS = 4\n")  # untracked, nested
+    (repo / "dangling").symlink_to("nowhere")  # untracked symlink to nothing
     (repo / "runs").mkdir()
     (repo / "runs" / "out.txt").write_text("ignored\n")
+    # a configuration that would make a plain `git diff` unreadable to `git apply`
+    for i, (key, value) in enumerate((("diff.noprefix", "true"), ("color.ui", "always"),
+                                      ("color.diff", "always"))):
+        monkeypatch.setenv(f"GIT_CONFIG_KEY_{i}", key)
+        monkeypatch.setenv(f"GIT_CONFIG_VALUE_{i}", value)
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "3")
     info, patch = code_provenance(repo)
     assert info["git_sha"] == _git(repo, "rev-parse", "HEAD") and info["git_dirty"] is True
-    assert patch and b"runs/out.txt" not in patch
+    assert patch and b"runs/out.txt" not in patch and b"\x1b[" not in patch
 
+    monkeypatch.delenv("GIT_CONFIG_COUNT")
     rebuilt = tmp_path / "rebuilt"
     _git(tmp_path, "clone", "-q", str(repo), str(rebuilt))
     _git(rebuilt, "checkout", "-q", info["git_sha"])
@@ -87,15 +112,24 @@ def test_code_outside_a_checkout_is_still_named_by_its_source_hash(tmp_path):
     assert info["source_sha256"] == source_hash(code)["source_sha256"]
 
 
-def test_write_env_puts_the_patch_beside_the_env_file_it_names(tmp_path):
-    info = write_env(tmp_path, torch.device("cpu"), name="env-resume-400.json")
-    saved = json.loads((tmp_path / "env-resume-400.json").read_text())
-    assert saved["source_sha256"] == info["source_sha256"] == source_hash()["source_sha256"]
-    if saved["git_dirty"]:
-        assert saved["git_patch"] == patch_name("env-resume-400.json") == "code-resume-400.patch"
-        assert (tmp_path / saved["git_patch"]).stat().st_size > 0
-    else:
-        assert saved["git_patch"] is None and not list(tmp_path.glob("*.patch"))
+def test_write_env_puts_the_patch_beside_the_env_file_it_names_only_for_a_dirty_checkout(tmp_path,
+                                                                                       monkeypatch):
+    import deqlm.runtime as runtime
+
+    repo = _repo(tmp_path)
+    monkeypatch.setattr(runtime, "_package_dir", lambda: repo)
+    clean_dir, dirty_dir = tmp_path / "clean", tmp_path / "dirty"
+    clean_dir.mkdir()
+    dirty_dir.mkdir()
+    clean = write_env(clean_dir, torch.device("cpu"))
+    assert clean["git_dirty"] is False and clean["git_patch"] is None and not list(clean_dir.glob("*.patch"))
+    assert clean["source_sha256"] == source_hash(repo)["source_sha256"]
+    (repo / "pkg" / "model.py").write_text("WIDTH = 256\n")
+    dirty = write_env(dirty_dir, torch.device("cpu"), name="env-resume-400.json")
+    saved = json.loads((dirty_dir / "env-resume-400.json").read_text())
+    assert saved == json.loads(json.dumps(dirty)) and saved["git_dirty"] is True
+    assert saved["git_patch"] == patch_name("env-resume-400.json") == "code-resume-400.patch"
+    assert b"WIDTH = 256" in (dirty_dir / "code-resume-400.patch").read_bytes()
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,11 +1,19 @@
 """The one number formatter: a figure printed in a console line or a table goes through `number`, so the same
-value reads the same wherever it appears."""
+value reads the same wherever it appears; `as_number` is the one reader of a figure that may be missing."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 MISSING = "-"
+
+
+def as_number(value: Any) -> float | None:
+    """A finite float, or None for missing / non-numeric / NaN / inf values (log and JSON fields)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def number(value: Any, digits: int = 4, *, fixed: bool = False) -> str:

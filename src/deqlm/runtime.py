@@ -86,6 +86,7 @@ def make_run_dir(root: str | os.PathLike, corpus: str, experiment: str) -> Path:
 
 
 UNTRACKED_PATCH_LIMIT = 1 << 20  # untracked files larger than this are named in env.json, not patched
+UNTRACKED_PATCH_TOTAL = 8 << 20  # and so is every untracked file past this many bytes of them
 
 
 def _git_bytes(cwd: Path, *args: str, ok: tuple[int, ...] = (0,)) -> bytes | None:
@@ -111,24 +112,37 @@ def git_state(where: Path | None = None) -> dict:
     not ignore count: a new module or experiment file changes what runs)."""
     where = where or _package_dir()
     sha = _git(where, "rev-parse", "HEAD")
-    status = _git(where, "status", "--porcelain") if sha else None
+    status = _git(where, "status", "--porcelain", "--untracked-files=all") if sha else None
     return {"git_sha": sha, "git_dirty": None if status is None else bool(status)}
 
 
-def git_patch(where: Path | None = None) -> tuple[bytes, list[str]]:
+# `git diff` as `git apply` reads it, whatever the user's configuration says about colour, prefixes, external
+# diff tools or text conversion
+PLAIN_DIFF = ("-c", "color.ui=never", "diff", "--no-color", "--no-ext-diff", "--no-textconv",
+              "--src-prefix=a/", "--dst-prefix=b/", "--binary")
+
+
+def git_patch(where: Path | None = None) -> tuple[bytes | None, list[str]]:
     """The checkout's difference from its commit as one patch that `git apply` re-applies there: tracked
     changes, staged or not, then each untracked file git does not ignore as a new file. Returns the patch
-    and the untracked files left out for size (over UNTRACKED_PATCH_LIMIT bytes)."""
+    (None when git fails: then no patch can be trusted) and the untracked files left out for size (one over
+    UNTRACKED_PATCH_LIMIT bytes, or past UNTRACKED_PATCH_TOTAL bytes of them)."""
     top = Path(_git(where or _package_dir(), "rev-parse", "--show-toplevel") or ".")
-    parts = [_git_bytes(top, "diff", "HEAD", "--binary") or b""]
-    skipped = []
-    listing = _git_bytes(top, "ls-files", "--others", "--exclude-standard", "-z") or b""
-    for rel in sorted(filter(None, listing.decode().split("\0"))):
-        if (top / rel).stat().st_size > UNTRACKED_PATCH_LIMIT:
+    tracked = _git_bytes(top, *PLAIN_DIFF, "HEAD")
+    listing = _git_bytes(top, "ls-files", "--others", "--exclude-standard", "-z")
+    if tracked is None or listing is None:
+        return None, []
+    parts, skipped, total = [tracked], [], 0
+    for rel in sorted(os.fsdecode(name) for name in listing.split(b"\0") if name):
+        size = (top / rel).lstat().st_size
+        if size > UNTRACKED_PATCH_LIMIT or total + size > UNTRACKED_PATCH_TOTAL:
             skipped.append(rel)
             continue
-        new_file = _git_bytes(top, "diff", "--no-index", "--binary", "--", "/dev/null", rel, ok=(0, 1))
-        parts.append(new_file or b"")
+        new_file = _git_bytes(top, *PLAIN_DIFF, "--no-index", "--", "/dev/null", rel, ok=(0, 1))
+        if new_file is None:
+            return None, []
+        parts.append(new_file)
+        total += size
     return b"".join(parts), skipped
 
 
@@ -151,7 +165,7 @@ def code_provenance(where: Path | None = None) -> tuple[dict, bytes | None]:
     if not info["git_dirty"]:
         return {**info, "git_untracked_skipped": []}, None
     patch, skipped = git_patch(where)
-    return {**info, "git_untracked_skipped": skipped}, patch
+    return {**info, "git_untracked_skipped": skipped}, patch  # a failed diff: dirty, no patch, not recorded
 
 
 def cpu_model() -> str:

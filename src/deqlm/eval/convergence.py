@@ -4,7 +4,7 @@ the label a table puts on a DEQ row that stopped short of its equilibrium.
 The paper's claim is about the equilibrium z* = f(z*, x). A DEQ whose solves stop at their cap far from it is
 a weight-tied network of that many layers trained with an approximate gradient, so its row must say so. The
 threshold on the relative residual ||f(z) - z|| / ||f(z)|| is the official code's maintainers' rule of thumb
-for good convergence (docs/paper.md, "Convergence"). Pure functions of eval.json splits and metrics.jsonl
+for good convergence (docs/paper.md §5). Pure functions of eval.json splits and metrics.jsonl
 events: the evaluator writes them into eval.json, the report into its tables.
 """
 
@@ -12,47 +12,46 @@ from __future__ import annotations
 
 import statistics
 
+from deqlm.fmt import as_number
+
 EQUILIBRIUM_MAX_REL_RES = 0.05  # a DEQ whose mean forward residual at evaluation is above this is not at z*
 TRAIN_TAIL_FRACTION = 0.2  # "the end of training": the last 20% of the optimizer steps
 AT_EQUILIBRIUM = "at equilibrium"
 NOT_AT_EQUILIBRIUM = "not at equilibrium"
-SOLVER_KEYS = ("f_nstep", "f_rel_res", "converged_frac")  # forward solver: mean steps, residual, converged
-
-
-def _finite(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        return None
-    return float(value)
+FORWARD_KEYS = ("f_nstep", "f_rel_res", "converged_frac")  # the forward solver's mean steps, residual, share
 
 
 def eval_solver(splits: dict) -> dict:
     """The forward solver's means at evaluation: the test split's, else the validation split's (None when the
     run was evaluated in a mode without a solver)."""
     split = splits.get("test") or splits.get("valid") or {}
-    return {k: _finite(split.get(k)) for k in SOLVER_KEYS}
+    return {k: as_number(split.get(k)) for k in FORWARD_KEYS}
 
 
 def training_tail(events: list[dict], fraction: float = TRAIN_TAIL_FRACTION) -> dict:
     """The forward solver's means over the training events of the last `fraction` of the steps (DEQ mode
     only; the pretraining stack has no solver). None where no such event logged the figure."""
-    logged = [e for e in events if e.get("mode") == "deq" and _finite(e.get("solver/f_nstep")) is not None]
+    logged = [e for e in events if e.get("mode") == "deq" and as_number(e.get("solver/f_nstep")) is not None]
     if not logged:
-        return {k: None for k in SOLVER_KEYS}
-    last = max(_finite(e.get("step")) or 0.0 for e in events)
-    tail = [e for e in logged if (_finite(e.get("step")) or 0.0) >= (1.0 - fraction) * last]
+        return {k: None for k in FORWARD_KEYS}
+    last = max(as_number(e.get("step")) or 0.0 for e in events)
+    tail = [e for e in logged if (as_number(e.get("step")) or 0.0) >= (1.0 - fraction) * last]
     out = {}
-    for key in SOLVER_KEYS:
-        values = [v for v in (_finite(e.get(f"solver/{key}")) for e in tail) if v is not None]
+    for key in FORWARD_KEYS:
+        values = [v for v in (as_number(e.get(f"solver/{key}")) for e in tail) if v is not None]
         out[key] = statistics.fmean(values) if values else None
     return out
 
 
-def equilibrium_label(core: str, eval_rel_res: float | None) -> str | None:
-    """AT_EQUILIBRIUM or NOT_AT_EQUILIBRIUM for a DEQ evaluated with its solver, None otherwise (an unrolled
-    run, or a DEQ without a residual at evaluation)."""
-    if core != "deq" or eval_rel_res is None:
+def equilibrium_label(core: str, at_eval: dict) -> str | None:
+    """AT_EQUILIBRIUM or NOT_AT_EQUILIBRIUM for a DEQ evaluated with its solver (`eval_solver`'s figures);
+    None for an unrolled run or a DEQ whose evaluation ran no solve (warm-up only, or not evaluated). Solves
+    that all diverged leave a step count without a finite residual: not at equilibrium."""
+    if core != "deq" or at_eval.get("f_nstep") is None:
         return None
-    return AT_EQUILIBRIUM if eval_rel_res <= EQUILIBRIUM_MAX_REL_RES else NOT_AT_EQUILIBRIUM
+    rel_res = at_eval.get("f_rel_res")
+    reached = rel_res is not None and rel_res <= EQUILIBRIUM_MAX_REL_RES
+    return AT_EQUILIBRIUM if reached else NOT_AT_EQUILIBRIUM
 
 
 def convergence_record(core: str, splits: dict, events: list[dict]) -> dict:
@@ -64,5 +63,5 @@ def convergence_record(core: str, splits: dict, events: list[dict]) -> dict:
         "train_tail": training_tail(events),
         "train_tail_fraction": TRAIN_TAIL_FRACTION,
         "max_rel_res": EQUILIBRIUM_MAX_REL_RES,
-        "label": equilibrium_label(core, at_eval["f_rel_res"]),
+        "label": equilibrium_label(core, at_eval),
     }

@@ -9,10 +9,10 @@ import statistics
 from collections import defaultdict
 
 from deqlm.config import ExperimentConfig
-from deqlm.eval.convergence import AT_EQUILIBRIUM, SOLVER_KEYS
+from deqlm.eval.convergence import AT_EQUILIBRIUM, FORWARD_KEYS
 
 # the DEQ's convergence as its row has it, repeated in the pair table
-CONVERGENCE_KEYS = (*(f"eval_{k}" for k in SOLVER_KEYS), *(f"tail_{k}" for k in SOLVER_KEYS), "equilibrium")
+CONVERGENCE_KEYS = (*(f"eval_{k}" for k in FORWARD_KEYS), *(f"tail_{k}" for k in FORWARD_KEYS), "equilibrium")
 
 
 def warmup_only(row: dict) -> bool:
@@ -88,7 +88,7 @@ def _pair_row(pair: str, d: dict, x: dict) -> dict:
     deq, unrolled = _headline(dr), _headline(xr)
     rel = _ratio(deq, unrolled)
     return {
-        "pair": pair, "seed": dr["seed"], "deq_experiment": dr["experiment"],
+        "pair": pair, "corpus": dr["corpus"], "seed": dr["seed"], "deq_experiment": dr["experiment"],
         "unrolled_experiment": xr["experiment"], "arch": dr["arch"], "width": d["cfg"].model.d_model,
         "train_tokens": d["cfg"].train.max_steps * d["cfg"].data.batch_size * d["cfg"].data.tgt_len,
         "deq_run": dr["run"], "deq_code": dr.get("code"),
@@ -103,8 +103,14 @@ def _pair_row(pair: str, d: dict, x: dict) -> dict:
         "unrolled_params_nonembedding": xr["params_nonembedding"],
         "speed_ratio": _ratio(xr["tokens_per_s"], dr["tokens_per_s"]),
         **{f"deq_{k}": dr.get(k) for k in CONVERGENCE_KEYS},
-        "notes": "; ".join(_budget_differences(d["cfg"], x["cfg"], dr, xr)),
+        "notes": "; ".join(_budget_differences(d["cfg"], x["cfg"], dr, xr) + _width_difference(d, x)),
     }  # fmt: skip
+
+
+def _width_difference(d: dict, x: dict) -> list[str]:
+    """A DEQ paired with a baseline of another width (when none of its own width was trained) says so."""
+    a, b = d["cfg"].model.d_model, x["cfg"].model.d_model
+    return [] if a == b else [f"width differs ({a} vs {b})"]
 
 
 def _budget_differences(dc: ExperimentConfig, xc: ExperimentConfig, dr: dict, xr: dict) -> list[str]:
@@ -119,19 +125,21 @@ def _budget_differences(dc: ExperimentConfig, xc: ExperimentConfig, dr: dict, xr
 
 
 def seed_means(pairs: list[dict]) -> list[dict]:
-    """One row per DEQ experiment against one baseline experiment, over the seeds they were paired on: the
-    mean test figures and the gap's mean, spread and range (the figure a seed study quotes), and how many of
-    the DEQ's seeds reached their equilibrium."""
+    """One row per DEQ experiment against one baseline experiment at one width and budget, over the seeds they
+    were paired on: the mean test figures and the gap's mean, spread and range (the figure a seed study
+    quotes), and how many of the DEQ's seeds reached their equilibrium."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for p in pairs:
-        groups[(p["pair"], p["deq_experiment"], p["unrolled_experiment"])].append(p)
+        key = (p["pair"], p["deq_experiment"], p["unrolled_experiment"], p["width"], p["train_tokens"])
+        groups[key].append(p)
     means = []
-    for (pair, deq, unrolled), members in groups.items():
+    for (pair, deq, unrolled, width, tokens), members in groups.items():
         gaps = [p["gap_pct"] for p in members if p["gap_pct"] is not None]
         n_eq = sum(p["deq_equilibrium"] == AT_EQUILIBRIUM for p in members)
+        seeds = sorted({p["seed"] for p in members})
         means.append({
-            "pair": pair, "deq_experiment": deq, "unrolled_experiment": unrolled, "n_seeds": len(members),
-            "seeds": " ".join(str(p["seed"]) for p in sorted(members, key=lambda p: p["seed"])),
+            "pair": pair, "deq_experiment": deq, "unrolled_experiment": unrolled, "width": width,
+            "train_tokens": tokens, "n_seeds": len(seeds), "seeds": " ".join(map(str, seeds)),
             "deq_test_mean": _mean([p["deq_test"] for p in members]),
             "unrolled_test_mean": _mean([p["unrolled_test"] for p in members]),
             "gap_pct_mean": _mean(gaps), "gap_pct_sd": statistics.stdev(gaps) if len(gaps) > 1 else None,

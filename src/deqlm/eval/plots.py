@@ -9,20 +9,13 @@ Each function returns False, writing nothing, when no run has the data it plots.
 from __future__ import annotations
 
 import io
-import math
+import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 from deqlm.eval.convergence import EQUILIBRIUM_MAX_REL_RES, NOT_AT_EQUILIBRIUM
+from deqlm.fmt import as_number
 from deqlm.io import atomic_write_bytes
-
-
-def as_number(value: Any) -> float | None:
-    """A finite float, or None for missing / non-numeric / NaN / inf log values."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def log_series(events: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
@@ -37,11 +30,14 @@ def log_series(events: list[dict], key: str, x: str = "step") -> tuple[list[floa
 
 
 def _legend_below_and_save(fig, ax, ncol: int, path: Path) -> None:
-    """One figure legend (from `ax`'s runs) under the axis labels, then write and close the figure."""
+    """One figure legend (from `ax`'s runs, each label once) under the axis labels, then write and close the
+    figure."""
     import matplotlib.pyplot as plt
 
     handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(ncol, len(labels)), bbox_to_anchor=(0.5, -0.01))
+    unique = dict(zip(labels, handles))
+    fig.legend(list(unique.values()), list(unique), loc="upper center", ncol=min(ncol, len(unique)),
+               bbox_to_anchor=(0.5, -0.01))
     _save(fig, path)
     plt.close(fig)
 
@@ -303,41 +299,42 @@ def plot_solver_caps(runs: list[dict], path: Path, title: str, style: dict[str, 
     return True
 
 
-def _width_families(pairs: list[dict]) -> dict[str, list[dict]]:
-    """Pairs of the DEQ experiments that were trained at two widths or more, by DEQ experiment."""
-    by_exp: dict[str, list[dict]] = defaultdict(list)
-    for p in pairs:
-        if as_number(p.get("gap_pct")) is not None and p.get("width") is not None:
-            by_exp[p["deq_experiment"]].append(p)
-    return {e: ps for e, ps in sorted(by_exp.items()) if len({p["width"] for p in ps}) >= 2}
+def width_family(experiment: str) -> str:
+    """An experiment's name without its width: files of one study at several widths are named `..._d<width>`
+    (experiments/ptb/gpu/), where the CPU studies reuse one name at every width."""
+    return re.sub(r"_d\d+", "", experiment)
 
 
-def plot_gap_by_width(pairs: list[dict], path: Path, title: str) -> bool:
+def plot_gap_by_width(means: list[dict], path: Path, title: str) -> bool:
     """Does parity depend on width? The DEQ's test gap to its baseline against the model width, one line per
-    DEQ experiment and token budget: the seeds' mean, their range as an error bar."""
+    DEQ and baseline family and token budget (`pairing.seed_means` rows): the seeds' mean, their range as an
+    error bar. Drawn when some family was paired at two widths or more."""
     import matplotlib.pyplot as plt
 
-    families = _width_families(pairs)
+    lines: dict[tuple, list[dict]] = defaultdict(list)
+    for m in means:
+        if as_number(m.get("gap_pct_mean")) is not None and m.get("width") is not None:
+            family = width_family(m["deq_experiment"]), width_family(m["unrolled_experiment"])
+            key = (*family, m["train_tokens"])
+            lines[key].append(m)
+    families = {k for k, ms in lines.items() if len({m["width"] for m in ms}) >= 2}
     if not families:
         return False
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    for i, (exp, members) in enumerate(families.items()):
-        by_budget: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for p in members:
-            by_budget[p["train_tokens"]][p["width"]].append(p["gap_pct"])
-        for j, (tokens, by_width) in enumerate(sorted(by_budget.items())):
-            widths = sorted(by_width)
-            means = [sum(by_width[w]) / len(by_width[w]) for w in widths]
-            low = [m - min(by_width[w]) for m, w in zip(means, widths)]
-            high = [max(by_width[w]) - m for m, w in zip(means, widths)]
-            seeds = max(len(v) for v in by_width.values())
-            ax.errorbar(widths, means, yerr=[low, high], marker=MARKERS[j % len(MARKERS)], capsize=3,
-                        label=f"{exp}, {tokens / 1e6:g}M tokens ({seeds} seed{'s' if seeds > 1 else ''})",
-                        color=f"C{(i * 3 + j) % 10}")
+    drawn = sorted(k for k in lines if any(k[:2] == f[:2] for f in families))
+    for i, key in enumerate(drawn):
+        ms = sorted(lines[key], key=lambda m: m["width"])
+        mean = [m["gap_pct_mean"] for m in ms]
+        err = [[m["gap_pct_mean"] - m["gap_pct_min"] for m in ms],
+               [m["gap_pct_max"] - m["gap_pct_mean"] for m in ms]]
+        seeds = max(m["n_seeds"] for m in ms)
+        ax.errorbar([m["width"] for m in ms], mean, yerr=err, marker=MARKERS[i % len(MARKERS)], capsize=3,
+                    color=f"C{i % 10}", label=f"{key[0]} vs {key[1]}, {key[2] / 1e6:g}M tokens "
+                                          f"(up to {seeds} seed{'s' if seeds > 1 else ''})")
     ax.axhline(0.0, color="black", linewidth=1)
     ax.set(xlabel="model width d_model", ylabel="test gap, % of the unrolled baseline (DEQ worse > 0)",
            title=f"{title}: DEQ - unrolled gap against width, by token budget")
-    ax.set_xticks(sorted({p["width"] for ps in families.values() for p in ps}))
+    ax.set_xticks(sorted({m["width"] for k in drawn for m in lines[k]}))
     ax.grid(True, alpha=0.3)
     _legend_below_and_save(fig, ax, 1, path)
     return True
@@ -348,8 +345,9 @@ def plot_gap_by_residual(pairs: list[dict], path: Path, title: str) -> bool:
     relative residual at evaluation, the equilibrium threshold as a vertical line."""
     import matplotlib.pyplot as plt
 
-    have = [p for p in pairs if p.get("arch") == "transformer" and as_number(p.get("gap_pct")) is not None
-            and as_number(p.get("deq_eval_f_rel_res")) is not None]  # fmt: skip
+    have = [p for p in pairs if p.get("arch") == "transformer" and p.get("corpus") != "copy"
+            and not p["notes"] and as_number(p.get("gap_pct")) is not None
+            and as_number(p.get("deq_eval_f_rel_res")) is not None]  # same-budget language-model pairs
     if len(have) < 2:
         return False
     widths = sorted({p["width"] for p in have})
@@ -367,9 +365,5 @@ def plot_gap_by_residual(pairs: list[dict], path: Path, title: str) -> bool:
            ylabel="test gap, % of the unrolled baseline (DEQ worse > 0)",
            title=f"{title}: gap against how close each DEQ got to its fixed point")
     ax.grid(True, which="both", alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))  # one legend entry per width and label
-    fig.legend(unique.values(), unique.keys(), loc="upper center", ncol=2, bbox_to_anchor=(0.5, -0.01))
-    _save(fig, path)
-    plt.close(fig)
+    _legend_below_and_save(fig, ax, 2, path)
     return True

@@ -74,8 +74,9 @@ PAIR_COLUMNS = [
     "deq_equilibrium", "notes",
 ]  # fmt: skip
 MEAN_COLUMNS = [
-    "pair", "deq_experiment", "unrolled_experiment", "n_seeds", "seeds", "deq_test_mean",
-    "unrolled_test_mean", "gap_pct_mean", "gap_pct_sd", "gap_pct_min", "gap_pct_max", "deq_at_equilibrium",
+    "pair", "deq_experiment", "unrolled_experiment", "width", "train_tokens", "n_seeds", "seeds",
+    "deq_test_mean", "unrolled_test_mean", "gap_pct_mean", "gap_pct_sd", "gap_pct_min", "gap_pct_max",
+    "deq_at_equilibrium",
 ]  # fmt: skip
 
 
@@ -157,12 +158,18 @@ def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: 
         eval_f_tol=settings.get("f_tol"),
         eval_partial=ev.get("partial") if ev else None,
     )
-    at_eval, tail = eval_solver(splits), training_tail(events)
-    row.update({f"eval_{k}": v for k, v in at_eval.items()} | {f"tail_{k}": v for k, v in tail.items()})
-    row.update(code=code, equilibrium=equilibrium_label(cfg.model.core, at_eval["f_rel_res"]))
+    row.update(code=code, **convergence_columns(cfg.model.core, splits, events))
     if row["activation_bytes"] is not None and row["state_bytes"] is not None:
         row["model_mem_mib"] = (row["activation_bytes"] + row["state_bytes"]) / 2**20
     return row
+
+
+def convergence_columns(core: str, splits: dict, events: list[dict]) -> dict:
+    """A row's equilibrium columns: the forward solver at evaluation and over the end of training, the
+    label."""
+    at_eval, tail = eval_solver(splits), training_tail(events)
+    return {**{f"eval_{k}": v for k, v in at_eval.items()}, **{f"tail_{k}": v for k, v in tail.items()},
+            "equilibrium": equilibrium_label(core, at_eval)}
 
 
 def collect_run(run_dir: str | Path) -> dict:
@@ -243,10 +250,10 @@ def write_report(run_dirs, out_dir, title: str, *, skip_bad: bool = False, log=p
         ):
             if fn(runs, out_dir / name, title, style):
                 plots.append(name)
-        for name, pair_fn in (("gap_by_width.png", plot_gap_by_width),
-                              ("gap_by_residual.png", plot_gap_by_residual)):
-            if pair_fn(pairs, out_dir / name, title):
-                plots.append(name)
+        if plot_gap_by_width(means, out_dir / "gap_by_width.png", title):
+            plots.append("gap_by_width.png")
+        if plot_gap_by_residual(pairs, out_dir / "gap_by_residual.png", title):
+            plots.append("gap_by_residual.png")
     atomic_write_text(out_dir / "summary.csv", csv_text(rows, COLUMNS))
     if pairs:
         atomic_write_text(out_dir / "pairs.csv", csv_text(pairs, PAIR_COLUMNS))

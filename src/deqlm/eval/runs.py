@@ -126,12 +126,14 @@ def read_env(run_dir: Path) -> dict | None:
 
 def code_label(env: dict | None, patch_saved: bool) -> str:
     """The report's ``code`` cell: the short commit, ``+patch`` when the checkout was dirty and its patch is
-    in the run folder (`patch_saved`); a run from outside git is named by its source hash (``src:<hash>``). A
-    dirty checkout without its patch, or no record at all, is CODE_NOT_RECORDED: nobody can rebuild it."""
+    in the run folder (`patch_saved`), ``+partial patch`` when untracked files were left out of it; a run
+    from outside git is named by its source hash (``src:<hash>``). A dirty checkout without its patch, or no
+    record at all, is CODE_NOT_RECORDED: nobody can rebuild it."""
     env = env or {}
     sha, dirty = env.get("git_sha"), env.get("git_dirty")
     if sha and (dirty is False or (dirty and patch_saved)):
-        return sha[:7] + ("+patch" if dirty else "")
+        partial = dirty and env.get("git_untracked_skipped")  # untracked files too large for the patch
+        return sha[:7] + ("+partial patch" if partial else "+patch" if dirty else "")
     if not sha and env.get("source_sha256"):
         return "src:" + env["source_sha256"][:7]
     return CODE_NOT_RECORDED

@@ -98,17 +98,20 @@ def spread_cell(mean: float | None, lo: float | None, hi: float | None) -> str:
 def _means_section(means: list[dict], metric: str) -> list[str]:
     if not means:
         return []
-    header = ["pair", "DEQ", "unrolled", "seeds", f"DEQ {metric} (mean)", f"unrolled {metric} (mean)",
-              "gap % mean (min to max)", "gap % sd", "DEQ at z* (seeds)"]  # fmt: skip
+    header = ["pair", "DEQ", "unrolled", "width", "train tokens", "seeds", f"DEQ {metric} (mean)",
+              f"unrolled {metric} (mean)", "gap % mean (min to max)", "gap % sd",
+              "DEQ at z* (seeds)"]  # fmt: skip
     body = [
-        [m["pair"], m["deq_experiment"], m["unrolled_experiment"], m["seeds"], m["deq_test_mean"],
+        [m["pair"], m["deq_experiment"], m["unrolled_experiment"], m["width"], m["train_tokens"], m["seeds"],
+         m["deq_test_mean"],
          m["unrolled_test_mean"], spread_cell(m["gap_pct_mean"], m["gap_pct_min"], m["gap_pct_max"]),
          m["gap_pct_sd"], m["deq_at_equilibrium"]]
         for m in means
     ]  # fmt: skip
     return ["## Over seeds", "",
-            "Each DEQ experiment against its baseline, paired seed by seed (`pair_means.csv`): the figure to "
-            "quote is the mean gap with its range, never one seed's.", "", md_table(header, body), ""]
+            "Each DEQ experiment against its baseline at one width and budget, paired seed by seed "
+            "(`pair_means.csv`): the figure to quote is the mean gap with its range, never one seed's.", "",
+            md_table(header, body), ""]
 
 
 def render_markdown(title: str, rows: list[dict], pairs: list[dict], means: list[dict], plots: list[str],
