@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU width study (issue 34, item 4): the PTB Transformer pair of record (experiments/ptb/gpu/*.yaml) at
+# The GPU width study: the PTB Transformer pair of record (experiments/ptb/gpu/*.yaml) at
 # d_model 128, 256 and 512, plus an 8-layer baseline at 256, on one GPU in under 9 minutes (H100):
 #
 #   scripts/gpu_width_study.sh OUT [--tiny]

@@ -18,10 +18,12 @@ die() { echo "error: $*" >&2; exit 2; }
 if [[ "${1:-}" == "collect" ]]; then
     [[ $# -eq 3 ]] || die "usage: $0 collect RUN_DIR DEST"
     run="${2%/}"
-    [[ -f "$run/config.yaml" && -f "$run/env.json" ]] || die "$run: not a run folder (no config.yaml/env.json)"
+    [[ -f "$run/config.yaml" && -f "$run/env.json" ]] ||
+        die "$run: not a run folder (no config.yaml or env.json)"
     dest="$3/$(basename "$(dirname "$run")")/$(basename "$run")"
     mkdir -p "$dest"
-    for f in config.yaml env.json metrics.jsonl eval.json solver_caps.json "$run"/code*.patch; do
+    for f in config.yaml env.json metrics.jsonl eval.json solver_caps.json "$run"/env-resume-*.json \
+            "$run"/code*.patch; do
         f="$(basename "$f")"
         [[ -f "$run/$f" ]] && cp "$run/$f" "$dest/$f"
     done

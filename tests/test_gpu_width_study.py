@@ -1,5 +1,5 @@
 """scripts/gpu_width_study.sh at tiny size on the CPU: every run of every row trains, is evaluated, and the
-report pairs each DEQ with the baselines of its width (issue 34, item 4)."""
+report pairs each DEQ with the baselines of its width."""
 
 from __future__ import annotations
 
