@@ -21,7 +21,7 @@ REQUIRED = ["run", "experiment", "core", "pair", "params_nonembedding", "valid_p
 
 def make_run(root: Path, corpus: str, name: str, core: str, *, pair: str = "", mem_gib: float = 1.0,
              test: float = 30.0, stamp: str = "20250101-000000", with_eval: bool = True,
-             max_steps: int = 1000, seed: int = 1111, n_layer: int = 16,
+             max_steps: int = 30, seed: int = 1111, n_layer: int = 16,
              act_mib_per_step: float = 1.0) -> Path:  # fmt: skip
     """A run directory as the trainer leaves it, plus an eval.json as deqlm.eval writes it."""
     run = root / corpus / name / stamp
@@ -378,3 +378,11 @@ def test_runs_of_one_experiment_at_two_widths_stay_apart_and_pair_within_their_w
 ])  # fmt: skip
 def test_the_equilibrium_label_puts_the_threshold_at_a_residual_of_five_percent(core, at_eval, label):
     assert equilibrium_label(core, at_eval) == label
+
+
+def test_a_run_that_ended_before_its_budget_is_named_in_the_pair_notes(tmp_path):
+    deq = make_run(tmp_path, "ptb", "tx_deq", "deq", pair="tx", max_steps=60)  # logs to step 30 only
+    baseline = make_run(tmp_path, "ptb", "tx_unrolled", "unrolled", pair="tx", max_steps=30)
+    write_report([deq, baseline], tmp_path / "out", "fixture", log=lambda _: None)
+    (pair,) = read_csv(tmp_path / "out" / "pairs.csv")
+    assert "deq stopped at step 30 of 60" in pair["notes"] and "unrolled stopped" not in pair["notes"]

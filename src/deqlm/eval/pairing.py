@@ -103,8 +103,15 @@ def _pair_row(pair: str, d: dict, x: dict) -> dict:
         "unrolled_params_nonembedding": xr["params_nonembedding"],
         "speed_ratio": _ratio(xr["tokens_per_s"], dr["tokens_per_s"]),
         **{f"deq_{k}": dr.get(k) for k in CONVERGENCE_KEYS},
-        "notes": "; ".join(_budget_differences(d["cfg"], x["cfg"], dr, xr) + _width_difference(d, x)),
+        "notes": "; ".join(_budget_differences(d["cfg"], x["cfg"], dr, xr) + _width_difference(d, x)
+                           + _stopped_early(d) + _stopped_early(x)),
     }  # fmt: skip
+
+
+def _stopped_early(run: dict) -> list[str]:
+    """A run that ended before its budget (a time limit, a stop) did not train what its config says."""
+    steps, budget = run["row"]["steps"], run["cfg"].train.max_steps
+    return [f"{run['row']['core']} stopped at step {steps} of {budget}"] if steps and steps < budget else []
 
 
 def _width_difference(d: dict, x: dict) -> list[str]:
