@@ -16,6 +16,13 @@ def as_number(value: Any) -> float | None:
     return float(value)
 
 
+def mean_of_known(values) -> float | None:
+    """The mean of the values that are finite numbers (`as_number`), None when there are none: a missing or
+    diverged figure is left out of a mean rather than poisoning it."""
+    known = [v for v in map(as_number, values) if v is not None]
+    return math.fsum(known) / len(known) if known else None
+
+
 def number(value: Any, digits: int = 4, *, fixed: bool = False) -> str:
     """`value` as text for a table cell or a console line.
 

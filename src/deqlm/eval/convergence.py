@@ -10,9 +10,7 @@ events: the evaluator writes them into eval.json, the report into its tables.
 
 from __future__ import annotations
 
-import statistics
-
-from deqlm.fmt import as_number
+from deqlm.fmt import as_number, mean_of_known
 
 EQUILIBRIUM_MAX_REL_RES = 0.05  # a DEQ whose mean forward residual at evaluation is above this is not at z*
 TRAIN_TAIL_FRACTION = 0.2  # "the end of training": the last 20% of the optimizer steps
@@ -36,11 +34,7 @@ def training_tail(events: list[dict], fraction: float = TRAIN_TAIL_FRACTION) -> 
         return {k: None for k in FORWARD_KEYS}
     last = max(as_number(e.get("step")) or 0.0 for e in events)
     tail = [e for e in logged if (as_number(e.get("step")) or 0.0) >= (1.0 - fraction) * last]
-    out = {}
-    for key in FORWARD_KEYS:
-        values = [v for v in (as_number(e.get(f"solver/{key}")) for e in tail) if v is not None]
-        out[key] = statistics.fmean(values) if values else None
-    return out
+    return {key: mean_of_known(e.get(f"solver/{key}") for e in tail) for key in FORWARD_KEYS}
 
 
 def equilibrium_label(core: str, at_eval: dict) -> str | None:

@@ -10,6 +10,7 @@ from collections import defaultdict
 
 from deqlm.config import ExperimentConfig
 from deqlm.eval.convergence import AT_EQUILIBRIUM, FORWARD_KEYS
+from deqlm.fmt import mean_of_known
 
 # the DEQ's convergence as its row has it, repeated in the pair table
 CONVERGENCE_KEYS = (*(f"eval_{k}" for k in FORWARD_KEYS), *(f"tail_{k}" for k in FORWARD_KEYS), "equilibrium")
@@ -147,15 +148,11 @@ def seed_means(pairs: list[dict]) -> list[dict]:
         means.append({
             "pair": pair, "deq_experiment": deq, "unrolled_experiment": unrolled, "width": width,
             "train_tokens": tokens, "n_seeds": len(seeds), "seeds": " ".join(map(str, seeds)),
-            "deq_test_mean": _mean([p["deq_test"] for p in members]),
-            "unrolled_test_mean": _mean([p["unrolled_test"] for p in members]),
-            "gap_pct_mean": _mean(gaps), "gap_pct_sd": statistics.stdev(gaps) if len(gaps) > 1 else None,
+            "deq_test_mean": mean_of_known([p["deq_test"] for p in members]),
+            "unrolled_test_mean": mean_of_known([p["unrolled_test"] for p in members]),
+            "gap_pct_mean": mean_of_known(gaps),
+            "gap_pct_sd": statistics.stdev(gaps) if len(gaps) > 1 else None,
             "gap_pct_min": min(gaps, default=None), "gap_pct_max": max(gaps, default=None),
             "deq_at_equilibrium": f"{n_eq}/{len(members)}",
         })  # fmt: skip
     return means
-
-
-def _mean(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return statistics.fmean(known) if known else None
