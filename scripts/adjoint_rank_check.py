@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from deqlm.eval.runs import load_run_checkpoint, load_run_config
-from deqlm.io import atomic_write_json
+from deqlm.infra.io import atomic_write_json
+from deqlm.infra.run_folder import RunFolder
 
 _LATE_STEP = 10**9  # past any warm-up: DEQ mode
 
@@ -40,9 +40,10 @@ def main() -> None:
     from deqlm.models import build_model
 
     torch.set_num_threads(args.threads)
-    cfg = load_run_config(args.run_dir)
+    folder = RunFolder(args.run_dir)
+    cfg = folder.config()
     dataset = build_dataset(cfg.data)
-    _, ckpt = load_run_checkpoint(args.run_dir)
+    _, ckpt = folder.load_eval_checkpoint()
     lines = []
     for rank in args.ranks:
         torch.manual_seed(0)

@@ -34,10 +34,10 @@ def main() -> None:
     # torch and the model code load only now, once the arguments are understood: `--help` answers at once
     import torch
 
-    from deqlm.bench import peak_memory
     from deqlm.bench.core_step import CoreStep
     from deqlm.bench.rows import build_row
-    from deqlm.runtime import set_threads
+    from deqlm.infra import memory
+    from deqlm.infra.runtime import set_threads
 
     set_threads(args.threads)
     extra = list(args.set)
@@ -45,7 +45,7 @@ def main() -> None:
         extra = ["deq.f_tol=0", "deq.b_tol=0", f"deq.f_max_iter={args.steps}", f"deq.b_max_iter={args.steps}",
                  *extra]
     cpu = torch.device("cpu")
-    peak = peak_memory.PeakMemory(cpu)
+    peak = memory.PeakMemory(cpu)
     peak.start()
     try:
         built = build_row(args.row, "full", batch=args.batch, extra=extra, device=cpu)
@@ -61,17 +61,17 @@ def main() -> None:
         peak._prof = None
         prof.__exit__(None, None, None)
     events = prof.profiler.kineto_results.events()
-    mark = [e for e in events if e.name() == peak_memory.WINDOW_MARK][-1]
+    mark = [e for e in events if e.name() == memory.WINDOW_MARK][-1]
     t0, t1 = mark.start_ns(), mark.end_ns()
     live, trace = 0, []
-    for t, live in peak_memory.running_live(peak_memory.memory_events(events)):
+    for t, live in memory.running_live(memory.memory_events(events)):
         if t0 <= t <= t1:
             trace.append((t, live))
     start_live = trace[0][1] if trace else live
     top, t_peak = max(((b, t) for t, b in trace), default=(live, t0))
     mib = 2**20
     print(f"{args.row}: peak {top / mib:.1f} MiB, at the step's start {start_live / mib:.1f} MiB")
-    running = [e for e in events if e.name() not in ("[memory]", peak_memory.WINDOW_MARK)
+    running = [e for e in events if e.name() not in ("[memory]", memory.WINDOW_MARK)
                and e.start_ns() <= t_peak <= e.end_ns()]
     for e in sorted(running, key=lambda e: e.start_ns())[:8]:
         print(f"  running at the peak: {e.name()}")

@@ -31,7 +31,7 @@ def main() -> None:
 
     from deqlm.bench.core_step import CoreStep
     from deqlm.bench.rows import build_row
-    from deqlm.runtime import describe_device, pick_device
+    from deqlm.infra.runtime import describe_device, pick_device
 
     device = pick_device(args.device)
     built = build_row(args.row, args.size, device=device)

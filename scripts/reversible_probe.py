@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from deqlm.config import load_config
+from deqlm.infra.run_folder import RunFolder
 
 BETAS = (0.5, 0.8, 1.2)
 STEPS = (2, 3, 4, 6, 8)
@@ -33,7 +34,7 @@ STEPS = (2, 3, 4, 6, 8)
 def _model(run_dir: Path, overrides: list[str], vocab: int, state: dict):
     """The run's model with its weights, its deq settings changed by `overrides`, in training mode."""
     from deqlm.models import build_model  # noqa: PLC0415 - torch-side, after --help has answered
-    cfg = load_config(run_dir / "config.yaml", overrides)
+    cfg = load_config(RunFolder(run_dir).config_path, overrides)
     model = build_model(cfg.model, cfg.deq, vocab_size=vocab)
     model.load_state_dict(state)
     return model.train()
@@ -49,13 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     # torch-side imports after parsing, so that --help answers without torch (tests/test_cli.py)
     import torch  # noqa: PLC0415
 
-    from deqlm.checkpoint_io import load_checkpoint  # noqa: PLC0415
     from deqlm.data.dataset import build_dataset  # noqa: PLC0415
-    from deqlm.eval.runs import find_checkpoint  # noqa: PLC0415
 
     torch.set_num_threads(1)
-    cfg = load_config(args.run_dir / "config.yaml")
-    state = load_checkpoint(find_checkpoint(args.run_dir))["model"]
+    folder = RunFolder(args.run_dir)
+    cfg = folder.config()
+    state = folder.load_eval_checkpoint()[1]["model"]
     data = build_dataset(cfg.data)
     segments = data.eval_batches("valid", cfg.data.batch_size, cfg.data.tgt_len)
     batches = list(zip(range(args.segments), segments))

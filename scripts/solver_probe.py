@@ -25,8 +25,9 @@ def probe(run_dir: Path, solvers: list[str], caps: list[int], tol: float, max_to
     from deqlm.eval.loop import evaluate  # noqa: PLC0415
     from deqlm.eval.perplexity import load_run  # noqa: PLC0415
     from deqlm.eval.settings import EvalRequest  # noqa: PLC0415
+    from deqlm.infra.run_folder import RunFolder  # noqa: PLC0415
 
-    run = load_run(run_dir, EvalRequest(splits=("valid",)))
+    run = load_run(RunFolder(run_dir), EvalRequest(splits=("valid",)))
     layers = [m for m in run.model.modules() if isinstance(m, DEQFixedPoint)]
     if not layers:
         raise SystemExit(f"error: {run_dir}: not a DEQ run (no equilibrium layer in its model)")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deqlm.choices import SolverName, values
-from deqlm.io import atomic_write_json
+from deqlm.infra.io import atomic_write_json
 
 if TYPE_CHECKING:
     import torch

@@ -1,4 +1,4 @@
-"""The allocator tuning (deqlm.allocator): who wins, that entry points apply it, that numerics do not move."""
+"""The allocator tuning (deqlm.infra.allocator): who wins, that entry points apply it, numerics stay put."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from deqlm.allocator import MIB, SETTINGS, apply_settings, decide, glibc_version
 from deqlm.bench.allocator import child_env, step_figures, summarise
+from deqlm.infra.allocator import MIB, SETTINGS, apply_settings, decide, glibc_version
 
 ROOT = Path(__file__).resolve().parents[1]
 GLIBC = "glibc 2.36"
@@ -62,7 +62,8 @@ def test_an_older_glibc_refusing_a_1_gib_mmap_threshold_gets_32_mib():
 
 @pytest.mark.skipif(glibc_version() is None, reason="glibc only")
 def test_tune_allocator_applies_every_setting_on_this_glibc():
-    code = "import json; from deqlm.allocator import tune_allocator; print(json.dumps(tune_allocator()))"
+    code = ("import json; from deqlm.infra.allocator import tune_allocator; "
+            "print(json.dumps(tune_allocator()))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DEQLM_ALLOCATOR"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     info = json.loads(out.stdout)

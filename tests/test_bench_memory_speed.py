@@ -14,7 +14,7 @@ import torch
 from deqlm.bench import memory, speed
 from deqlm.bench import protocol as P
 from deqlm.bench.child import run_fresh
-from deqlm.bench.peak_memory import PeakMemory, memory_events, running_live
+from deqlm.infra.memory import PeakMemory, memory_events, running_live
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_FIELDS = {"row", "core", "pair", "device", "status", "reason", "peak_train_mem_gib",

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from deqlm import exits
 from deqlm.config import ConfigError, ExperimentConfig, load_config
 from deqlm.eval import cli as eval_cli
 from deqlm.eval import report
-from deqlm.metrics import WANDB_ID_FILE, MetricLogger
+from deqlm.infra import exits
+from deqlm.infra.metrics import MetricLogger
+from deqlm.infra.run_folder import WANDB_ID
 from deqlm.train import cli as train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def test_training_not_asked_for_wandb_never_imports_or_starts_it(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "wandb imported: False" in proc.stdout
     run_dir = Path(next(ln for ln in proc.stdout.splitlines() if ln.startswith("run_dir: "))[9:])
-    assert not (run_dir / "wandb").exists() and not (run_dir / WANDB_ID_FILE).exists()
+    assert not (run_dir / "wandb").exists() and not (run_dir / WANDB_ID).exists()
     assert "wandb" not in (proc.stdout + proc.stderr).replace("wandb imported", "")
 
 
@@ -116,7 +117,7 @@ def test_wandb_when_asked_prints_no_banner_or_history_only_where_its_run_is(tmp_
     out, err = capfd.readouterr()
     assert [ln for ln in (out + err).splitlines() if "wandb" in ln.lower()] == []
     assert logger.wandb_note.startswith("wandb: offline run ") and str(tmp_path) in logger.wandb_note
-    assert (tmp_path / WANDB_ID_FILE).exists()
+    assert (tmp_path / WANDB_ID).exists()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def test_bad_run_gives_one_line_error(tmp_path, capsys, breakage, message):
         (run / "ckpt" / "last.pt").unlink()
     elif breakage == "corrupt_ckpt":
         (run / "ckpt" / "last.pt").write_bytes(b"\x00not a checkpoint")
-    assert eval_main(args) == 2  # a bad run directory is bad input, as for the trainer (deqlm.exits)
+    assert eval_main(args) == 2  # a bad run directory is bad input, as for the trainer (deqlm.infra.exits)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {run}: ") and message in err[0]
 

@@ -159,7 +159,7 @@ def test_report_cli_bad_run_is_a_one_line_error(tmp_path, capsys, breakage, mess
         (run / "metrics.jsonl").write_text("[1, 2]\n")
     else:
         (run / "eval.json").unlink()
-    assert report_main([str(run), "--out", str(tmp_path / "out")]) == 2  # bad input (deqlm.exits)
+    assert report_main([str(run), "--out", str(tmp_path / "out")]) == 2  # bad input (deqlm.infra.exits)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {run}: ") and message in err[0]
 

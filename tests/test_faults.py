@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from deqlm.checkpoint_io import load_checkpoint
 from deqlm.config import ConfigError, load_config
 from deqlm.eval.cli import main as eval_main
-from deqlm.io import read_jsonl
+from deqlm.infra.io import read_jsonl
+from deqlm.infra.run_folder import load_checkpoint
 from deqlm.train.cli import main as train_main
 from deqlm.train.trainer import train
 
@@ -135,7 +135,7 @@ def test_eval_falls_back_from_a_damaged_best_pt_to_last_pt_and_says_so(run, caps
     assert json.loads((run / "eval.json").read_text())["checkpoint"]["file"] == "ckpt/last.pt"
 
 
-# -- damaged training logs (deqlm.io.read_jsonl) ------------------------------------------------------------
+# -- damaged training logs (deqlm.infra.io.read_jsonl) -------------------------------------------------------
 
 
 def test_resume_with_a_corrupt_line_inside_metrics_jsonl_names_it_and_changes_nothing(run, capsys):

@@ -191,7 +191,7 @@ def test_lean_kernel2_conv_equals_the_default_one_in_value_and_gradients():
 def test_lean_kernel2_conv_input_gradient_allocates_little_beyond_the_gradient():
     """Its vector-Jacobian product w.r.t. the input holds at most the gradient plus a small fraction of the
     weight (no copy of the weight: that copy would sit at the DEQ's memory peak once per adjoint step)."""
-    from deqlm.bench.peak_memory import peak_live_bytes
+    from deqlm.infra.memory import peak_live_bytes
     from deqlm.models.trellisnet_cell import causal_conv_k2
 
     x = torch.randn(2, 256, 17, requires_grad=True)
@@ -231,7 +231,7 @@ def test_fused_lstm_gating_saves_no_more_than_autograd_and_its_backward_holds_si
     holds nine (four gate gradients, their concatenation and temporaries): 589824 bytes at these sizes when
     its profiler events come in order. Autograd's figure is not asserted: under load the profiler has
     reported it 3-33% low (equal or near-equal timestamps), which made a relative bound flaky."""
-    from deqlm.bench.peak_memory import peak_live_bytes
+    from deqlm.infra.memory import peak_live_bytes
     from deqlm.models.trellisnet_cell import LSTMGating
 
     B, H, L = 4, 64, 64

@@ -102,7 +102,7 @@ def test_pre_ln_and_same_length_and_clamp_len_run():
 def test_transformer_ffn_saves_one_inner_wide_tensor_with_dropout_on():
     """With dropout active, bytes saved for backward grow by one (B, L) float per unit of d_inner: the
     ReLU's output doubles as ff2's input, instead of a second, masked copy being saved."""
-    from deqlm.activation import SavedTensorMeter
+    from deqlm.infra.memory import SavedTensorMeter
     from deqlm.models.transformer_cell import TransformerCell
 
     def saved(d_inner: int) -> int:
@@ -162,8 +162,7 @@ def test_ffn_working_memory_forward_and_vector_jacobian_product(monkeypatch):
     from functools import partial
 
     import deqlm.models.transformer_cell as tc
-    from deqlm.activation import SavedTensorMeter
-    from deqlm.bench.peak_memory import peak_live_bytes
+    from deqlm.infra.memory import SavedTensorMeter, peak_live_bytes
 
     B, L, I = 8, 16, 4096
     inner_bytes = B * L * I * 4
@@ -193,7 +192,7 @@ def test_gather_last_equals_gather_with_its_gradients_and_saves_only_the_index()
     """GatherLast (the relative-position shift) = torch.gather in value, gradient and second derivative
     (float64 gradcheck / gradgradcheck, an expanded index as the cell uses), and the bytes it saves for
     backward are the index's storage, not a copy of the scores."""
-    from deqlm.activation import SavedTensorMeter
+    from deqlm.infra.memory import SavedTensorMeter
     from deqlm.models.transformer_cell import GatherLast
 
     torch.manual_seed(0)

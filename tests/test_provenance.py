@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deqlm.runtime import code_provenance, patch_name, source_hash, write_env
+from deqlm.infra.provenance import code_provenance, env_record, source_hash
+from deqlm.infra.run_folder import RunFolder, patch_name
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
@@ -114,18 +115,18 @@ def test_code_outside_a_checkout_is_still_named_by_its_source_hash(tmp_path):
 
 def test_write_env_puts_the_patch_beside_the_env_file_it_names_only_for_a_dirty_checkout(tmp_path,
                                                                                        monkeypatch):
-    import deqlm.runtime as runtime
+    import deqlm.infra.provenance as provenance
 
     repo = _repo(tmp_path)
-    monkeypatch.setattr(runtime, "_package_dir", lambda: repo)
+    monkeypatch.setattr(provenance, "_package_dir", lambda: repo)
     clean_dir, dirty_dir = tmp_path / "clean", tmp_path / "dirty"
     clean_dir.mkdir()
     dirty_dir.mkdir()
-    clean = write_env(clean_dir, torch.device("cpu"))
+    clean = RunFolder(clean_dir).write_env(*env_record(torch.device("cpu")))
     assert clean["git_dirty"] is False and clean["git_patch"] is None and not list(clean_dir.glob("*.patch"))
     assert clean["source_sha256"] == source_hash(repo)["source_sha256"]
     (repo / "pkg" / "model.py").write_text("WIDTH = 256\n")
-    dirty = write_env(dirty_dir, torch.device("cpu"), name="env-resume-400.json")
+    dirty = RunFolder(dirty_dir).write_env(*env_record(torch.device("cpu")), resume_step=400)
     saved = json.loads((dirty_dir / "env-resume-400.json").read_text())
     assert saved == json.loads(json.dumps(dirty)) and saved["git_dirty"] is True
     assert saved["git_patch"] == patch_name("env-resume-400.json") == "code-resume-400.patch"

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from _model_helpers import VOCAB, tiny_model
-from deqlm.bench.peak_memory import peak_live_bytes
 from deqlm.config import ConfigError, load_config
 from deqlm.deq import DEQFixedPoint
+from deqlm.infra.memory import peak_live_bytes
 from deqlm.solvers import reversible
 
 REV = ["deq.f_solver=reversible", "deq.grad=reversible"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from deqlm.activation import SavedTensorMeter, saved_bytes
+from deqlm.infra.memory import SavedTensorMeter, saved_bytes
 
 
 def test_counts_saved_activations_once_and_excludes_parameters():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deqlm.io import read_jsonl
+from deqlm.infra.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "experiments" / "debug"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deqlm.config import load_config, save_config
-from deqlm.io import read_jsonl
+from deqlm.infra.io import read_jsonl
 from deqlm.models.lm import SequenceLM
 from deqlm.train.trainer import TrainingDiverged, train
 

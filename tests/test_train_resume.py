@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from deqlm.config import load_config
-from deqlm.io import read_jsonl
+from deqlm.infra.io import read_jsonl
 from deqlm.train.cli import main as cli_main
 from deqlm.train.trainer import Trainer, train
 

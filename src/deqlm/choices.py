@@ -29,10 +29,10 @@ DatasetName = Literal["ptb", "wt103", "wt2", "synthetic", "copy"]  # registry: d
 Tokenizer = Literal["word", "sentencepiece"]  # deqlm.data.tokenizers
 OptimizerName = Literal["adam", "sgd"]  # deqlm.train.optim.build_optimizer
 Schedule = Literal["cosine", "constant", "step"]  # deqlm.train.optim.lr_multiplier
-Device = Literal["auto", "cpu", "cuda"]  # deqlm.runtime.pick_device
-Amp = Literal["none", "bf16", "fp16"]  # deqlm.runtime.autocast_context
-GradSync = Literal["ddp", "allreduce"]  # deqlm.distributed.wrap_model
-WandbMode = Literal["disabled", "offline", "online"]  # wandb's own modes (deqlm.metrics.MetricLogger)
+Device = Literal["auto", "cpu", "cuda"]  # deqlm.infra.runtime.pick_device
+Amp = Literal["none", "bf16", "fp16"]  # deqlm.infra.runtime.autocast_context
+GradSync = Literal["ddp", "allreduce"]  # deqlm.infra.distributed.wrap_model
+WandbMode = Literal["disabled", "offline", "online"]  # wandb's own modes (deqlm.infra.metrics.MetricLogger)
 
 IMPLICIT = "implicit"  # deq.grad: the implicit-function-theorem gradient
 # deq.grad: exact backprop through the reversible iteration (needs f_solver=reversible)

@@ -47,7 +47,7 @@ from deqlm.choices import (
     parse_grad,
     values,
 )
-from deqlm.io import atomic_write_text
+from deqlm.infra.io import atomic_write_text
 
 WANDB_MODE_ENV = "WANDB_MODE"  # wandb's own switch, read by load_config
 
@@ -212,7 +212,7 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    """Where metrics go (deqlm.metrics.MetricLogger)."""
+    """Where metrics go (deqlm.infra.metrics.MetricLogger)."""
 
     # wandb's mode; WANDB_MODE in the environment overrides the experiment file, and log.wandb_mode=... on the
     # command line overrides both
@@ -397,16 +397,30 @@ def _environment_layer(env: Mapping[str, str]) -> dict:
     return {"log": {"wandb_mode": mode}}
 
 
+def _parse_saved(text: str) -> DictConfig:
+    """A resolved config already read from a run folder: one YAML mapping, no ``base:`` chain."""
+    try:
+        node = OmegaConf.create(text)
+    except Exception as exc:  # yaml errors come in many types
+        raise ConfigError(f"cannot parse YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(node, DictConfig) or not node:
+        raise ConfigError("expected a mapping of settings at the top level")
+    return node
+
+
 def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str] | None = None, *, text: str | None = None,
 ) -> ExperimentConfig:
-    """Load an experiment: defaults <- YAML chain (``base:``) <- environment (``env``, default os.environ)
-    <- dotlist overrides (``key=value``): what is typed on the command line wins."""
+    """Load an experiment: defaults <- YAML chain (``base:``) at `path`, or a saved config's `text` <-
+    environment (``env``, default os.environ) <- dotlist overrides (``key=value``): what is typed on the
+    command line wins."""
     schema = OmegaConf.structured(ExperimentConfig)
     layers: list[Any] = []
     if path is not None:
         layers.append(_read_yaml_chain(Path(path)))
+    if text is not None:
+        layers.append(_parse_saved(text))
     from_env = _environment_layer(os.environ if env is None else env)
     if from_env:
         layers.append(OmegaConf.create(from_env))

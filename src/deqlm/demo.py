@@ -21,11 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-from deqlm.allocator import tune_allocator
 from deqlm.eval import cli as eval_cli  # loads torch only once it evaluates: `--help` answers without it
 from deqlm.eval.report import write_report
-from deqlm.exits import FAILED, OK, error
-from deqlm.fmt import number
+from deqlm.infra.allocator import tune_allocator
+from deqlm.infra.exits import FAILED, OK, error
+from deqlm.infra.fmt import number
 
 EXPERIMENTS = ("experiments/demo/transformer_deq.yaml", "experiments/demo/transformer_xl.yaml")
 TITLE = "Demo: DEQ-Transformer vs unrolled Transformer-XL on the embedded synthetic corpus"

@@ -14,7 +14,7 @@ import sys
 
 from deqlm.config import ConfigError, load_config
 from deqlm.data.corpus import CORPORA
-from deqlm.exits import BAD_INPUT, OK, error
+from deqlm.infra.exits import BAD_INPUT, OK, error
 
 USAGE = "usage: python -m deqlm.params CONFIG [key=value ...]"
 

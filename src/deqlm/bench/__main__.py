@@ -5,9 +5,9 @@ import importlib
 import sys
 import textwrap
 
-from deqlm.allocator import tune_allocator
 from deqlm.bench.cli import PARSERS, summary
-from deqlm.exits import BAD_INPUT, OK, error
+from deqlm.infra.allocator import tune_allocator
+from deqlm.infra.exits import BAD_INPUT, OK, error
 
 USAGE = f"usage: python -m deqlm.bench {{{','.join(PARSERS)}}} [args]   (SUBCOMMAND --help for its options)"
 

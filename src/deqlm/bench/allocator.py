@@ -1,5 +1,5 @@
 """`python -m deqlm.bench allocator`: training speed, minor page faults and system time with glibc's default
-allocator against deqlm's tuned one (deqlm.allocator), side by side in one invocation.
+allocator against deqlm's tuned one (deqlm.infra.allocator), side by side in one invocation.
 
     python -m deqlm.bench allocator [--cases ptb-unrolled ptb-deq copy-deq] [--variants system tuned env]
         [--reps N] [--exp CONFIG --steps N --set key=value ...] [--out DIR] [--json]
@@ -12,7 +12,7 @@ alternating, repetition after repetition, so that they share the machine's load.
   env     the settings measured in issue 23, set by hand as MALLOC_* variables (glibc applies them at start).
 Per child: tokens/s over the steps after the first quarter (first touches and warm-up left out); the child's
 minor page faults, system and user CPU seconds (getrusage over the whole child: start-up, data, the final
-validation and checkpoint included); wall seconds; its peak RSS; the allocator mode its env.json recorded; its
+validation and checkpoint included); wall seconds; its peak RSS; the allocator mode its env record holds; its
 losses.
 Per case: the medians of each variant, ratios against `system`, and whether every variant's per-step losses
 were identical. The PTB pair (ptb-unrolled, ptb-deq) also gets its unrolled / DEQ tokens/s ratio per
@@ -35,9 +35,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from deqlm.allocator import SWITCH, USER_VARIABLES, glibc_version
-from deqlm.exits import FAILED, OK, describe, error
-from deqlm.io import atomic_write_json, read_jsonl
+from deqlm.infra.allocator import SWITCH, USER_VARIABLES, glibc_version
+from deqlm.infra.exits import FAILED, OK, describe, error
+from deqlm.infra.io import atomic_write_json
+from deqlm.infra.run_folder import RunFolder
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -94,10 +95,10 @@ def run_child(case: Case, variant: str, runs_root: Path, timeout_s: float) -> di
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"{case.config} ({variant}) exited {proc.returncode}: {tail}")
-    run_dir = Path(next(line[len("run_dir: "):] for line in proc.stdout.splitlines()
-                        if line.startswith("run_dir: ")))
-    events = [e for e in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in e]
-    allocator = json.loads((run_dir / "env.json").read_text()).get("allocator", {})
+    folder = RunFolder(next(line[len("run_dir: "):] for line in proc.stdout.splitlines()
+                            if line.startswith("run_dir: ")))
+    events = [e for e in folder.metrics() if "train/loss" in e]
+    allocator = (folder.env() or {}).get("allocator", {})
     return {"variant": variant, "allocator_mode": allocator.get("mode"),
             "minor_faults": after.ru_minflt - before.ru_minflt,
             "sys_s": after.ru_stime - before.ru_stime, "user_s": after.ru_utime - before.ru_utime,

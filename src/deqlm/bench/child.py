@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 
 from deqlm.bench.protocol import REPO_ROOT, PaperRow, get_row
-from deqlm.exits import describe
-from deqlm.runtime import describe_device, pick_device, set_threads
+from deqlm.infra.exits import describe
+from deqlm.infra.runtime import describe_device, pick_device, set_threads
 
 # measure(row, device, args) -> the row's record; args carries the protocol and the subcommand's own options
 Measure = Callable[[PaperRow, torch.device, argparse.Namespace], dict]

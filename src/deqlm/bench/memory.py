@@ -23,15 +23,14 @@ from pathlib import Path
 
 import torch
 
-from deqlm.activation import SavedTensorMeter
 from deqlm.bench import child, cli, report
 from deqlm.bench import protocol as P
 from deqlm.bench.core_step import CoreStep
-from deqlm.bench.peak_memory import GIB, PeakMemory, limit_cpu_memory
 from deqlm.bench.rows import BuiltRow, build_row, solver_workspace_bytes
 from deqlm.config import load_config
-from deqlm.exits import BAD_INPUT, OK, error
-from deqlm.runtime import describe_device
+from deqlm.infra.exits import BAD_INPUT, OK, error
+from deqlm.infra.memory import GIB, PeakMemory, SavedTensorMeter, limit_cpu_memory
+from deqlm.infra.runtime import describe_device
 
 QUICK = {"depths": (1, 3), "steps": (2, 6), "seq_lens": (8, 16),
          "rows": ("wt103-txl-small-4l", "wt103-txl-small-tied-16l", "wt103-deq-transformer-small",

@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 
 from deqlm.bench import protocol as P
-from deqlm.bench.peak_memory import GIB
-from deqlm.fmt import number
-from deqlm.io import atomic_write_json, atomic_write_text
+from deqlm.infra.fmt import number
+from deqlm.infra.io import atomic_write_json, atomic_write_text
+from deqlm.infra.memory import GIB
 
 SWEEP_TITLES = {"depth": ("unrolled depth (layers)", "Memory vs unrolled depth"),
                 "solver_steps": ("solver step cap (forward = backward)", "DEQ memory vs solver steps"),

@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deqlm.allocator import tune_allocator
 from deqlm.bench import cli
-from deqlm.bench.peak_memory import peak_live_bytes
 from deqlm.deq import DEQFixedPoint
-from deqlm.io import atomic_write_json
+from deqlm.infra.allocator import tune_allocator
+from deqlm.infra.io import atomic_write_json
+from deqlm.infra.memory import peak_live_bytes
 from deqlm.solvers import get_solver
 from deqlm.solvers.anderson import history_slots
 from deqlm.solvers.broyden import buffer_slots

@@ -31,9 +31,9 @@ from deqlm.bench import child, cli, report
 from deqlm.bench import protocol as P
 from deqlm.bench.core_step import CoreStep
 from deqlm.bench.rows import build_row
-from deqlm.exits import BAD_INPUT, OK, error
+from deqlm.infra.exits import BAD_INPUT, OK, error
+from deqlm.infra.runtime import describe_device
 from deqlm.models.dropout import fill_parametrization_cache
-from deqlm.runtime import describe_device
 
 QUICK_PAIRS = ("wt103-transformer-small", "ptb-trellisnet")
 

@@ -11,7 +11,7 @@ from deqlm.config import DataConfig
 from deqlm.data.copy_memory import copy_memory_summary
 from deqlm.data.corpus import corpus_summary, open_corpus
 from deqlm.data.errors import DataError
-from deqlm.exits import BAD_INPUT, OK, error
+from deqlm.infra.exits import BAD_INPUT, OK, error
 
 
 def describe(cfg: DataConfig) -> dict:

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 from deqlm.data.corpus import CORPORA, SPLITS
 from deqlm.data.errors import DataError
 from deqlm.data.synthetic import ensure_synthetic
-from deqlm.exits import BAD_INPUT, OK, describe, error
+from deqlm.infra.exits import BAD_INPUT, OK, describe, error
 
 HUB = {  # dataset -> (repo id, config or path template, revision)
     "wt103": ("Salesforce/wikitext", "wikitext-103-v1", None),

@@ -1,7 +1,7 @@
-"""``python -m deqlm.eval RUN_DIR|results/runs [split=test] [eval.mem_len=300 ...]``: write eval.json."""
+"""``python -m deqlm.eval RUN_DIR|results/runs [split=test] [eval.mem_len=300 ...]``: runs' eval records."""
 
-from deqlm.allocator import tune_allocator
 from deqlm.eval.cli import main
+from deqlm.infra.allocator import tune_allocator
 
 tune_allocator()
 raise SystemExit(main())

@@ -1,7 +1,7 @@
 """Command line of the evaluator: ``python -m deqlm.eval RUN_DIR|ROOT [split=...] [eval.KEY=VALUE ...]``.
 
 One named run is always evaluated and its failure is the command's; a folder of runs evaluates those lacking
-an up-to-date ``eval.json`` and skips broken ones with a warning. Errors are one line (deqlm.exits).
+an up-to-date eval record and skips broken ones with a warning. Errors are one line (deqlm.infra.exits).
 """
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from deqlm.eval.runs import discover_runs, is_run_dir
 from deqlm.eval.settings import DEFAULT_CAPS, SPLITS, EvalRequest
-from deqlm.exits import BAD_INPUT, OK, error
+from deqlm.infra.exits import BAD_INPUT, OK, error
+from deqlm.infra.run_folder import CAPS, EVAL, discover_runs, is_run_dir
 
-USAGE = """usage: python -m deqlm.eval RUN_DIR|ROOT [split=valid,test] [eval.KEY=VALUE ...]
+USAGE = f"""usage: python -m deqlm.eval RUN_DIR|ROOT [split=valid,test] [eval.KEY=VALUE ...]
                         [max_tokens=N] [device=cpu|cuda] [force=true] [caps=default|1,2,4,...]
-RUN_DIR: evaluate that run. ROOT (e.g. results/runs): every run below it lacking an up-to-date eval.json.
+RUN_DIR: evaluate that run. ROOT (e.g. results/runs): every run below it lacking an up-to-date {EVAL}.
 device= stands in for the run's train.device. caps= (DEQ runs): also the test split with the forward
-solver capped at each of these steps, at the training tolerance, into solver_caps.json
+solver capped at each of these steps, at the training tolerance, into {CAPS}
 (default: 1,2,4,8,12,16,30)."""
 
 

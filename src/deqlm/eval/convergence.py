@@ -4,13 +4,13 @@ the label a table puts on a DEQ row that stopped short of its equilibrium.
 The paper's claim is about the equilibrium z* = f(z*, x). A DEQ whose solves stop at their cap far from it is
 a weight-tied network of that many layers trained with an approximate gradient, so its row must say so. The
 threshold on the relative residual ||f(z) - z|| / ||f(z)|| is the official code's maintainers' rule of thumb
-for good convergence (docs/paper.md §5). Pure functions of eval.json splits and metrics.jsonl
-events: the evaluator writes them into eval.json, the report into its tables.
+for good convergence (docs/paper.md §5). Pure functions of the eval record's splits and the training
+log's events: the evaluator writes them into the eval record, the report into its tables.
 """
 
 from __future__ import annotations
 
-from deqlm.fmt import as_number, mean_of_known
+from deqlm.infra.fmt import as_number, mean_of_known
 
 EQUILIBRIUM_MAX_REL_RES = 0.05  # a DEQ whose mean forward residual at evaluation is above this is not at z*
 TRAIN_TAIL_FRACTION = 0.2  # "the end of training": the last 20% of the optimizer steps
@@ -49,7 +49,7 @@ def equilibrium_label(core: str, at_eval: dict) -> str | None:
 
 
 def convergence_record(core: str, splits: dict, events: list[dict]) -> dict:
-    """eval.json's ``convergence`` object: the solver at evaluation and over the end of training, the
+    """The eval record's ``convergence`` object: the solver at evaluation and over the end of training, the
     label."""
     at_eval = eval_solver(splits)
     return {

@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from deqlm.distributed import DistInfo, all_reduce_mean_dict, all_reduce_sum, column_slice
 from deqlm.eval.settings import EvalSettings
-from deqlm.metrics import add_solver_stats, solver_means
-from deqlm.runtime import autocast_context
+from deqlm.infra.distributed import DistInfo, all_reduce_mean_dict, all_reduce_sum, column_slice
+from deqlm.infra.metrics import add_solver_stats, solver_means
+from deqlm.infra.runtime import autocast_context
 
 
 def evaluate(model: torch.nn.Module, dataset, split: str, settings: EvalSettings, step: int | None,

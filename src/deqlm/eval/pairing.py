@@ -10,7 +10,7 @@ from collections import defaultdict
 
 from deqlm.config import ExperimentConfig
 from deqlm.eval.convergence import AT_EQUILIBRIUM, FORWARD_KEYS
-from deqlm.fmt import mean_of_known
+from deqlm.infra.fmt import mean_of_known
 
 # the DEQ's convergence as its row has it, repeated in the pair table
 CONVERGENCE_KEYS = (*(f"eval_{k}" for k in FORWARD_KEYS), *(f"tail_{k}" for k in FORWARD_KEYS), "equilibrium")

@@ -1,14 +1,14 @@
-"""Evaluate a trained run: the Transformer-XL perplexity protocol on whole splits, written to ``eval.json``.
+"""Evaluate a trained run: the Transformer-XL perplexity protocol on whole splits, into the run's eval record.
 
 Protocol (Dai et al. 2019, as used by Bai et al. 2019): each split is one token stream cut into
 ``eval.batch_size`` columns and read in segments of ``eval.tgt_len`` tokens, the memory (``eval.mem_len``)
 carried from segment to segment; perplexity = exp(sum of token NLL / number of target tokens) over the whole
 split. The loop itself is ``deqlm.eval.loop.evaluate``, the one the trainer validates with; this module picks
 the checkpoint, resolves the eval settings (``deqlm.eval.settings``), adds word-level perplexity, the
-entropy-rate bound and memory figures, and keeps splits of an ``eval.json`` that are still up to date.
+entropy-rate bound and memory figures, and keeps splits of an eval record that are still up to date.
 
-The number in ``eval.json`` is the run's result; the last validation figure of the training log is not (it may
-be capped by ``train.eval_max_tokens``).
+The number in the eval record is the run's result; the last validation figure of the training log is not (it
+may be capped by ``train.eval_max_tokens``).
 """
 
 from __future__ import annotations
@@ -27,29 +27,22 @@ from deqlm.config import ConfigError, ExperimentConfig, to_dict
 from deqlm.data.dataset import build_dataset
 from deqlm.eval.convergence import convergence_record
 from deqlm.eval.loop import evaluate
-from deqlm.eval.runs import (
-    EVAL_FILE,
-    RunError,
-    checkpoint_id,
-    is_up_to_date,
-    load_run_checkpoint,
-    load_run_config,
-    read_eval_json,
-)
-from deqlm.eval.settings import EvalRequest, EvalSettings, resolve_eval_settings
-from deqlm.io import JsonlError, atomic_write_json, read_jsonl
-from deqlm.metrics import MemoryMeter
+from deqlm.eval.settings import EvalRequest, EvalSettings, is_up_to_date, resolve_eval_settings
+from deqlm.infra.io import JsonlError
+from deqlm.infra.memory import MemoryMeter
+from deqlm.infra.provenance import git_state, source_hash
+from deqlm.infra.run_folder import RunError, RunFolder
+from deqlm.infra.runtime import pick_device
 from deqlm.models import build_model, count_params
-from deqlm.runtime import git_state, pick_device, source_hash
 
 SCHEMA_VERSION = 1
 
 
-def _training_events(run_dir: Path) -> list[dict]:
+def _training_events(folder: RunFolder) -> list[dict]:
     """The run's training log for the end-of-training solver figures; empty when it is missing or damaged
     (the evaluation itself does not depend on it)."""
     try:
-        return read_jsonl(run_dir / "metrics.jsonl")
+        return folder.metrics()
     except (OSError, JsonlError):
         return []
 
@@ -112,7 +105,8 @@ def _load_model(run_dir: Path, cfg: ExperimentConfig, ckpt: dict, vocab_size: in
 
 def evaluate_split(run_dir: Path, cfg: ExperimentConfig, model, dataset, split: str, settings: EvalSettings,
                     step: int | None, device: torch.device, max_tokens: int) -> dict:
-    """One split's eval.json entry: the loop's figures, word-level perplexity, wall time and peak memory."""
+    """One split's entry in the eval record: the loop's figures, word-level perplexity, wall time, peak
+    memory."""
     meter = MemoryMeter(device)
     meter.reset()
     t0 = time.perf_counter()
@@ -134,7 +128,7 @@ def evaluate_split(run_dir: Path, cfg: ExperimentConfig, model, dataset, split: 
 class LoadedRun:
     """A run ready to evaluate: its config, the checkpoint's weights in the model, the data, the settings."""
 
-    run_dir: Path
+    folder: RunFolder
     cfg: ExperimentConfig
     step: int | None
     ckpt_info: dict
@@ -144,10 +138,11 @@ class LoadedRun:
     model: torch.nn.Module
 
 
-def load_run(run_dir: Path, req: EvalRequest) -> LoadedRun:
+def load_run(folder: RunFolder, req: EvalRequest) -> LoadedRun:
     """The run's config (with the request's eval overrides), the checkpoint to evaluate, data and model."""
-    cfg = load_run_config(run_dir, req.eval_overrides, req.device)
-    ckpt_path, ckpt = load_run_checkpoint(run_dir)
+    run_dir = folder.path
+    cfg = folder.config(req.eval_overrides, req.device)
+    ckpt_path, ckpt = folder.load_eval_checkpoint()
     step = None if ckpt.get("step") is None else int(ckpt["step"])
     try:
         device = pick_device(cfg.train.device)
@@ -155,19 +150,20 @@ def load_run(run_dir: Path, req: EvalRequest) -> LoadedRun:
         raise RunError(run_dir, str(exc)) from None
     dataset = _load_data(run_dir, cfg, ckpt)
     model = _load_model(run_dir, cfg, ckpt, dataset.vocab_size, device)
-    return LoadedRun(run_dir, cfg, step, checkpoint_id(run_dir, ckpt_path, step), resolve_eval_settings(cfg),
+    return LoadedRun(folder, cfg, step, folder.checkpoint_record(ckpt_path, step), resolve_eval_settings(cfg),
                      device, dataset, model)
 
 
-def evaluate_run(run_dir: str | os.PathLike, req: EvalRequest | None = None, *, log=print) -> dict:
-    """Evaluate one run directory and write its ``eval.json`` (atomically); returns the record written."""
-    run_dir, req = Path(run_dir), req or EvalRequest()
-    run = load_run(run_dir, req)
+def evaluate_run(run: str | os.PathLike | RunFolder, req: EvalRequest | None = None, *, log=print) -> dict:
+    """Evaluate one run folder and write its eval record (atomically); returns the record written."""
+    folder = run if isinstance(run, RunFolder) else RunFolder(run)
+    run_dir, req = folder.path, req or EvalRequest()
+    run = load_run(folder, req)
     cfg, step, settings, device, dataset, model = (run.cfg, run.step, run.settings, run.device, run.dataset,
                                                    run.model)
     recorded, ckpt_info = settings.record(req.max_tokens), run.ckpt_info
 
-    existing = read_eval_json(run_dir)
+    existing = folder.eval_record()
     splits: dict[str, dict] = {}
     if existing and is_up_to_date(existing, ckpt_info, recorded, ()):
         splits.update(existing.get("splits") or {})  # keep splits evaluated earlier with these exact settings
@@ -177,21 +173,21 @@ def evaluate_run(run_dir: str | os.PathLike, req: EvalRequest | None = None, *, 
         shown = f"loss {res['loss']:.4g}" if res["ppl"] is None else f"ppl {res['ppl']:.3f}"
         log(f"{run_dir}: {split} {shown} over {res['n_tokens']} tokens ({res['tokens_per_s']:.0f} tok/s)")
 
-    record = build_record(run_dir, cfg, recorded, ckpt_info, splits, dataset, model, device)
+    record = build_record(folder, cfg, recorded, ckpt_info, splits, dataset, model, device)
     fresh = [splits[s] for s in req.splits]
     record["peak_mem_gib"] = max(res["peak_mem_gib"] for res in fresh)
     record["peak_mem_kind"] = fresh[-1]["peak_mem_kind"]
-    atomic_write_json(run_dir / EVAL_FILE, record)
+    folder.write_eval_record(record)
     return record
 
 
-def build_record(run_dir: Path, cfg: ExperimentConfig, settings: dict, ckpt_info: dict, splits: dict,
+def build_record(folder: RunFolder, cfg: ExperimentConfig, settings: dict, ckpt_info: dict, splits: dict,
                  dataset, model, device: torch.device) -> dict:
-    """The eval.json object (schema in docs/evaluation.md); flat ``<split>_ppl`` keys duplicate ``splits``."""
+    """The eval record (schema in docs/evaluation.md); flat ``<split>_ppl`` keys duplicate ``splits``."""
     entropy = getattr(dataset, "entropy_rate", None)
     record: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
-        "run": str(run_dir),
+        "run": str(folder.path),
         "experiment": cfg.name,
         "corpus": cfg.data.dataset,
         "core": cfg.model.core,
@@ -210,7 +206,7 @@ def build_record(run_dir: Path, cfg: ExperimentConfig, settings: dict, ckpt_info
         "torch": torch.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config_eval": to_dict(cfg.eval),
-        "convergence": convergence_record(cfg.model.core, splits, _training_events(run_dir)),
+        "convergence": convergence_record(cfg.model.core, splits, _training_events(folder)),
         "eval_code": {**git_state(), **source_hash()},  # the code that computed these figures
     }
     for split, res in splits.items():

@@ -14,12 +14,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from deqlm.eval.convergence import EQUILIBRIUM_MAX_REL_RES, NOT_AT_EQUILIBRIUM
-from deqlm.fmt import as_number
-from deqlm.io import atomic_write_bytes
+from deqlm.infra.fmt import as_number
+from deqlm.infra.io import atomic_write_bytes
+from deqlm.infra.run_folder import EVAL
 
 
 def log_series(events: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
-    """(x, y) of the metrics.jsonl events that carry both keys as finite numbers."""
+    """(x, y) of the training log's events that carry both keys as finite numbers."""
     xs, ys = [], []
     for e in events:
         xv, yv = as_number(e.get(x)), as_number(e.get(key))
@@ -143,7 +144,7 @@ def plot_curves(runs: list[dict], path: Path, title: str, style: dict[str, dict]
         if yscale == "log":
             label_log_axis(ax.yaxis)
     what = "Validation loss" if copy_task else "Validation perplexity"
-    fig.suptitle(f"{title}: {what} during training (training-log figures, not eval.json)")
+    fig.suptitle(f"{title}: {what} during training (training-log figures, not {EVAL})")
     _legend_below_and_save(fig, ax_s, 3, path)
     return True
 

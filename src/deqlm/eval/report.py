@@ -1,6 +1,6 @@
 """Comparison report: one row per run, DEQ runs paired with their unrolled baselines, training-curve plots.
 
-Reads each run's ``config.yaml``, ``metrics.jsonl`` and ``eval.json`` (never a checkpoint) and writes
+Reads each run's config, training log and eval record through its `RunFolder` (never a checkpoint) and writes
 ``summary.md``, ``summary.csv`` and PNG plots. The command line groups runs by corpus:
 
     python -m deqlm.eval.report [RUNS ...] [--out DIR] [--title TEXT]  ->  DIR/<corpus>/summary.md
@@ -9,8 +9,9 @@ DIR defaults to ``results/compare`` (ignored by git), so comparing one's own run
 reproduction under ``results/<corpus>/``; regenerating that is the explicit ``--out results`` of
 results/README.md.
 
-Test and validation figures come from ``eval.json`` (whole split, Transformer-XL protocol); the training log's
-last validation figure is shown only as ``last_logged_valid_ppl``. Pairing rules are in docs/evaluation.md.
+Test and validation figures come from the eval record (whole split, Transformer-XL protocol); the training
+log's last validation figure is shown only as ``last_logged_valid_ppl``. Pairing rules are in
+docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from deqlm.allocator import tune_allocator
 from deqlm.config import ExperimentConfig
 from deqlm.eval.convergence import equilibrium_label, eval_solver, training_tail
 from deqlm.eval.pairing import pair_runs, seed_means, warmup_only
@@ -37,20 +37,19 @@ from deqlm.eval.plots import (
     plot_tradeoff,
     run_styles,
 )
-from deqlm.eval.runs import (
-    CODE_NOT_RECORDED,
-    RunError,
-    discover_runs,
-    has_checkpoint,
-    is_run_dir,
-    load_run_config,
-    read_eval_json,
-    read_solver_caps,
-    run_code,
-)
 from deqlm.eval.tables import csv_text, render_markdown
-from deqlm.exits import BAD_INPUT, OK, error, warn
-from deqlm.io import JsonlError, atomic_write_text, read_jsonl
+from deqlm.infra.allocator import tune_allocator
+from deqlm.infra.exits import BAD_INPUT, OK, error, warn
+from deqlm.infra.io import JsonlError, atomic_write_text
+from deqlm.infra.run_folder import (
+    CODE_NOT_RECORDED,
+    EVAL,
+    METRICS,
+    RunError,
+    RunFolder,
+    discover_runs,
+    is_run_dir,
+)
 
 COLUMNS = [
     "run", "code", "experiment", "corpus", "arch", "core", "mode", "pair", "seed", "steps", "params_total",
@@ -84,16 +83,15 @@ MEAN_COLUMNS = [
 # reading one run
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """metrics.jsonl as a list of flat dicts, read with `deqlm.io.read_jsonl`'s policy (a torn last line is
-    dropped: the trainer may be mid-write); a missing file or any other bad line makes the run bad."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise RunError(run_dir, "missing metrics.jsonl")
+def read_metrics(folder: RunFolder) -> list[dict]:
+    """The training log as a list of flat dicts (a torn last line is dropped: the trainer may be
+    mid-write); a missing log or any other bad line makes the run bad."""
+    if not folder.has_metrics():
+        raise RunError(folder.path, f"missing {METRICS}")
     try:
-        return read_jsonl(path)
+        return folder.metrics()
     except JsonlError as exc:
-        raise RunError(run_dir, f"corrupt metrics.jsonl ({exc.what})") from None
+        raise RunError(folder.path, f"corrupt {METRICS} ({exc.what})") from None
 
 
 def _agg(values: list[float], how) -> float | None:
@@ -106,8 +104,8 @@ def _int(value: float | None) -> int | None:
 
 def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: dict | None,
                   code: str = CODE_NOT_RECORDED) -> dict:
-    """One report row (keys: COLUMNS) from the config, the training log, eval.json and the run's `code`
-    label (`deqlm.eval.runs.run_code`)."""
+    """One report row (keys: COLUMNS) from the config, the training log, the eval record and the run's
+    `code` label (`RunFolder.code`)."""
     ev = ev or {}
     settings = ev.get("settings") or {}
     splits = ev.get("splits") or {}
@@ -172,28 +170,28 @@ def convergence_columns(core: str, splits: dict, events: list[dict]) -> dict:
             "equilibrium": equilibrium_label(core, at_eval)}
 
 
-def collect_run(run_dir: str | Path) -> dict:
-    """``{"dir", "cfg", "events", "eval", "row", "warnings", "caps"}`` of one run (caps: its solver_caps.json
-    or None); RunError when it is unusable."""
-    run_dir = Path(run_dir)
+def collect_run(run: str | Path | RunFolder) -> dict:
+    """``{"dir", "cfg", "events", "eval", "row", "warnings", "caps"}`` of one run (caps: its solver-cap
+    record or None); RunError when it is unusable."""
+    folder = run if isinstance(run, RunFolder) else RunFolder(run)
+    run_dir = folder.path
     if not run_dir.is_dir():
         raise RunError(run_dir, "no such directory")
-    cfg = load_run_config(run_dir)
-    events = read_metrics(run_dir)
-    ev = read_eval_json(run_dir)
-    has_ckpt = has_checkpoint(run_dir)
+    cfg = folder.config()
+    events = read_metrics(folder)
+    ev = folder.eval_record()
     warnings = []
-    if ev is None and not has_ckpt:
-        raise RunError(run_dir, "no checkpoint and no eval.json")
+    if ev is None and not folder.has_checkpoint():
+        raise RunError(run_dir, f"no checkpoint and no {EVAL}")
     if ev is None:
         warnings.append(
-            f"warning: {run_dir}: no eval.json, test figures left blank (run `make eval RUN={run_dir}`)"
+            f"warning: {run_dir}: no {EVAL}, test figures left blank (run `make eval RUN={run_dir}`)"
         )
     elif ev.get("partial"):
         warnings.append(
-            f"warning: {run_dir}: eval.json was made with max_tokens={ev['settings']['max_tokens']}"
+            f"warning: {run_dir}: {EVAL} was made with max_tokens={ev['settings']['max_tokens']}"
         )
-    row = summarize_run(run_dir, cfg, events, ev, run_code(run_dir))
+    row = summarize_run(run_dir, cfg, events, ev, folder.code())
     if warmup_only(row):
         warnings.append(
             f"warning: {run_dir}: a DEQ run that never left its warm-up (model.pretrain_steps "
@@ -201,7 +199,7 @@ def collect_run(run_dir: str | Path) -> dict:
             f"figures are the unrolled warm-up stack's, so it is labelled warm-up only and not paired"
         )
     return {"dir": run_dir, "cfg": cfg, "events": events, "eval": ev, "row": row, "warnings": warnings,
-            "caps": read_solver_caps(run_dir)}
+            "caps": folder.solver_caps()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,11 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     run_dirs = [r for p in paths for r in discover_runs(p)]
     if not run_dirs:
         return error(f"{', '.join(map(str, paths))}: no run directories found", BAD_INPUT)
-    by_corpus: dict[str, list[Path]] = defaultdict(list)
+    by_corpus: dict[str, list[RunFolder]] = defaultdict(list)
     n_bad = 0
     for run_dir in run_dirs:
+        folder = RunFolder(run_dir)
         try:
-            by_corpus[load_run_config(run_dir).data.dataset].append(run_dir)
+            by_corpus[folder.config().data.dataset].append(folder)
         except RunError as exc:
             if single:
                 return error(str(exc), BAD_INPUT)

@@ -11,31 +11,22 @@ from pathlib import Path
 from deqlm.config import ConfigError
 from deqlm.data.errors import DataError
 from deqlm.eval.perplexity import evaluate_run
-from deqlm.eval.runs import (
-    RunError,
-    caps_up_to_date,
-    checkpoint_id,
-    find_checkpoint,
-    is_up_to_date,
-    load_run_config,
-    read_eval_json,
-    recorded_step,
-)
-from deqlm.eval.settings import EvalRequest, resolve_eval_settings
-from deqlm.eval.solver_caps import sweep_solver_caps
-from deqlm.exits import BAD_INPUT, FAILED, OK, describe, error, warn
+from deqlm.eval.settings import EvalRequest, is_up_to_date, resolve_eval_settings
+from deqlm.eval.solver_caps import caps_up_to_date, sweep_solver_caps
+from deqlm.infra.exits import BAD_INPUT, FAILED, OK, describe, error, warn
+from deqlm.infra.run_folder import RunError, RunFolder
 
 
-def needs_evaluation(run_dir: Path, req: EvalRequest) -> bool:
-    """True when the run needs evaluating (eval.json missing or stale); RunError for a bad run."""
-    cfg = load_run_config(run_dir, req.eval_overrides, req.device)
-    ckpt_path = find_checkpoint(run_dir)
-    existing = read_eval_json(run_dir)
-    step = recorded_step(existing, ckpt_path, run_dir)
+def needs_evaluation(folder: RunFolder, req: EvalRequest) -> bool:
+    """True when the run needs evaluating (eval record missing or stale); RunError for a bad run."""
+    cfg = folder.config(req.eval_overrides, req.device)
+    ckpt_path = folder.find_checkpoint()
+    step = folder.recorded_step(ckpt_path)
     if step is None:
         return True
     settings = resolve_eval_settings(cfg).record(req.max_tokens)
-    return not is_up_to_date(existing, checkpoint_id(run_dir, ckpt_path, step), settings, req.splits)
+    return not is_up_to_date(folder.eval_record(), folder.checkpoint_record(ckpt_path, step), settings,
+                             req.splits)
 
 
 def _exit_code(exc: Exception) -> int:
@@ -49,15 +40,17 @@ def _failure(run: Path, exc: Exception) -> str:
 
 
 def _evaluate_one(run: Path, req: EvalRequest, *, only_stale: bool) -> bool:
-    """The run's eval.json, then, when caps are asked and it is a DEQ, its solver_caps.json; with `only_stale`
-    each only when missing or out of date. False when nothing needed doing."""
+    """The run's eval record, then, when caps are asked and it is a DEQ, its solver-cap record; with
+    `only_stale` each only when missing or out of date. False when nothing needed doing. One RunFolder
+    serves every step, so each of the run's files is read once."""
     did = False
-    if not only_stale or needs_evaluation(run, req):
-        evaluate_run(run, req)
+    folder = RunFolder(run)
+    if not only_stale or needs_evaluation(folder, req):
+        evaluate_run(folder, req)
         did = True
-    if req.solver_caps and not (only_stale and caps_up_to_date(run, req.solver_caps)):
-        if not only_stale or load_run_config(run).model.core == "deq":  # a named unrolled run is an error
-            sweep_solver_caps(run, req)
+    if req.solver_caps and not (only_stale and caps_up_to_date(folder, req.solver_caps)):
+        if not only_stale or folder.config().model.core == "deq":  # a named unrolled run is an error
+            sweep_solver_caps(folder, req)
             did = True
     return did
 

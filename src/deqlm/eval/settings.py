@@ -1,7 +1,7 @@
 """What an evaluation asks for (`EvalRequest`, from the command line) and how it runs (`EvalSettings`,
-resolved from a run's config once, then handed to the loop, the solver and eval.json alike).
+resolved from a run's config once, then handed to the loop, the solver and the eval record alike).
 
-The config keeps markers for "not set" so that every saved `config.yaml` loads and means what it meant:
+The config keeps markers for "not set" so that every saved run config loads and means what it meant:
 `eval.f_max_iter` 0 and `eval.f_tol` 0 (the model's own), `deq.eval_f_max_iter` null (the training cap),
 `eval.clamp_len` -1 (the model's). `resolve_eval_settings` is the one place that reads them; what it returns
 holds the values really used.
@@ -28,8 +28,8 @@ class EvalRequest:
     splits: tuple[str, ...] = SPLITS  # which splits to evaluate
     max_tokens: int = 0  # cap per split (0: whole split; anything else is a smoke check, marked partial)
     device: str = ""  # "" : the run's train.device (auto: cuda when available)
-    force: bool = False  # re-evaluate runs whose eval.json is up to date
-    solver_caps: tuple[int, ...] = ()  # DEQ runs: test ppl at each of these forward caps, to solver_caps.json
+    force: bool = False  # re-evaluate runs whose eval record is up to date
+    solver_caps: tuple[int, ...] = ()  # DEQ runs: test ppl at each of these forward caps
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class EvalSettings:
         return {"mem_len": self.mem_len, "clamp_len": self.clamp_len, "solver": solver}
 
     def record(self, max_tokens: int) -> dict[str, Any]:
-        """eval.json's ``settings``: these values plus the split cap; equal records give interchangeable
+        """The eval record's ``settings``: these values plus the split cap; equal records give interchangeable
         numbers."""
         return {**dataclasses.asdict(self), "max_tokens": max_tokens}
 
@@ -75,3 +75,16 @@ def resolve_eval_settings(cfg: ExperimentConfig) -> EvalSettings:
         f_solver=d.f_solver if is_deq else None,
         stop_mode=d.stop_mode if is_deq else None,
     )
+
+
+def is_up_to_date(existing: dict | None, ckpt: dict, settings: dict, splits: tuple[str, ...]) -> bool:
+    """Whether an eval record still stands: same checkpoint (file, step, mtime), same settings record, and
+    every requested split present."""
+    if not existing:
+        return False
+    old = existing.get("checkpoint") or {}
+    same_ckpt = (old.get("file"), old.get("mtime")) == (ckpt["file"], ckpt["mtime"])
+    if ckpt.get("step") is not None:
+        same_ckpt = same_ckpt and old.get("step") == ckpt["step"]
+    have = existing.get("splits") or {}
+    return same_ckpt and existing.get("settings") == settings and all(s in have for s in splits)

@@ -12,7 +12,8 @@ from typing import Any
 
 from deqlm.eval.convergence import EQUILIBRIUM_MAX_REL_RES, NOT_AT_EQUILIBRIUM
 from deqlm.eval.pairing import warmup_only
-from deqlm.fmt import number
+from deqlm.infra.fmt import number
+from deqlm.infra.run_folder import ENV, EVAL, METRICS
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -125,9 +126,9 @@ def render_markdown(title: str, rows: list[dict], pairs: list[dict], means: list
         f"# {title}",
         "",
         f"Generated {_dt.date.today().isoformat()} by `python -m deqlm.eval.report` from {len(rows)} run(s). "
-        f"Valid/test figures come from each run's `eval.json` ({extent}; Transformer-XL protocol, memory "
-        f"carried across segments); memory, speed and training-solver figures from `metrics.jsonl`; `code` "
-        f"from `env.json`. Columns are described in docs/evaluation.md; every column is in `summary.csv`.",
+        f"Valid/test figures come from each run's `{EVAL}` ({extent}; Transformer-XL protocol, memory "
+        f"carried across segments); memory, speed and training-solver figures from `{METRICS}`; `code` "
+        f"from `{ENV}`. Columns are described in docs/evaluation.md; every column is in `summary.csv`.",
         "",
         "## Runs",
         "",

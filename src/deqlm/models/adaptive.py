@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deqlm.infra.precision import at_least_float32
 from deqlm.models.dropout import embedding_row_dropout
-from deqlm.precision import at_least_float32
 
 
 def cluster_bounds(n_token: int, cutoffs: list[int]) -> list[int]:

@@ -18,11 +18,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deqlm.config import ModelConfig
+from deqlm.infra.precision import at_least_float32
 from deqlm.models.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from deqlm.models.cores import CoreOut, DEQCore, UnrolledCore
 from deqlm.models.dropout import VariationalDropout, apply_mask, fill_parametrization_cache
 from deqlm.models.interface import LMOutput
-from deqlm.precision import at_least_float32
 
 
 @contextlib.contextmanager

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deqlm.infra.precision import at_least_float32
 from deqlm.models.dropout import VariationalDropout, add_weight_norm, apply_mask
-from deqlm.precision import at_least_float32
 
 
 def sinusoid_RD(pos_R: torch.Tensor, d_model: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from deqlm.choices import StopMode, values
-from deqlm.precision import working_dtype
+from deqlm.infra.precision import working_dtype
 from deqlm.solvers.result import SolverResult
 
 STOP_MODES = values(StopMode)

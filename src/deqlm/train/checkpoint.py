@@ -1,7 +1,7 @@
 """Checkpoints that survive a kill at any moment and resume bitwise.
 
 A checkpoint is a dict of tensors, numbers, strings and containers only (it loads with
-`torch.load(weights_only=True)`), written through a temp file + rename (`deqlm.io.atomic_torch_save`):
+`torch.load(weights_only=True)`), written through a temp file + rename (`deqlm.infra.io.atomic_torch_save`):
 
     model, optimizer, scheduler, scaler      state dicts
     step                                     last completed step
@@ -12,23 +12,20 @@ A checkpoint is a dict of tensors, numbers, strings and containers only (it load
     vocab_hash, best_valid_ppl, wandb_id     identity checks and bookkeeping
     train_state                              counters of the loop (tokens, elapsed time, skipped steps, ...)
 
-The file names (`ckpt/last.pt`, `ckpt/best.pt`) and the loader are `deqlm.checkpoint_io`'s, shared with the
-evaluator.
+Where checkpoints live, and how they are written and read, is `deqlm.infra.run_folder`'s, shared with the
+evaluator; this module holds what a training state is made of.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from deqlm.checkpoint_io import BEST, CKPT_DIR, LAST, CheckpointError, load_checkpoint
-from deqlm.io import atomic_torch_save, remove_stale_temps
+from deqlm.infra.run_folder import RunFolder
 
 
 class NothingToDo(Exception):
@@ -82,38 +79,17 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    atomic_torch_save(state, path)
-
-
-def load_for_resume(ckpt_dir: str | os.PathLike) -> dict:
-    """The run's last.pt; when it is damaged, the one-line error says whether best.pt can stand in."""
-    ckpt_dir = Path(ckpt_dir)
-    try:
-        return load_checkpoint(ckpt_dir / LAST)
-    except CheckpointError as exc:
-        best, last = ckpt_dir / BEST, ckpt_dir / LAST
-        try:
-            step = load_checkpoint(best).get("step")
-        except (FileNotFoundError, CheckpointError):
-            raise CheckpointError(last, exc.reason, f"no intact {BEST} either: start a new run") from None
-        raise CheckpointError(last, exc.reason, f"{BEST} (step {step}) is intact: resume from it with "
-                              f"`cp {best} {last}` and --resume again (later steps are redone), or start a "
-                              "new run") from None
-
-
-def open_for_resume(run_dir: Path, max_steps: int, is_main: bool = True, stream=None) -> dict:
+def open_for_resume(folder: RunFolder, max_steps: int, is_main: bool = True, stream=None) -> dict:
     """The state to resume `run_dir` from, read before anything is built or written, so that a damaged
     checkpoint (CheckpointError) or a run already at `max_steps` (NothingToDo) leaves the run as it was.
     Temp files that interrupted checkpoint writes left behind are removed first (nothing writes them now)
     and said so on `stream`."""
-    ckpt_dir = run_dir / CKPT_DIR
-    n_files, n_bytes = remove_stale_temps(ckpt_dir) if is_main else (0, 0)
+    n_files, n_bytes = folder.remove_checkpoint_temps() if is_main else (0, 0)
     if n_files:
-        print(f"removed {n_files} temp file(s) ({n_bytes / 2**20:.1f} MiB) left in {ckpt_dir} by an "
+        print(f"removed {n_files} temp file(s) ({n_bytes / 2**20:.1f} MiB) left in {folder.ckpt_dir} by an "
               "interrupted checkpoint write", file=stream or sys.stdout, flush=True)
-    state = load_for_resume(ckpt_dir)
+    state = folder.load_resume_checkpoint()
     if int(state["step"]) >= max_steps:
-        raise NothingToDo(f"{run_dir} is already at step {state['step']} (train.max_steps={max_steps}): "
+        raise NothingToDo(f"{folder} is already at step {state['step']} (train.max_steps={max_steps}): "
                           "nothing to do; raise train.max_steps to train on")
     return state

@@ -6,15 +6,15 @@ import sys
 from pathlib import Path
 
 from deqlm import config_reference
-from deqlm.checkpoint_io import CKPT_DIR, LAST, checkpoint_path
 from deqlm.config import ConfigError, load_config
-from deqlm.exits import BAD_INPUT, OK, error
+from deqlm.infra.exits import BAD_INPUT, OK, error
+from deqlm.infra.run_folder import LAST, RunFolder
 
 USAGE = ("usage: python -m deqlm.train EXPERIMENT.yaml [key=value ...]\n"
          "       python -m deqlm.train --resume RUN_DIR [key=value ...]")
 ABOUT = """\
 Trains one experiment into a new run directory under train.run_dir; --resume continues RUN_DIR from its
-ckpt/last.pt. Each setting comes from, last one winning: the defaults below, the experiment file (and the
+last checkpoint. Each setting comes from, last one winning: the defaults below, the experiment file (and the
 files its `base:` names), WANDB_MODE in the environment (log.wandb_mode only), key=value on the command line.
 
 example (seconds on a CPU, the embedded synthetic corpus, no download):
@@ -43,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(argv) < 2:
             return error("--resume needs a run directory", BAD_INPUT)
         resume_dir, overrides = Path(argv[1]), argv[2:]
-        config_path = resume_dir / "config.yaml"
-        if not checkpoint_path(resume_dir, LAST).is_file():
-            return error(f"{resume_dir}: no checkpoint {CKPT_DIR}/{LAST} to resume from", BAD_INPUT)
+        folder = RunFolder(resume_dir)
+        config_path = folder.config_path
+        if not folder.checkpoint_path(LAST).is_file():
+            return error(f"{resume_dir}: no checkpoint {folder.checkpoint_label(LAST)} to resume from",
+                         BAD_INPUT)
     else:
         config_path, overrides = Path(argv[0]), argv[1:]
     flags = [a for a in overrides if a.startswith("-")]

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deqlm import distributed
-from deqlm.checkpoint_io import CheckpointError
 from deqlm.config import ConfigError, ExperimentConfig
 from deqlm.data.errors import DataError
-from deqlm.exits import BAD_INPUT, FAILED, INTERRUPTED, OK, error
-from deqlm.io import JsonlError
+from deqlm.infra import distributed
+from deqlm.infra.exits import BAD_INPUT, FAILED, INTERRUPTED, OK, error
+from deqlm.infra.io import JsonlError
+from deqlm.infra.run_folder import CheckpointError
 from deqlm.train.checkpoint import NothingToDo
 from deqlm.train.signals import Stopped
 from deqlm.train.trainer import TrainingDiverged, train

@@ -2,8 +2,8 @@
 
 Schedulers (SLURM, Kubernetes, most batch systems) send SIGTERM some time before SIGKILL; Python's default is
 to die at once, silently, losing every step since the last periodic checkpoint. While the loop runs, the
-handler here only records the request; the trainer finishes the step in flight, saves `last.pt` and raises
-`Stopped`, and the command line exits with 128 + the signal number (the shell's convention: 143, 130).
+handler here only records the request; the trainer finishes the step in flight, saves the last checkpoint and
+raises `Stopped`, and the command line exits with 128 + the signal number (the shell's convention: 143, 130).
 A second signal of the same kind gets the previous handler back and stops at once.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from pathlib import Path
+
+from deqlm.infra.run_folder import RunFolder
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -19,11 +20,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class Stopped(Exception):
     """Training stopped on request after saving a checkpoint; `exit_code` follows the shell's convention."""
 
-    def __init__(self, signum: int | None, step: int, run_dir: Path):
+    def __init__(self, signum: int | None, step: int, folder: RunFolder):
         signum = signum or signal.SIGTERM  # a DDP rank the signal missed stops along with the others
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} after step {step}; checkpoint saved in {run_dir / 'ckpt'} "
-                         f"(resume with --resume {run_dir})")
+        super().__init__(f"stopped by {name} after step {step}; checkpoint saved in {folder.ckpt_dir} "
+                         f"(resume with --resume {folder})")
         self.exit_code = 128 + int(signum)
 
 

@@ -25,31 +25,18 @@ from pathlib import Path
 
 import torch
 
-from deqlm import distributed as dist_lib
-from deqlm.activation import SavedTensorMeter
-from deqlm.allocator import summary_line as allocator_summary_line
-from deqlm.checkpoint_io import BEST, CKPT_DIR, LAST
-from deqlm.config import ConfigError, ExperimentConfig, save_config, to_dict
+from deqlm.config import ConfigError, ExperimentConfig, to_dict
 from deqlm.data.dataset import build_dataset
 from deqlm.eval.loop import evaluate
 from deqlm.eval.settings import resolve_eval_settings
-from deqlm.metrics import (
-    SOLVER_KEYS,
-    MemoryMeter,
-    MetricLogger,
-    add_solver_stats,
-    solver_means,
-    truncate_jsonl,
-)
+from deqlm.infra import distributed as dist_lib
+from deqlm.infra.allocator import summary_line as allocator_summary_line
+from deqlm.infra.memory import MemoryMeter, SavedTensorMeter
+from deqlm.infra.metrics import SOLVER_KEYS, MetricLogger, add_solver_stats, solver_means
+from deqlm.infra.provenance import env_record
+from deqlm.infra.run_folder import BEST, LAST, RunFolder, make_run_dir
+from deqlm.infra.runtime import autocast_context, pick_device, seed_everything, set_threads
 from deqlm.models import build_model, count_params
-from deqlm.runtime import (
-    autocast_context,
-    make_run_dir,
-    pick_device,
-    seed_everything,
-    set_threads,
-    write_env,
-)
 from deqlm.train import checkpoint as ckpt_lib
 from deqlm.train.optim import build_optimizer, build_scheduler, clip_grad_norm, optimizer_state_bytes
 from deqlm.train.signals import Stopped, StopRequest
@@ -79,7 +66,7 @@ class Trainer:
         self.dist = dist_lib.init_distributed(t.device)
         state = None
         if resume_dir is not None:  # read first: a damaged or finished run must be left as it was
-            state = ckpt_lib.open_for_resume(Path(resume_dir), t.max_steps, self.dist.is_main, stream)
+            state = ckpt_lib.open_for_resume(RunFolder(resume_dir), t.max_steps, self.dist.is_main, stream)
         set_threads(t.threads)
         self.device = pick_device(t.device, self.dist.local_rank)
         self.amp = t.amp if self.device.type == "cuda" else "none"
@@ -126,13 +113,14 @@ class Trainer:
             if self.dist.is_main:
                 path = str(make_run_dir(cfg.train.run_dir, cfg.data.dataset, cfg.name))
             self.run_dir = Path(dist_lib.broadcast_object(path, self.dist))
+        self.folder = RunFolder(self.run_dir)
         if self.dist.is_main:
-            # first: a damaged log (deqlm.io.JsonlError) must stop a resume before anything is written
-            truncate_jsonl(self.run_dir / "metrics.jsonl", self.step)
-            save_config(cfg, self.run_dir / "config.yaml")
-            env_name = "env.json" if resume_dir is None else f"env-resume-{self.step}.json"
-            write_env(self.run_dir, self.device, self.dist.world_size, name=env_name)
-        self.logger = MetricLogger(self.run_dir, wandb_mode=cfg.log.wandb_mode,
+            # first: a damaged log (deqlm.infra.io.JsonlError) must stop a resume before anything is written
+            self.folder.truncate_metrics(self.step)
+            self.folder.write_config(cfg)
+            info, patch = env_record(self.device, self.dist.world_size)
+            self.folder.write_env(info, patch, resume_step=None if resume_dir is None else self.step)
+        self.logger = MetricLogger(self.folder, wandb_mode=cfg.log.wandb_mode,
                                    wandb_project=cfg.log.wandb_project, run_name=cfg.name,
                                    config=to_dict(cfg), progress=cfg.log.progress,
                                    total_steps=cfg.train.max_steps, start_step=self.step,
@@ -224,7 +212,7 @@ class Trainer:
         state = self._state()
         if self.dist.is_main:
             for name in names:
-                ckpt_lib.save_checkpoint(self.run_dir / CKPT_DIR / name, state)
+                self.folder.save_checkpoint(name, state)
         dist_lib.barrier(self.dist)
 
     # ------------------------------------------------------------------------------------------------------
@@ -357,7 +345,7 @@ class Trainer:
         raise TrainingDiverged(
             f"step {self.step}: {bad_run} non-finite steps in a row (loss {step_out['loss']}, grad_norm "
             f"{step_out['grad_norm']}; solver residuals: {res or 'none (no solver in this mode)'}); "
-            f"last good checkpoint in {self.run_dir / CKPT_DIR}")
+            f"last good checkpoint in {self.folder.ckpt_dir}")
 
     def fit(self) -> dict:
         """Train to `train.max_steps`; returns the last validation result."""
@@ -406,15 +394,15 @@ class Trainer:
                 stopping = dist_lib.any_flag(stop.signum is not None, self.dist, self.device)
                 last_valid = self._validate_and_save(last, stopping) or last_valid
                 if stopping and not last:
-                    raise Stopped(stop.signum, self.step, self.run_dir)
+                    raise Stopped(stop.signum, self.step, self.folder)
         finally:
             stop.restore()
             self.logger.close()
         return last_valid
 
     def _validate_and_save(self, last: bool, stopping: bool) -> dict | None:
-        """Validation and checkpoints due after this step (a stop request adds last.pt); None: no validation
-        was due."""
+        """Validation and checkpoints due after this step (a stop request adds the last checkpoint); None: no
+        validation was due."""
         t = self.cfg.train
         names, valid = [], None
         t1 = time.perf_counter()

@@ -1,21 +1,17 @@
-"""Process-level set-up shared by every entry point: seeding, device and precision, run directories, env.json.
+"""What a run records about the code and the machine that made it (the run folder's env file).
 
-A run directory holds everything needed to trust a number next to it:
-
-    <train.run_dir>/<corpus>/<experiment>/<stamp>/{config.yaml, env.json, [code.patch], metrics.jsonl, ckpt/}
-
-env.json names the code: its commit, whether the checkout differed from it (then code.patch holds the
-difference, which `git apply` re-applies to that commit) and a hash of the package source.
+The env record names the code: its commit, whether the checkout differed from it (then a patch beside it holds
+the difference, which `git apply` re-applies to that commit) and a hash of the package source; and the
+process: versions, device, CPU model, threads, allocator. `deqlm.infra.run_folder.code_label` reads such
+a record back as the report's one-word answer to "which code made this number?".
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import os
 import platform
-import random
 import socket
 import subprocess
 import sys
@@ -24,68 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deqlm.allocator import allocator_info
-from deqlm.config import ConfigError
-from deqlm.io import atomic_write_bytes, atomic_write_json
+from deqlm.infra.allocator import allocator_info
 
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices) from one integer."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` picks CUDA when present; under torchrun each process takes the GPU of its local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} asked for, but no CUDA device is visible")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on CUDA (`train.amp`); a no-op elsewhere (solvers keep their linear algebra in
-    float32)."""
-    if amp == "none" or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def describe_device(device: torch.device) -> str:
-    """The device as a record names it: the GPU's model, or the CPU's with the thread count (speeds on a CPU
-    depend on it)."""
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-
-
-def set_threads(n: int) -> None:
-    """`train.threads` > 0 pins the intra-op thread count (bitwise resume needs the same count)."""
-    if n > 0:
-        torch.set_num_threads(n)
-
-
-def make_run_dir(root: str | os.PathLike, corpus: str, experiment: str) -> Path:
-    """Create `<root>/<corpus>/<experiment>/<stamp>/`; a numeric suffix keeps same-second runs apart."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    parent = Path(root) / corpus / experiment
-    parent.mkdir(parents=True, exist_ok=True)
-    for i in range(1000):
-        path = parent / (stamp if i == 0 else f"{stamp}-{i}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"cannot create a fresh run directory under {parent}")
-
-
-UNTRACKED_PATCH_LIMIT = 1 << 20  # untracked files larger than this are named in env.json, not patched
+UNTRACKED_PATCH_LIMIT = 1 << 20  # untracked files larger than this are named in the env record, not patched
 UNTRACKED_PATCH_TOTAL = 8 << 20  # and so is every untracked file past this many bytes of them
 
 
@@ -160,7 +97,8 @@ def source_hash(package_dir: Path | None = None) -> dict:
 
 
 def code_provenance(where: Path | None = None) -> tuple[dict, bytes | None]:
-    """env.json's code fields and, for a dirty checkout, the patch that turns its commit into the code run."""
+    """The env record's code fields and, for a dirty checkout, the patch that turns its commit into the code
+    run."""
     info = {**git_state(where), **source_hash(where)}
     if not info["git_dirty"]:
         return {**info, "git_untracked_skipped": []}, None
@@ -181,7 +119,7 @@ def cpu_model() -> str:
 
 
 def env_info(device: torch.device, world_size: int = 1) -> dict:
-    """Versions, hardware and launch facts of this process (written once per run as env.json)."""
+    """Versions, hardware and launch facts of this process (the run folder's env record)."""
     info = {
         "start_time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "hostname": socket.gethostname(),
@@ -203,19 +141,7 @@ def env_info(device: torch.device, world_size: int = 1) -> dict:
     return info
 
 
-def patch_name(env_name: str) -> str:
-    """The patch saved beside an env file: env.json -> code.patch, env-resume-400.json ->
-    code-resume-400.patch."""
-    return "code" + env_name.removeprefix("env").removesuffix(".json") + ".patch"
-
-
-def write_env(run_dir: str | os.PathLike, device: torch.device, world_size: int = 1,
-              name: str = "env.json") -> dict:
-    """env.json: the process facts and the code's provenance (commit, dirty flag, source hash); a dirty
-    checkout's patch is written first, so an env.json that names a patch always has it beside it."""
+def env_record(device: torch.device, world_size: int = 1) -> tuple[dict, bytes | None]:
+    """This process's env record (facts and code provenance) and, for a dirty checkout, its patch."""
     code, patch = code_provenance()
-    if patch is not None:
-        atomic_write_bytes(Path(run_dir) / patch_name(name), patch)
-    info = {**env_info(device, world_size), **code, "git_patch": None if patch is None else patch_name(name)}
-    atomic_write_json(Path(run_dir) / name, info)
-    return info
+    return {**env_info(device, world_size), **code}, patch

@@ -137,7 +137,7 @@ def tune_allocator(environ: Mapping[str, str] | None = None) -> dict:
 
 
 def allocator_info() -> dict:
-    """The allocator state of this process, for env.json: what `tune_allocator` did, or, when it did not
+    """The allocator state of this process, for the env record: what `tune_allocator` did, or, when it did not
     run (deqlm imported as a library), what the environment says."""
     if _applied is not None:
         return dict(_applied)

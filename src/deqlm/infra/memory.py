@@ -1,25 +1,109 @@
-"""Peak memory of a window of work: the CUDA allocator's own peak, or on CPU the peak of live tensor bytes.
+"""Memory metering, all of it: what autograd keeps for backward, a logging window's peak, a benchmark's peak.
 
-PyTorch keeps no CPU allocator peak, so on CPU a `torch.profiler.profile(profile_memory=True)` session records
-every allocation and free with its size; the running sum of those events is the live CPU tensor bytes at each
-instant, and its maximum inside the window is the peak. The process's RSS high-water mark is kept beside it
-as a second, coarser figure.
+- `SavedTensorMeter` / `saved_bytes`: the bytes autograd keeps for backward, the device-independent memory
+  figure of a training step. A DEQ stores one application of f however many solver steps it takes (Bai et
+  al. 2019, Sec. 3.1.3); an unrolled L-layer network stores L. `torch.autograd.graph.saved_tensors_hooks`
+  sees every tensor an autograd node saves while the context is open (custom Functions' `save_for_backward`
+  included), so the sum over distinct storages is what the graph pins until backward. Views of one storage
+  count once; parameters (and anything in `exclude`) are not activations and are left out.
+- `MemoryMeter`: the trainer's per-window peak, the CUDA allocator's (reset after each read) or, on CPU, the
+  process's RSS high-water mark, which cannot be reset and is reported as the maximum so far.
+- `PeakMemory`: a benchmark window's peak. PyTorch keeps no CPU allocator peak, so on CPU a
+  `torch.profiler.profile(profile_memory=True)` session records every allocation and free with its size; the
+  running sum of those events is the live CPU tensor bytes at each instant, and its maximum inside the window
+  is the peak. The RSS high-water mark is kept beside it as a coarser figure.
 """
 
 from __future__ import annotations
 
 import resource
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import psutil
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from deqlm.metrics import cpu_rss_max_bytes
-
 GIB = float(2**30)
 WINDOW_MARK = "deqlm.bench/window"
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, some subclasses)
+        return None
+    if storage.nbytes() == 0:
+        return None
+    return (str(t.device), storage.data_ptr())
+
+
+class SavedTensorMeter:
+    """Context manager summing the distinct storages saved for backward (bytes, plus tensor count)."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = (), enabled: bool = True):
+        self.enabled = enabled
+        self._exclude = {k for k in (_storage_key(p) for p in exclude) if k is not None}
+        self._seen: set[tuple[str, int]] = set()
+        self.bytes = 0
+        self.n_saved = 0
+        self._ctx = None
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.n_saved += 1
+        key = _storage_key(t)
+        if key is not None and key not in self._exclude and key not in self._seen:
+            self._seen.add(key)
+            self.bytes += t.untyped_storage().nbytes()
+        return t
+
+    @staticmethod
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def __enter__(self) -> SavedTensorMeter:
+        if self.enabled:
+            self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+            self._ctx = None
+        self._seen.clear()
+
+
+def saved_bytes(fn, *args, exclude: Iterable[torch.Tensor] = (), **kwargs) -> tuple[object, int]:
+    """Run `fn(*args, **kwargs)` under a SavedTensorMeter; return (its result, bytes saved for backward)."""
+    with SavedTensorMeter(exclude=exclude) as meter:
+        result = fn(*args, **kwargs)
+    return result, meter.bytes
+
+
+class MemoryMeter:
+    """Peak memory of a logging window: CUDA allocator peak, or the process RSS high-water mark on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_alloc_peak" if device.type == "cuda" else "cpu_rss_max"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_gib(self) -> float:
+        """Peak since the last reset (CUDA) or since the process started (CPU)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / GIB
+        return cpu_rss_max_bytes() / GIB
+
+
+def cpu_rss_max_bytes() -> int:
+    """Max resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 class PeakMemory:

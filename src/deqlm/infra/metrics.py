@@ -1,14 +1,11 @@
-"""MetricLogger: one flat dict per event, the same keys in metrics.jsonl, wandb and the console.
+"""MetricLogger: one flat dict per event, the same keys in the run's training log, wandb and the console.
 
 Keys are namespaced (`train/loss`, `valid/ppl`, `solver/f_nstep`, `mem/peak_gib`, ...); docs/training.md lists
 the schema. JSONL is always written (rank 0); wandb is opt-in (`log.wandb_mode` or WANDB_MODE: disabled |
 offline | online), imported only when enabled and kept silent apart from one line saying where its run is; its
-run id is kept in the run directory so a resumed run continues the same wandb run. On a terminal a tqdm bar
-shows loss, ppl, tokens/s and solver steps; otherwise plain lines.
-
-Memory meters: on CUDA the allocator peak of the logging window (reset after each read); on CPU the process's
-RSS high-water mark, which cannot be reset, so it is reported as the maximum so far with
-`mem/peak_kind = "cpu_rss_max"`.
+run id is kept in the run folder so a resumed run continues the same wandb run. On a terminal a tqdm bar
+shows loss, ppl, tokens/s and solver steps; otherwise plain lines. The solver figures' running means live
+here too (`add_solver_stats`, `solver_means`): the trainer and the evaluation loop both average them.
 """
 
 from __future__ import annotations
@@ -16,20 +13,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from deqlm.fmt import number
-from deqlm.io import atomic_write_text, read_jsonl
+from deqlm.infra.fmt import number
+from deqlm.infra.run_folder import RunFolder
 
-GIB = float(2**30)
-WANDB_ID_FILE = "wandb_id.txt"
-# the solver figures averaged into train/valid events (`solver/<key>`, `valid/<key>`) and eval.json splits
+# the solver figures averaged into train/valid events (`solver/<key>`, `valid/<key>`) and eval-record splits
 SOLVER_KEYS = ("f_nstep", "f_rel_res", "b_nstep", "b_rel_res", "converged_frac", "rev_recon_err")
 
 
@@ -51,14 +44,6 @@ def solver_means(sums: dict[str, float], counts: dict[str, int]) -> dict[str, fl
     return {k: (sums[k] / counts[k] if counts.get(k) else None) for k in SOLVER_KEYS}
 
 
-def truncate_jsonl(path: str | os.PathLike, max_step: int) -> None:
-    """Drop events logged after `max_step` (a resumed run repeats them from its checkpoint)."""
-    path = Path(path)
-    if path.exists():
-        kept = [e for e in read_jsonl(path) if int(e.get("step", 0)) <= max_step]
-        atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
-
-
 def _clean(value: Any) -> Any:
     """JSON-safe scalars: tensors -> python numbers, non-finite floats -> None (strict JSON has no NaN)."""
     if isinstance(value, torch.Tensor):
@@ -68,39 +53,17 @@ def _clean(value: Any) -> Any:
     return value
 
 
-class MemoryMeter:
-    """Peak memory of a logging window: CUDA allocator peak, or the process RSS high-water mark on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda_alloc_peak" if device.type == "cuda" else "cpu_rss_max"
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def peak_gib(self) -> float:
-        """Peak since the last reset (CUDA) or since the process started (CPU)."""
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / GIB
-        return cpu_rss_max_bytes() / GIB
-
-
-def cpu_rss_max_bytes() -> int:
-    """Max resident set size of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
 class MetricLogger:
     """Writes events on the main rank; other ranks hold a silent logger so call sites need no branches."""
 
-    def __init__(self, run_dir: str | os.PathLike | None, *, wandb_mode: str = "disabled",
+    def __init__(self, folder: RunFolder | str | os.PathLike | None, *, wandb_mode: str = "disabled",
                  wandb_project: str = "deqlm", run_name: str = "", config: dict | None = None,
                  progress: bool = True, total_steps: int = 0, start_step: int = 0, enabled: bool = True,
                  stream=None):
         self.enabled = enabled
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if folder is not None and not isinstance(folder, RunFolder):
+            folder = RunFolder(folder)
+        self.folder = folder
         self.stream = stream if stream is not None else sys.stdout
         self._jsonl = None
         self._wandb = None
@@ -109,9 +72,9 @@ class MetricLogger:
         self.wandb_note = ""  # one line for the run header saying where the wandb run is ("" when off)
         if not enabled:
             return
-        if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        if folder is not None:
+            folder.path.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(folder.metrics_path, "a")  # noqa: SIM115 (closed in close())
         if wandb_mode != "disabled":
             self._start_wandb(wandb_mode, wandb_project, run_name, config or {})
         if progress and total_steps > 0 and hasattr(self.stream, "isatty") and self.stream.isatty():
@@ -123,19 +86,18 @@ class MetricLogger:
     def _start_wandb(self, mode: str, project: str, name: str, config: dict) -> None:
         import wandb  # only when enabled: importing wandb is slow and it is optional
 
-        id_path = self.run_dir / WANDB_ID_FILE if self.run_dir is not None else None
-        if id_path is not None and id_path.exists():
-            self.wandb_id = id_path.read_text().strip()
-        else:
+        folder = self.folder
+        self.wandb_id = folder.wandb_id() if folder is not None else None
+        if self.wandb_id is None:
             self.wandb_id = uuid.uuid4().hex[:12]
-            if id_path is not None:
-                atomic_write_text(id_path, self.wandb_id + "\n")
+            if folder is not None:
+                folder.write_wandb_id(self.wandb_id)
         # silent: no banner and no history/summary tables at finish (they buried the run's own last lines);
-        # console="off": wandb does not capture stdout/stderr, which metrics.jsonl already records as events
+        # console="off": wandb does not capture stdout/stderr, which the training log records as events
         quiet = wandb.Settings(silent=True, console="off")
         self._wandb = wandb.init(project=project, name=name or None, id=self.wandb_id, resume="allow",
                                  mode=mode, config=config, settings=quiet,
-                                 dir=str(self.run_dir) if self.run_dir is not None else None)
+                                 dir=str(folder.path) if folder is not None else None)
         where = self._wandb.url if mode == "online" else f"{self._wandb.settings.sync_dir} (`wandb sync` it)"
         self.wandb_note = f"wandb: {mode} run {self.wandb_id}: {where}"
 

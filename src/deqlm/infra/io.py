@@ -51,7 +51,7 @@ class JsonlError(ValueError):
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Every object of a JSON-lines file (metrics.jsonl), in order.
+    """Every object of a JSON-lines file (a run's training log), in order.
 
     One policy for every reader: a torn last line (no newline after it: a writer was killed, or is still
     writing) is dropped, because appends are not atomic; any other line that is not a JSON object raises
