@@ -18,7 +18,7 @@ from pathlib import Path
 from deqlm.infra.io import atomic_write_json
 from deqlm.infra.run_folder import RunFolder
 
-_LATE_STEP = 10**9  # past any warm-up: DEQ mode
+_LATE_STEP = 10**9  # past any pretraining: DEQ mode
 
 
 def parse_args() -> argparse.Namespace:

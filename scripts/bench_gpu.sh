@@ -95,7 +95,7 @@ cp "$WORK/memory/memory.md" "$OUT/gpu-memory.md" 2>/dev/null || true
 run_speed() {
 log "speed (full size, all pairs, ${ROW_TIMEOUT}s per row, ${SPEED_BUDGET}s in all)"
 # shellcheck disable=SC2086
-timeout -k 10 "$SPEED_BUDGET" $PYTHON -m deqlm.bench speed --device "$DEVICE" --size full --steps 3 --warmup-steps 1 \
+timeout -k 10 "$SPEED_BUDGET" $PYTHON -m deqlm.bench speed --device "$DEVICE" --size full --steps 3 --untimed-steps 1 \
     --pairs wt103-transformer-medium-adaptive wt103-trellisnet wt103-transformer-small ptb-trellisnet \
         wt103-transformer-medium wt103-transformer-small-tied wt103-trellisnet-ckpt \
     --row-timeout "$ROW_TIMEOUT" --out "$WORK/speed" $EXTRA 2>&1 | tee -a "$LOG"

@@ -17,7 +17,7 @@
 # (OUT/report/ptb/pairs.csv). Nothing is tuned here: every setting is fixed in the experiment files.
 #
 # Budget. 12 epochs (10,000 steps) do not fit: every run trains STEPS=700 steps (784K tokens, 0.84 epochs; 200
-# of them the DEQ's 2-layer warm-up), the same number in every row so that widths compare at one token budget
+# of them the DEQ's 2-layer pretraining), the same number in every row so that widths compare at one token budget
 # and the cosine schedule spans the budget actually trained. Sized from the throughput earlier GPU runs logged,
 # on an H100 (results/copy/runs/gpu_copy_transformer_*/*/metrics.jsonl, speed/tokens_per_s, 13,440 tokens
 # per step, six runs sharing the GPU):
@@ -26,7 +26,7 @@
 #     GPU) and 180 ms at 512 (fp32 matmuls: ~0.9 TFLOP a step, ~30 ms more). Cross-check: results/bench/
 #     gpu-speed.md, DEQ-Transformer small alone on the GPU, 3.08 ms per forward and 4.02 ms per adjoint solver
 #     step, 12 x 7.1 = 85 ms + embedding, softmax and Adam.
-#   - warm-up steps: the copy DEQ's warm-up phase logged 480K tokens/s (28 ms a step); taken as 40 ms.
+#   - pretraining steps: the copy DEQ's pretraining phase logged 480K tokens/s (28 ms a step); taken as 40 ms.
 #   - the baselines are faster than their DEQ (copy: 600K tokens/s, 22 ms a step for 2 layers), so the DEQ sets
 #     a row's time.
 #   - fixed costs per row: 20 s start-up (python, torch, CUDA context, PTB), 8 s for 3 validations (20K tokens

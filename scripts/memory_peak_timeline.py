@@ -2,7 +2,7 @@
 
     python scripts/memory_peak_timeline.py ROW [--batch 15] [--steps 12] [--points 24] [--set KEY=VALUE ...]
 
-Builds ROW as `python -m deqlm.bench memory` does (embedded inputs, word embeddings excluded, light warm-up),
+Builds ROW as `python -m deqlm.bench memory` does (embedded inputs, no word embeddings, light priming step),
 runs one training step inside a `torch.profiler` memory session and prints: the peak of live tensor bytes and
 the live bytes at the step's start (parameters, optimizer state, memory tensors), the operators running at the
 instant of the peak (outermost first), and live MiB at evenly spaced points of the step. `--steps` caps

@@ -48,7 +48,7 @@ def main() -> None:
 
     solve()
     calls = {"n": 0, "s": 0.0}
-    cell = model.layers[0]
+    cell = model.cell_list[0]
     inner = cell.forward
 
     def timed(*a, **k):

@@ -7,7 +7,7 @@ two history products (`dots`, `combine`) and the rest of its step function (rank
 and its Gram entries); Anderson's mixing weights (the small Gram system). "Rest of the loop" is then the
 update and the residual, and for Anderson also its history products (the Gram row and the mixing) and the copy
 of f(z) into the history. Wall-clock timers wrap those functions during `--repeats` forward solves after two
-warm-up solves. A diagnostic, not a benchmark: the wrappers add a few microseconds per call.
+untimed solves. A diagnostic, not a benchmark: the wrappers add a few microseconds per call.
 """
 
 from __future__ import annotations

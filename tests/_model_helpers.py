@@ -41,15 +41,15 @@ def core_readout(model, x_BL: torch.Tensor, mems=None, step=None):
     if mems is None:
         mems = model.init_mems(x_BL.size(0))
     core = model.pretrain_core if model.mode(step) == "pretrain" else model.core
-    out = core(model.layers, model.embed(x_BL), mems, mem_len=model.mem_len, clamp_len=model.clamp_len)
-    return model.layers[-1].readout(out.z), out
+    out = core(model.cell_list, model.embed(x_BL), mems, mem_len=model.mem_len, clamp_len=model.clamp_len)
+    return model.cell_list[-1].readout(out.z), out
 
 
 def split_and_long_segment(model, x_BL: torch.Tensor, split: int):
     """z over x_BL solved as two segments (memory carried across) and as one long segment, both (B, L, D)."""
 
     def solve(x, mems):
-        return model.core(model.layers, model.embed(x), mems, mem_len=model.mem_len)
+        return model.core(model.cell_list, model.embed(x), mems, mem_len=model.mem_len)
 
     B = x_BL.size(0)
     with torch.no_grad():

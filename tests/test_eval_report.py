@@ -202,14 +202,14 @@ def test_a_seed_study_pairs_every_deq_seed_with_the_baseline_of_its_own_seed(tmp
 
 def test_deq_activation_figure_leaves_out_the_pretraining_steps(tmp_path):
     run = make_run(tmp_path, "ptb", "tn_deq", "deq", pair="tn")
-    with open(run / "metrics.jsonl", "a") as fh:  # a warm-up step that saved far more than any DEQ step
+    with open(run / "metrics.jsonl", "a") as fh:  # a pretraining step that saved far more than any DEQ step
         fh.write(json.dumps({"step": 5, "mode": "pretrain", "mem/activation_bytes": 2**40}) + "\n")
     write_report([run], tmp_path / "out", "fixture", log=lambda _: None)
     (row,) = read_csv(tmp_path / "out" / "summary.csv")
     assert int(row["activation_bytes"]) == 2**20 * 30
 
 
-def test_a_deq_run_evaluated_in_its_warmup_is_labelled_and_not_paired(tmp_path):
+def test_a_deq_run_evaluated_in_its_pretraining_is_labelled_and_not_paired(tmp_path):
     deq = make_run(tmp_path, "ptb", "tx_deq", "deq", pair="tx", test=30.0)
     baseline = make_run(tmp_path, "ptb", "tx_unrolled", "unrolled", pair="tx", test=35.0)
     record = json.loads((deq / "eval.json").read_text())
@@ -220,8 +220,8 @@ def test_a_deq_run_evaluated_in_its_warmup_is_labelled_and_not_paired(tmp_path):
     table = {r["experiment"]: r for r in read_csv(out / "summary.csv")}
     assert table["tx_deq"]["mode"] == "pretrain" and table["tx_deq"]["paired_with"] == ""
     assert not (out / "pairs.csv").exists()
-    assert "deq (warm-up only)" in (out / "summary.md").read_text()
-    assert any("never left its warm-up" in m for m in logs)
+    assert "deq (pretrain only)" in (out / "summary.md").read_text()
+    assert any("never left its pretraining" in m for m in logs)
 
 
 def test_the_summary_header_names_the_partially_evaluated_runs(tmp_path):
@@ -373,7 +373,7 @@ def test_runs_of_one_experiment_at_two_widths_stay_apart_and_pair_within_their_w
     ("deq", {"f_nstep": 12.0, "f_rel_res": 0.05}, "at equilibrium"),
     ("deq", {"f_nstep": 12.0, "f_rel_res": 0.0501}, "not at equilibrium"),
     ("deq", {"f_nstep": 12.0, "f_rel_res": None}, "not at equilibrium"),  # every solve diverged
-    ("deq", {"f_nstep": None, "f_rel_res": None}, None),  # no solve ran: warm-up only, or not evaluated
+    ("deq", {"f_nstep": None, "f_rel_res": None}, None),  # no solve ran: pretrain only, or not evaluated
     ("unrolled", {"f_nstep": None, "f_rel_res": None}, None),
 ])  # fmt: skip
 def test_the_equilibrium_label_puts_the_threshold_at_a_residual_of_five_percent(core, at_eval, label):

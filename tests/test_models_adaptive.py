@@ -43,6 +43,6 @@ def test_embedding_maps_each_cluster_and_scales_by_sqrt_d_proj():
 def test_count_params_counts_tied_tensors_once_and_excludes_embedding_and_softmax():
     model = tiny_model("transformer", "model.core=unrolled", "model.n_layer=1", "model.weight_norm=false")
     counts = count_params(model)
-    core = sum(p.numel() for p in model.layers[0].parameters())
+    core = sum(p.numel() for p in model.cell_list[0].parameters())
     assert counts["params_nonembedding"] == core
     assert counts["params_total"] == sum(p.numel() for p in set(model.parameters()))

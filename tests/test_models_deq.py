@@ -15,7 +15,7 @@ STABLE = {"transformer": ["model.init_std=0.25"], "trellisnet": []}
 
 def _solve(model, x, mems=None):
     mems = model.init_mems(x.size(0)) if mems is None else mems
-    return model.core(model.layers, model.embed(x), mems, mem_len=model.mem_len)
+    return model.core(model.cell_list, model.embed(x), mems, mem_len=model.mem_len)
 
 
 def _tokens(seed: int, length: int = 7):
@@ -28,7 +28,7 @@ def test_deq_output_is_a_fixed_point_of_its_cell(arch):
     x = _tokens(0)
     with torch.no_grad():
         out = _solve(model, x)
-        cell = model.layers[0]
+        cell = model.cell_list[0]
         fz = cell(out.z, cell.context(model.embed(x), model.init_mems(2)[0]))
     assert float((fz - out.z).norm() / fz.norm()) < 1e-5
     assert out.stats["converged_frac"] == 1.0
@@ -43,7 +43,7 @@ def test_weight_tied_unrolled_core_with_many_layers_approaches_the_deq_fixed_poi
         mems = _solve(deq, _tokens(1)).mems  # a second segment: both must treat the memory alike
         x2 = _tokens(2)
         z_deq = _solve(deq, x2, mems).z
-        z_tied = tied.core(tied.layers, tied.embed(x2), mems, mem_len=tied.mem_len).z
+        z_tied = tied.core(tied.cell_list, tied.embed(x2), mems, mem_len=tied.mem_len).z
     assert float((z_tied - z_deq).norm() / z_deq.norm()) < 1e-3
 
 
@@ -109,7 +109,7 @@ def test_dropout_and_dropconnect_are_fixed_across_solver_steps_in_training():
     model = tiny_model("trellisnet", *kw).train()
     x = torch.randint(0, VOCAB, (2, 6))
     with parametrize.cached():
-        cell = model.layers[0]
+        cell = model.cell_list[0]
         ctx = cell.context(model.embed(x), model.init_mems(2)[0])
         z = torch.randn(2, cell.d_state, 6)
         torch.testing.assert_close(cell(z, ctx), cell(z, ctx))
@@ -175,7 +175,7 @@ def test_dropconnect_stores_a_one_byte_mask_for_backward():
 
 def test_lean_kernel2_conv_equals_the_default_one_in_value_and_gradients():
     """The DEQ's lean-backward convolution is the same function (float64, strided inputs, gradcheck)."""
-    from deqlm.models.trellisnet_cell import causal_conv_k2
+    from deqlm.models.trellisnet import causal_conv_k2
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 8, 12, dtype=torch.float64, generator=gen)[:, ::2].requires_grad_()
@@ -192,7 +192,7 @@ def test_lean_kernel2_conv_input_gradient_allocates_little_beyond_the_gradient()
     """Its vector-Jacobian product w.r.t. the input holds at most the gradient plus a small fraction of the
     weight (no copy of the weight: that copy would sit at the DEQ's memory peak once per adjoint step)."""
     from deqlm.infra.memory import peak_live_bytes
-    from deqlm.models.trellisnet_cell import causal_conv_k2
+    from deqlm.models.trellisnet import causal_conv_k2
 
     x = torch.randn(2, 256, 17, requires_grad=True)
     w = torch.randn(1024, 256, 2, requires_grad=True)  # 2 MiB, the input gradient 34 KiB
@@ -211,7 +211,7 @@ def _lstm_gating_reference(pre_BCL, c_prev_BHL):
 def test_fused_lstm_gating_is_the_plain_expression_with_first_and_second_derivatives():
     """TrellisNet's gating Function: same values and gradients as the autograd expression, gradcheck and
     gradgradcheck (Jacobian regularisation differentiates through its backward)."""
-    from deqlm.models.trellisnet_cell import LSTMGating
+    from deqlm.models.trellisnet import LSTMGating
 
     gen = torch.Generator().manual_seed(0)
     pre = torch.randn(2, 12, 5, dtype=torch.float64, generator=gen).requires_grad_()
@@ -232,7 +232,7 @@ def test_fused_lstm_gating_saves_no_more_than_autograd_and_its_backward_holds_si
     its profiler events come in order. Autograd's figure is not asserted: under load the profiler has
     reported it 3-33% low (equal or near-equal timestamps), which made a relative bound flaky."""
     from deqlm.infra.memory import peak_live_bytes
-    from deqlm.models.trellisnet_cell import LSTMGating
+    from deqlm.models.trellisnet import LSTMGating
 
     B, H, L = 4, 64, 64
     pre = torch.randn(B, 4 * H, L, requires_grad=True)

@@ -10,15 +10,15 @@ from torch.nn.utils import parametrize
 
 from _model_helpers import TIGHT as _TIGHT_SOLVER
 from _model_helpers import VOCAB, split_and_long_segment, tiny_model
-from deqlm.models.transformer_cell import TransformerCell
+from deqlm.models.transformer import TransformerLayer
 
 D, H, K, I = 64, 4, 16, 256  # wide enough for std estimates within a few percent
 TIGHT = [*_TIGHT_SOLVER, "model.init_std=0.25"]
 
 
-def _cell(init: str, **kw) -> TransformerCell:
+def _cell(init: str, **kw) -> TransformerLayer:
     torch.manual_seed(0)
-    return TransformerCell(D, H, K, I, init=init, init_std=0.01, **kw)
+    return TransformerLayer(D, H, K, I, init=init, init_std=0.01, **kw)
 
 
 def _weight(lin: torch.nn.Linear) -> torch.Tensor:
@@ -63,8 +63,8 @@ def test_layer_norms_learn_a_scale_and_shift_only_when_asked(ln_affine):
 def test_residual_path_f_of_zero_is_an_unrolled_first_layer_applied_to_the_embedding():
     """With the injection off, the residual cell at z = 0 is exactly a Transformer-XL first layer."""
     torch.manual_seed(0)
-    cell = TransformerCell(D, H, K, I, input_path="residual", weight_norm=False).eval()
-    plain = TransformerCell(D, H, K, I, inject=False, weight_norm=False).eval()
+    cell = TransformerLayer(D, H, K, I, input_path="residual", weight_norm=False).eval()
+    plain = TransformerLayer(D, H, K, I, inject=False, weight_norm=False).eval()
     plain.load_state_dict({k: v for k, v in cell.state_dict().items() if not k.startswith("inject")})
     torch.nn.init.zeros_(cell.inject.weight)
     x_BLD = torch.randn(2, 5, D)
@@ -84,7 +84,8 @@ def _own_state_change(input_path: str) -> float:
     x2 = x.clone()
     x2[:, 5] = (x[:, 5] + 1) % VOCAB
     with torch.no_grad():
-        z1, z2 = (model.core(model.layers, model.embed(t), model.init_mems(4), mem_len=0).z for t in (x, x2))
+        cells = model.cell_list
+        z1, z2 = (model.core(cells, model.embed(t), model.init_mems(4), mem_len=0).z for t in (x, x2))
     return float((z1[:, 5] - z2[:, 5]).norm() / z1[:, 5].norm())
 
 
@@ -103,7 +104,7 @@ def test_residual_path_deq_over_two_segments_with_memory_equals_one_long_segment
 def test_pre_ln_residual_path_does_not_pile_up_the_input_over_applications():
     """Pre-LN: x enters the attention branch only; a tied stack does not gain one x per layer."""
     torch.manual_seed(0)
-    cell = TransformerCell(D, H, K, I, pre_ln=True, input_path="residual", weight_norm=False).eval()
+    cell = TransformerLayer(D, H, K, I, pre_ln=True, input_path="residual", weight_norm=False).eval()
     torch.nn.init.zeros_(cell.o_net.weight)  # both branches off: only the residual stream is left
     torch.nn.init.zeros_(cell.ff2.weight)
     x_BLD = torch.randn(2, 5, D)

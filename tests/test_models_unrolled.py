@@ -103,11 +103,11 @@ def test_transformer_ffn_saves_one_inner_wide_tensor_with_dropout_on():
     """With dropout active, bytes saved for backward grow by one (B, L) float per unit of d_inner: the
     ReLU's output doubles as ff2's input, instead of a second, masked copy being saved."""
     from deqlm.infra.memory import SavedTensorMeter
-    from deqlm.models.transformer_cell import TransformerCell
+    from deqlm.models.transformer import TransformerLayer
 
     def saved(d_inner: int) -> int:
         torch.manual_seed(0)
-        cell = TransformerCell(16, 2, 8, d_inner, dropout=0.3, weight_norm=False).train()
+        cell = TransformerLayer(16, 2, 8, d_inner, dropout=0.3, weight_norm=False).train()
         x_BLD = torch.randn(3, 5, 16)
         ctx = cell.context(x_BLD, cell.empty_mem(3, x_BLD))
         with SavedTensorMeter(exclude=list(cell.parameters())) as meter:
@@ -119,10 +119,10 @@ def test_transformer_ffn_saves_one_inner_wide_tensor_with_dropout_on():
 
 
 def _cell_and_ctx(d_inner: int, dropout: float, B: int = 4, L: int = 6):
-    from deqlm.models.transformer_cell import TransformerCell
+    from deqlm.models.transformer import TransformerLayer
 
     torch.manual_seed(0)
-    cell = TransformerCell(16, 2, 8, d_inner, dropout=dropout, weight_norm=True).train()
+    cell = TransformerLayer(16, 2, 8, d_inner, dropout=dropout, weight_norm=True).train()
     x_BLD = torch.randn(B, L, 16, dtype=torch.float64)
     cell.double()
     return cell, x_BLD, cell.context(x_BLD, cell.empty_mem(B, x_BLD))
@@ -132,7 +132,7 @@ def _cell_and_ctx(d_inner: int, dropout: float, B: int = 4, L: int = 6):
 def test_ffn_in_row_blocks_is_the_same_function_and_gradients(monkeypatch, dropout):
     """Blocks of batch rows (forced here with a tiny byte budget, uneven last block) give the same output
     and the same gradients for z, the input injection and every weight as one block."""
-    import deqlm.models.transformer_cell as tc
+    import deqlm.models.transformer as tc
 
     cell, x_BLD, ctx = _cell_and_ctx(64, dropout, B=5)
     z_BLD = torch.randn(5, 6, 16, dtype=torch.float64, requires_grad=True)
@@ -161,7 +161,7 @@ def test_ffn_working_memory_forward_and_vector_jacobian_product(monkeypatch):
     under half of that, while the bytes saved for backward stay the same."""
     from functools import partial
 
-    import deqlm.models.transformer_cell as tc
+    import deqlm.models.transformer as tc
     from deqlm.infra.memory import SavedTensorMeter, peak_live_bytes
 
     B, L, I = 8, 16, 4096
@@ -172,7 +172,7 @@ def test_ffn_working_memory_forward_and_vector_jacobian_product(monkeypatch):
         for budget in budgets:
             monkeypatch.setattr(tc, "FFN_BLOCK_BYTES", budget)
             torch.manual_seed(0)
-            cell = tc.TransformerCell(16, 2, 8, I, dropout=dropout, weight_norm=True).train()
+            cell = tc.TransformerLayer(16, 2, 8, I, dropout=dropout, weight_norm=True).train()
             x_BLD = torch.randn(B, L, 16)
             ctx = cell.context(x_BLD, cell.empty_mem(B, x_BLD))
             z_BLD = torch.randn(B, L, 16, requires_grad=True)
@@ -193,7 +193,7 @@ def test_gather_last_equals_gather_with_its_gradients_and_saves_only_the_index()
     (float64 gradcheck / gradgradcheck, an expanded index as the cell uses), and the bytes it saves for
     backward are the index's storage, not a copy of the scores."""
     from deqlm.infra.memory import SavedTensorMeter
-    from deqlm.models.transformer_cell import GatherLast
+    from deqlm.models.transformer import GatherLast
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 7, dtype=torch.float64, requires_grad=True)

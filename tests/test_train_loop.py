@@ -169,7 +169,7 @@ def test_the_saved_config_keeps_the_overrides_next_to_the_files_note(tmp_path):
     assert resumed.overrides == ["model.d_inner=32", "train.max_steps=3", "train.max_steps=5"]
 
 
-def test_a_run_that_never_leaves_the_warmup_says_so_at_start(tmp_path):
+def test_a_run_that_never_leaves_pretraining_says_so_at_start(tmp_path):
     out = io.StringIO()
     train(tiny(tmp_path, "transformer_deq", "train.max_steps=2", "model.pretrain_steps=2"), stream=out)
     assert "the DEQ solver never runs" in out.getvalue()

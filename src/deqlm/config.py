@@ -246,7 +246,7 @@ def _get(cfg: ExperimentConfig, key: str) -> Any:
 
 # The interval each numeric setting must lie in: "[" / "]" include the bound, "(" / ")" exclude it. Infinite
 # ends are always open, so NaN and infinities are refused everywhere; None passes (an optional setting unset).
-# A bad value here would otherwise surface only deep inside a run (a solver after the whole warm-up, say).
+# A bad value here would otherwise surface only deep inside a run (a solver after the whole pretraining, say).
 _RANGES: dict[str, str] = {
     "model.n_layer": "[1, inf)",
     "model.pretrain_steps": "[0, inf)",

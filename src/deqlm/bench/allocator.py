@@ -10,7 +10,7 @@ alternating, repetition after repetition, so that they share the machine's load.
   system  DEQLM_ALLOCATOR=system, no MALLOC_* variables: glibc's defaults;
   tuned   nothing set: what every deqlm entry point does by default (mallopt at start);
   env     the settings measured in issue 23, set by hand as MALLOC_* variables (glibc applies them at start).
-Per child: tokens/s over the steps after the first quarter (first touches and warm-up left out); the child's
+Per child: tokens/s over the steps after the first quarter (first touches left out); the child's
 minor page faults, system and user CPU seconds (getrusage over the whole child: start-up, data, the final
 validation and checkpoint included); wall seconds; its peak RSS; the allocator mode its env record holds; its
 losses.

@@ -97,7 +97,7 @@ def memory_parser() -> argparse.ArgumentParser:
                    size_help="full (paper widths) | reduced (widths / 4) | quick (CI); default: --paper "
                              "full, --sweep reduced on CPU and full on CUDA")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few points, seconds (CI)")
-    p.add_argument("--warmup", default="step", choices=["step", "light"],
+    p.add_argument("--prime", default="step", choices=["step", "light"],
                    help="step: one full training step; light: graph-free forward + optimizer state")
     p.add_argument("--no-project", dest="project", action="store_false",
                    help="do not extrapolate unrolled rows that do not fit")
@@ -111,7 +111,7 @@ def speed_parser() -> argparse.ArgumentParser:
                    size_help="default: full on CUDA, reduced on CPU (widths / 4)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, two pairs, seconds (CI)")
     p.add_argument("--steps", type=int, default=3, help="timed training steps and inference forwards")
-    p.add_argument("--warmup-steps", type=int, default=1)
+    p.add_argument("--untimed-steps", type=int, default=1)
     return p
 
 

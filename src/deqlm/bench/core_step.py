@@ -40,9 +40,9 @@ class CoreStep:
         forward-solver overrides (`max_iter`, `tol`), as evaluation passes them."""
         model = self.model
         with model.weight_cache(model.core):
-            out = model.core(model.layers, self.u_BLE, self.mems, mem_len=self.mem_len,
+            out = model.core(model.cell_list, self.u_BLE, self.mems, mem_len=self.mem_len,
                              clamp_len=model.clamp_len, solver=solver)
-            read = model.layers[-1].readout
+            read = model.cell_list[-1].readout
             loss = read(out.z).float().pow(2).mean()
             aux_w = self.built.cfg.model.aux_weight
             if train and out.aux and aux_w > 0:
@@ -68,7 +68,7 @@ class CoreStep:
         self.optimizer.step()
 
     def materialise_optimizer_state(self) -> None:
-        """A cheap warm-up: create the optimizer's state (Adam moments) with zero gradients and lr 0."""
+        """A cheap priming step: create the optimizer's state (Adam moments) with zero gradients and lr 0."""
         lrs = [g["lr"] for g in self.optimizer.param_groups]
         for p in self.built.params:
             p.grad = torch.zeros_like(p)

@@ -6,7 +6,7 @@
 
 Protocol (docs/paper.md §1, memory column): sequence length 150, batch 15, Transformer memory 150, word
 embeddings excluded by feeding the core random embedded inputs (no embedding or softmax tables, no logits; the
-loss is the mean square of the core's readout). Every row runs in a fresh process: build, one warm-up training
+loss is the mean square of the core's readout). Every row runs in a fresh process: build, one priming training
 step (it also fills the Transformer-XL memory and creates the Adam state), then one measured training step.
 Per row: peak training memory of the measured step (params, grads, optimizer state, activations and solver
 buffers, whatever is live), bytes saved for backward, parameter + optimizer bytes and the solver workspace.
@@ -44,23 +44,23 @@ HUMAN_KEYS = ("key", "status", "reason", "peak_train_mem_gib", "activation_gib",
 
 
 def measure_row(key: str, device: torch.device, size: str, *, batch: int, tgt_len: int, mem_len: int,
-                extra: list[str], warmup: str = "step", tol: str = "cap", cap_memory: bool = True) -> dict:
-    """Peak memory of one training step of row `key` (after a warm-up) in the current process."""
+                extra: list[str], prime: str = "step", tol: str = "cap", cap_memory: bool = True) -> dict:
+    """Peak memory of one training step of row `key` (after a priming step) in the current process."""
     rec: dict = {"key": key, "device": describe_device(device), "size": size, "batch": batch,
-                 "tgt_len": tgt_len, "mem_len": mem_len, "warmup": warmup}
+                 "tgt_len": tgt_len, "mem_len": mem_len, "prime": prime}
     if device.type == "cpu" and cap_memory:  # fresh processes only: the cap would outlive the call
         rec["address_space_cap_gib"] = round(limit_cpu_memory() / GIB, 2)
     peak = PeakMemory(device)
     peak.start()
     try:
         return _measure(key, device, size, peak, rec, batch=batch, tgt_len=tgt_len, mem_len=mem_len,
-                        extra=extra, warmup=warmup, tol=tol)
+                        extra=extra, prime=prime, tol=tol)
     finally:
         peak.close()
 
 
 def _measure(key: str, device: torch.device, size: str, peak: PeakMemory, rec: dict, *, batch: int,
-             tgt_len: int, mem_len: int, extra: list[str], warmup: str, tol: str) -> dict:
+             tgt_len: int, mem_len: int, extra: list[str], prime: str, tol: str) -> dict:
     t0 = time.perf_counter()
     if tol == "cap" and P.get_row(key).core == "deq":
         extra = ["deq.f_tol=0", "deq.b_tol=0", *extra]
@@ -68,13 +68,13 @@ def _measure(key: str, device: torch.device, size: str, peak: PeakMemory, rec: d
     rec.update(_row_facts(built))
     rec["tol"] = tol
     step = CoreStep(built, batch, tgt_len, mem_len, device)
-    if warmup == "step":
+    if prime == "step":
         step.step()
     else:  # light: memory filled by a graph-free forward, optimizer state created with zero gradients
         with torch.no_grad():
             step.mems = step.forward(train=False)[1].mems
         step.materialise_optimizer_state()
-    rec["warmup_s"] = round(time.perf_counter() - t0, 2)
+    rec["prime_s"] = round(time.perf_counter() - t0, 2)
     meter = SavedTensorMeter(exclude=built.params)
     t1 = time.perf_counter()
     peak.begin_window()
@@ -113,7 +113,7 @@ def _row_facts(built: BuiltRow) -> dict:
 def measure_args(row: P.PaperRow, device: torch.device, args: argparse.Namespace) -> dict:
     """`measure_row` with the settings of a `--row` command line."""
     return measure_row(row.key, device, args.size, batch=args.batch, tgt_len=args.tgt_len,
-                       mem_len=args.mem_len, extra=list(args.set), warmup=args.warmup, tol=args.tol,
+                       mem_len=args.mem_len, extra=list(args.set), prime=args.prime, tol=args.tol,
                        cap_memory=not args.inprocess)
 
 
@@ -125,7 +125,7 @@ def run_one(args: argparse.Namespace, key: str, *, batch: int, tgt_len: int, mem
             extra: list[str] | tuple[str, ...] = ()) -> dict:
     """Row `key` at this protocol, in a fresh `python -m deqlm.bench memory --row ...` process."""
     argv = child.child_argv(args, key, batch=batch, tgt_len=tgt_len, mem_len=mem_len, extra=extra,
-                            own=["--warmup", args.warmup])
+                            own=["--prime", args.prime])
     return child.run_row("memory", args, argv, parse_args, measure_args)
 
 

@@ -161,7 +161,7 @@ def write_memory_md(out: Path) -> None:
     sweep = load_json_list(out / "memory.sweep.json")
     methods = sorted({r.get("peak_method", "?") for r in paper + sweep if r.get("status") == "ok"})
     lines = ["# Training memory: DEQ against unrolled depth", "",
-             "Protocol: one training step after a warm-up step, each row in a fresh process; batch 15, "
+             "Protocol: one training step after a priming step, each row in a fresh process; batch 15, "
              "sequence 150, Transformer memory 150; word embeddings excluded (the core reads random embedded "
              "inputs, the loss is the mean square of its readout: no embedding/softmax tables, gradients, "
              "optimizer state or logits). Peak = all live tensors of the measured step (parameters, "
@@ -252,8 +252,8 @@ def write_speed(out: Path, records: list[dict]) -> None:
     lines = ["# Speed: DEQ against its unrolled baseline", "",
              "Protocol: batch 15, sequence 150, Transformer memory 150, the core on random embedded inputs "
              "(no embedding / softmax, which costs both models the same). Median over the timed steps after "
-             "warm-up; each row in a fresh process. Solver limits are the rows' training limits; tol `cap` = "
-             "tolerance 0, every solve runs to its limit (worst case).", "",
+             "untimed ones; each row in a fresh process. Solver limits are the rows' training limits; "
+             "tol `cap` = tolerance 0, every solve runs to its limit (worst case).", "",
              "| pair | size | DEQ/unrolled train | paper | DEQ/unrolled infer | paper | f/b cap "
              "| f/b steps | status |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:

@@ -53,7 +53,7 @@ def build_row(key: str, size: str, *, batch: int = PAPER_BATCH, tgt_len: int = P
     cfg = load_config(path, overrides + ["model.adaptive=false", "model.n_classes=0"])
     model = build_model(cfg.model, cfg.deq, vocab_size=2).to(device or torch.device("cpu"))
     model.train()
-    params = [p for cell in model.layers for p in cell.parameters() if p.requires_grad]
+    params = [p for cell in model.cell_list for p in cell.parameters() if p.requires_grad]
     try:
         rel = str(path.relative_to(REPO_ROOT))
     except ValueError:

@@ -13,7 +13,7 @@ Solve: rel residual per sample, tol 1e-3, <= 30 forward steps; backward: same so
 
 One JSON line per configuration with: f_evals (forward f-evaluations made), rel_res_max / rel_res_median (per
 sample ||f(z)-z|| / ||f(z)|| at the returned z, recomputed here identically for every line), forward_ms and
-train_step_ms (medians after a warm-up; a step is forward + backward + Adam step), solver_overhead (time per
+train_step_ms (medians after one untimed; a step is forward + backward + Adam step), solver_overhead (time per
 solver step outside f, as a fraction of one f-evaluation, measured inside the same timed solves),
 peak_step_mb (peak live CPU tensor bytes above the step's start, integrated from torch.profiler's memory
 events), saved_bytes (bytes packed for backward, via saved_tensors_hooks, unique storages, parameters
@@ -60,7 +60,7 @@ class Workload:
     f_max_iter: int = 30
     b_max_iter: int = 40
     tol: float = 1e-3
-    warmup: int = 1
+    untimed: int = 1
     repeats: int = 3
     depths: tuple[int, ...] = (16, 30)
 
@@ -74,7 +74,7 @@ QUICK = Workload(
     n_classes=50,
     f_max_iter=10,
     b_max_iter=10,
-    warmup=0,
+    untimed=0,
     repeats=1,
     depths=(4,),
 )
@@ -151,7 +151,7 @@ def saved_activation_bytes(fn: Callable[[], object], params: list[torch.Tensor])
 
 
 def _median_ms(fn: Callable[[], object], w: Workload) -> float:
-    for _ in range(w.warmup):
+    for _ in range(w.untimed):
         fn()
     times = []
     for _ in range(w.repeats):
@@ -228,7 +228,7 @@ def _time_forward(w: Workload, block: Block, x_BLD: torch.Tensor, solve: Callabl
     _, f_s, f_evals = runs[-1]
     frac = None
     if overhead and f_evals > 1:
-        frac = statistics.median((t - fs) / (n - 1) / (fs / n) for t, fs, n in runs[w.warmup :] or runs)
+        frac = statistics.median((t - fs) / (n - 1) / (fs / n) for t, fs, n in runs[w.untimed :] or runs)
     return {"ms": ms, "f_evals": f_evals, "f_s": f_s, "rel_B": rel_B, "overhead": frac}
 
 

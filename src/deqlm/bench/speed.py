@@ -6,7 +6,7 @@ baseline.
 
 Protocol: the memory benchmark's (batch 15, sequence 150, Transformer memory 150, the core on random
 embedded inputs, no embedding or softmax: the softmax costs DEQ and unrolled models the same, so leaving it
-out can only raise the DEQ / unrolled ratio). Each row runs in a fresh process: `--warmup-steps` training
+out can only raise the DEQ / unrolled ratio). Each row runs in a fresh process: `--untimed-steps` training
 steps, then `--steps` timed training steps (forward, backward and optimizer timed apart) and `--steps` timed
 inference forwards (eval mode, no graph, memory carried). Solver limits are the rows' training limits
 (f_thres / b_thres of the paper's scripts); `--tol cap` (default) sets the tolerances to 0 so every solve
@@ -51,7 +51,7 @@ class Clock:
 
 
 def time_row(key: str, device: torch.device, size: str, *, batch: int, tgt_len: int, mem_len: int,
-             extra: list[str], tol: str, steps: int, warmup_steps: int) -> dict:
+             extra: list[str], tol: str, steps: int, untimed_steps: int) -> dict:
     """Training-step and inference timings of row `key` in this process."""
     row = P.get_row(key)
     if tol == "cap" and row.core == "deq":
@@ -60,13 +60,13 @@ def time_row(key: str, device: torch.device, size: str, *, batch: int, tgt_len: 
     cfg = built.cfg
     step = CoreStep(built, batch, tgt_len, mem_len, device)
     clock = Clock(device)
-    for _ in range(warmup_steps):
+    for _ in range(untimed_steps):
         step.step()
     train = _time_training(step, clock, steps)
     built.model.eval()
     # tol cap: inference solves run to their cap too, whatever the layer's own tolerance
     solver = {"tol": 0.0} if tol == "cap" else None
-    infer = _time_inference(step, clock, warmup_steps, steps, solver)
+    infer = _time_inference(step, clock, untimed_steps, steps, solver)
     med = statistics.median
     train_ms = med(f + b + o for f, b, o in zip(train["fwd"], train["bwd"], train["opt"]))
     fwd, bwd, infer_ms = med(train["fwd"]), med(train["bwd"]), med(infer["ms"])
@@ -76,7 +76,7 @@ def time_row(key: str, device: torch.device, size: str, *, batch: int, tgt_len: 
         "device": describe_device(device), "status": "ok", "reason": "", "experiment": built.experiment,
         "overrides": built.overrides, "batch": batch, "tgt_len": tgt_len, "mem_len": mem_len, "tol": tol,
         "n_layer": None if cfg.model.core == "deq" else cfg.model.n_layer, "d_model": cfg.model.d_model,
-        "params_core": sum(p.numel() for p in built.params), "steps": steps, "warmup_steps": warmup_steps,
+        "params_core": sum(p.numel() for p in built.params), "steps": steps, "untimed_steps": untimed_steps,
         "train_step_ms": round(train_ms, 2), "fwd_ms": round(fwd, 2), "bwd_ms": round(bwd, 2),
         "optim_ms": round(med(train["opt"]), 2), "infer_ms": round(infer_ms, 2),
         "train_tok_s": round(tokens / train_ms * 1e3, 1), "infer_tok_s": round(tokens / infer_ms * 1e3, 1),
@@ -111,18 +111,19 @@ def _time_training(step: CoreStep, clock: Clock, steps: int) -> dict[str, list]:
     return out
 
 
-def _time_inference(step: CoreStep, clock: Clock, warmup_steps: int, steps: int, solver: dict | None) -> dict:
+def _time_inference(step: CoreStep, clock: Clock, untimed_steps: int, steps: int,
+                    solver: dict | None) -> dict:
     """Milliseconds and forward solver steps of `steps` graph-free forwards (memory carried), after
-    `warmup_steps` untimed ones."""
+    `untimed_steps` untimed ones."""
     ms, f_nstep = [], []
     with torch.no_grad():
-        for _ in range(warmup_steps + steps):
+        for _ in range(untimed_steps + steps):
             t0 = clock.now()
             _, out = step.forward(train=False, solver=solver)
             ms.append(clock.now() - t0)
             step.mems = out.mems
             f_nstep.append(out.stats.get("f_nstep"))
-    return {"ms": ms[warmup_steps:], "f_nstep": f_nstep[warmup_steps:]}
+    return {"ms": ms[untimed_steps:], "f_nstep": f_nstep[untimed_steps:]}
 
 
 def _solver_figures(d, train: dict, infer: dict, fwd_ms: float, bwd_ms: float) -> dict:
@@ -140,7 +141,7 @@ def _solver_figures(d, train: dict, infer: dict, fwd_ms: float, bwd_ms: float) -
 
 def time_f_eval(step: CoreStep, clock: Clock, reps: int = 3) -> float:
     """Milliseconds of one application of f (the cell) without a graph: a solver step's floor."""
-    cell = step.model.layers[0]
+    cell = step.model.cell_list[0]
     with parametrize.cached():
         fill_parametrization_cache(step.model)
         ctx = cell.context(step.u_BLE, step.mems[0], step.model.clamp_len)
@@ -160,7 +161,7 @@ def _mean(xs: list) -> float | None:
 def time_args(row: P.PaperRow, device: torch.device, args: argparse.Namespace) -> dict:
     """`time_row` with the settings of a `--row` command line."""
     return time_row(row.key, device, args.size, batch=args.batch, tgt_len=args.tgt_len, mem_len=args.mem_len,
-                    extra=list(args.set), tol=args.tol, steps=args.steps, warmup_steps=args.warmup_steps)
+                    extra=list(args.set), tol=args.tol, steps=args.steps, untimed_steps=args.untimed_steps)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def run_row(args: argparse.Namespace, r: P.PaperRow, say) -> dict:
     """Row `r` timed in a fresh `python -m deqlm.bench speed --row ...` process."""
     say(f"[speed] {r.key} ({args.size}, {args.device}) ...")
     argv = child.child_argv(args, r.key, batch=args.batch, tgt_len=args.tgt_len, mem_len=args.mem_len,
-                            own=["--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps)])
+                            own=["--steps", str(args.steps), "--untimed-steps", str(args.untimed_steps)])
     rec = {"key": r.key, "row": r.row, "core": r.core, **child.run_row("speed", args, argv, parse_args,
                                                                           time_args)}
     say(f"[speed] {r.key}: {rec.get('status')} train {rec.get('train_step_ms')} ms, infer "
@@ -239,8 +240,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.inprocess = True
     if args.size is None:
         args.size = "full" if args.device == "cuda" else "reduced"
-    if args.steps <= 0 or args.warmup_steps < 0:
-        p.error("--steps must be positive and --warmup-steps non-negative")
+    if args.steps <= 0 or args.untimed_steps < 0:
+        p.error("--steps must be positive and --untimed-steps non-negative")
     return cli.fill_protocol_defaults(args)
 
 

@@ -39,7 +39,7 @@ def training_tail(events: list[dict], fraction: float = TRAIN_TAIL_FRACTION) -> 
 
 def equilibrium_label(core: str, at_eval: dict) -> str | None:
     """AT_EQUILIBRIUM or NOT_AT_EQUILIBRIUM for a DEQ evaluated with its solver (`eval_solver`'s figures);
-    None for an unrolled run or a DEQ whose evaluation ran no solve (warm-up only, or not evaluated). Solves
+    None for an unrolled run or a DEQ whose evaluation ran no solve (pretrain only, or not evaluated). Solves
     that all diverged leave a step count without a finite residual: not at equilibrium."""
     if core != "deq" or at_eval.get("f_nstep") is None:
         return None

@@ -16,8 +16,8 @@ from deqlm.infra.fmt import mean_of_known
 CONVERGENCE_KEYS = (*(f"eval_{k}" for k in FORWARD_KEYS), *(f"tail_{k}" for k in FORWARD_KEYS), "equilibrium")
 
 
-def warmup_only(row: dict) -> bool:
-    """A DEQ run whose evaluated weights only ever ran the shallow warm-up stack, never the solver."""
+def pretrain_only(row: dict) -> bool:
+    """A DEQ run whose evaluated weights only ever ran the shallow pretraining stack, never the solver."""
     return row["core"] == "deq" and row["mode"] == "pretrain"
 
 
@@ -59,7 +59,7 @@ def pair_runs(runs: list[dict]) -> list[dict]:
     pairs = []
     for (_, pair), members in groups.items():
         baselines = [m for m in members if m["row"]["core"] == "unrolled"]
-        deqs = [m for m in members if m["row"]["core"] == "deq" and not warmup_only(m["row"])]
+        deqs = [m for m in members if m["row"]["core"] == "deq" and not pretrain_only(m["row"])]
         by_seed = len(baselines) > 1 and any(
             x["row"]["seed"] == d["row"]["seed"] for x in baselines for d in deqs
         )

@@ -25,7 +25,7 @@ from typing import Any
 
 from deqlm.config import ExperimentConfig
 from deqlm.eval.convergence import equilibrium_label, eval_solver, training_tail
-from deqlm.eval.pairing import pair_runs, seed_means, warmup_only
+from deqlm.eval.pairing import pair_runs, pretrain_only, seed_means
 from deqlm.eval.plots import (
     log_values,
     plot_curves,
@@ -110,7 +110,7 @@ def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: 
     settings = ev.get("settings") or {}
     splits = ev.get("splits") or {}
     deq_events = [e for e in events if e.get("mode", "deq") == "deq"]
-    # a DEQ run's activation figure is its DEQ mode's, not the shallow warm-up stack's that precedes it
+    # a DEQ run's activation figure is its DEQ mode's, not the shallow pretraining stack's that precedes it
     own_events = [e for e in events if e.get("mode") != "pretrain"] if cfg.model.core == "deq" else events
     logged_mode = next((e["mode"] for e in reversed(events) if "mode" in e), None)
     row: dict[str, Any] = {c: None for c in COLUMNS}
@@ -120,7 +120,7 @@ def summarize_run(run_dir: Path, cfg: ExperimentConfig, events: list[dict], ev: 
         corpus=cfg.data.dataset,
         arch=cfg.model.arch,
         core=cfg.model.core,
-        # the mode the evaluated weights ran in: "pretrain" marks a DEQ run that never left its warm-up
+        # the mode the evaluated weights ran in: "pretrain" marks a DEQ run that never left its pretraining
         mode=ev.get("mode") or logged_mode,
         pair=cfg.pair or None,
         seed=cfg.train.seed,
@@ -192,11 +192,11 @@ def collect_run(run: str | Path | RunFolder) -> dict:
             f"warning: {run_dir}: {EVAL} was made with max_tokens={ev['settings']['max_tokens']}"
         )
     row = summarize_run(run_dir, cfg, events, ev, folder.code())
-    if warmup_only(row):
+    if pretrain_only(row):
         warnings.append(
-            f"warning: {run_dir}: a DEQ run that never left its warm-up (model.pretrain_steps "
+            f"warning: {run_dir}: a DEQ run that never left its pretraining (model.pretrain_steps "
             f"{cfg.model.pretrain_steps} >= the evaluated step {row['eval_step'] or row['steps']}): its "
-            f"figures are the unrolled warm-up stack's, so it is labelled warm-up only and not paired"
+            f"figures are the unrolled pretraining stack's, so it is labelled pretrain only and not paired"
         )
     return {"dir": run_dir, "cfg": cfg, "events": events, "eval": ev, "row": row, "warnings": warnings,
             "caps": folder.solver_caps()}

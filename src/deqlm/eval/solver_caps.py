@@ -38,7 +38,7 @@ def sweep_solver_caps(folder: RunFolder | str | Path, req: EvalRequest, *, log=p
     if run.cfg.model.core != "deq":
         raise RunError(run_dir, "solver caps: an unrolled model has no solver to cap")
     if run.model.mode(run.step) != "deq":
-        raise RunError(run_dir, "solver caps: the checkpoint is from the unrolled warm-up, not the DEQ")
+        raise RunError(run_dir, "solver caps: the checkpoint is from the unrolled pretraining, not the DEQ")
     points = []
     for cap in sorted(req.solver_caps):
         points.append(cap_point(run, cap, req.max_tokens))

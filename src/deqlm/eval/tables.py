@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from deqlm.eval.convergence import EQUILIBRIUM_MAX_REL_RES, NOT_AT_EQUILIBRIUM
-from deqlm.eval.pairing import warmup_only
+from deqlm.eval.pairing import pretrain_only
 from deqlm.infra.fmt import number
 from deqlm.infra.run_folder import ENV, EVAL, METRICS
 
@@ -32,10 +32,10 @@ def csv_text(rows: list[dict], columns: list[str]) -> str:
 
 
 def core_cell(row: dict) -> str:
-    """The core as a table shows it: a DEQ that never left its warm-up, or that stopped short of its fixed
+    """The core as a table shows it: a DEQ that never left its pretraining, or that stopped short of its fixed
     point, says so where its figures are read."""
-    if warmup_only(row):
-        return "deq (warm-up only)"
+    if pretrain_only(row):
+        return "deq (pretrain only)"
     if row.get("equilibrium") == NOT_AT_EQUILIBRIUM:
         return f"deq ({NOT_AT_EQUILIBRIUM})"
     return row["core"]

@@ -111,7 +111,7 @@ class PeakMemory:
 
     CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` (the allocator's own peak).
     CPU: the profiler session is opened *before* the model is built (`start()`), so everything the model and
-    the warm-up allocate is counted as resident. Allocations made before `start()` (import-time buffers) are
+    the priming step allocate counts as resident. Allocations made before `start()` (import-time buffers) are
     not seen; library scratch memory that bypasses the PyTorch allocator (e.g. oneDNN workspaces) is not
     either. The process's RSS high-water mark minus its RSS at `start()` is kept as a second, coarser figure.
     """

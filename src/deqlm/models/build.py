@@ -25,8 +25,8 @@ from deqlm.deq import DEQFixedPoint
 from deqlm.models.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from deqlm.models.cores import DEQCore, UnrolledCore
 from deqlm.models.lm import SequenceLM, count_params
-from deqlm.models.transformer_cell import TransformerBlock, TransformerCell
-from deqlm.models.trellisnet_cell import TrellisNetCell
+from deqlm.models.transformer import TransformerCell, TransformerLayer
+from deqlm.models.trellisnet import TrellisNetLayer
 
 
 class ArchParts(NamedTuple):
@@ -59,17 +59,17 @@ def transformer_parts(m: ModelConfig, vocab_size: int) -> ArchParts:
     """DEQ-Transformer / Transformer-XL: embedding projected to d_model and scaled by sqrt(d_model); an
     unrolled untied stack takes the embedding as its first level's input (Transformer-XL proper)."""
 
-    def make_layer(inject: bool) -> TransformerCell:
-        return TransformerCell(
+    def make_layer(inject: bool) -> TransformerLayer:
+        return TransformerLayer(
             m.d_model, m.n_head, m.d_head, m.d_inner, dropout=m.dropout, dropatt=m.dropatt, pre_ln=m.pre_ln,
             inject=inject, same_length=m.same_length, init_std=m.init_std, weight_norm=m.weight_norm,
             init=m.init, ln_affine=m.ln_affine, input_path=m.input_path,
         )
 
-    def make_cell(inject: bool) -> TransformerCell | TransformerBlock:
+    def make_cell(inject: bool) -> TransformerLayer | TransformerCell:
         if m.cell_layers == 1:
             return make_layer(inject)
-        return TransformerBlock([make_layer(True)] + [make_layer(False) for _ in range(m.cell_layers - 1)])
+        return TransformerCell([make_layer(True)] + [make_layer(False) for _ in range(m.cell_layers - 1)])
 
     embed = _embedding(m, vocab_size, m.d_model, scale=True)
     return ArchParts(embed, make_cell, d_read=m.d_model, inject_untied=False)
@@ -79,9 +79,9 @@ def trellisnet_parts(m: ModelConfig, vocab_size: int) -> ArchParts:
     """(DEQ-)TrellisNet: embedding at d_embed (scaled only with `emb_scale`), readout of the d_out channels;
     every level of a TrellisNet injects x, untied or not."""
 
-    def make_cell(inject: bool) -> TrellisNetCell:
+    def make_cell(inject: bool) -> TrellisNetLayer:
         # the cell always injects; `inject` is True for every TrellisNet core (inject_untied below)
-        return TrellisNetCell(
+        return TrellisNetLayer(
             m.d_embed, m.d_model, m.d_out, dropouth=m.dropouth, wdrop=m.wdrop, init_std=m.init_std,
             weight_norm=m.weight_norm, inject_gain=m.inject_gain, rec_gain=m.rec_gain,
         )

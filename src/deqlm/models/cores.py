@@ -66,7 +66,7 @@ class DEQCore(nn.Module):
         cell = cells[0]
         ctx = cell.context(x, mems[0], clamp_len)
         # the recorded application of f is differentiated once per adjoint step: cells may trade forward
-        # speed for backward memory there (TrellisNet on a CPU: deqlm.models.trellisnet_cell.causal_conv_k2)
+        # speed for backward memory there (TrellisNet on a CPU: deqlm.models.trellisnet.causal_conv_k2)
         ctx["lean_backward"] = True
 
         # f(z) = cell(z, ctx), its inputs handed over explicitly: the reversible gradient re-runs f in

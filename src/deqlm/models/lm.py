@@ -41,8 +41,8 @@ class SequenceLM(nn.Module):
     other) or in `self.cells` (untied cores).
 
     Built by `deqlm.models.build_model`, which makes the parts; the model reads its own settings (memory and
-    clamp lengths, dropouts around the core, the warm-up length, the auxiliary and Jacobian loss terms) from
-    `cfg`, the `ModelConfig` the parts were made from.
+    clamp lengths, dropouts around the core, the pretraining length, the auxiliary and Jacobian loss terms)
+    from `cfg`, the `ModelConfig` the parts were made from.
     """
 
     def __init__(
@@ -70,7 +70,8 @@ class SequenceLM(nn.Module):
         self.jac_weight, self.jac_freq, self.jac_samples = cfg.jac_weight, cfg.jac_freq, cfg.jac_samples
 
     @property
-    def layers(self) -> list[nn.Module]:
+    def cell_list(self) -> list[nn.Module]:
+        """The cells in the order the core applies them (one for DEQ and weight-tied cores)."""
         return [self.cell] if hasattr(self, "cell") else list(self.cells)
 
     # --- the contract ---------------------------------------------------------------------------------------
@@ -86,7 +87,7 @@ class SequenceLM(nn.Module):
 
     def init_mems(self, batch_size: int) -> list[torch.Tensor]:
         like = next(self.parameters())
-        cells = self.layers
+        cells = self.cell_list
         n = self.core.n_mems(len(cells))
         return [cells[min(i, len(cells) - 1)].empty_mem(batch_size, like) for i in range(n)]
 
@@ -114,7 +115,7 @@ class SequenceLM(nn.Module):
         B = x_BL.size(0)
         if mems is None or len(mems) == 0:
             mems = self.init_mems(B)
-        # The one branch between DEQ and unrolled computation: the shallow weight-tied warm-up stack
+        # The one branch between DEQ and unrolled computation: the shallow weight-tied pretraining stack
         # (Bai et al. 2019 §4, pretraining) or the model's own core (DEQ solve or unrolled stack).
         core = self.pretrain_core if self.mode(step) == "pretrain" else self.core
         mem_len = self.mem_len if mem_len is None else mem_len
@@ -124,7 +125,7 @@ class SequenceLM(nn.Module):
             x_BLE = self.embed(x_BL)
             x_BLE = apply_mask(x_BLE, self.drop_in.mask((B, 1, x_BLE.size(-1)), x_BLE))
             out: CoreOut = core(
-                self.layers,
+                self.cell_list,
                 x_BLE,
                 mems,
                 mem_len=mem_len,
@@ -132,7 +133,7 @@ class SequenceLM(nn.Module):
                 jac_samples=jac_samples,
                 solver=solver,
             )
-            readout = self.layers[-1].readout
+            readout = self.cell_list[-1].readout
             h_BLP = readout(out.z)
             m_out = self.drop_out.mask((B, 1, h_BLP.size(-1)), h_BLP)
             nll_sum = self._nll(h_BLP, y_BL, m_out).sum()

@@ -433,7 +433,7 @@ def train(cfg: ExperimentConfig, *, resume_dir: str | os.PathLike | None = None,
         if m.core == "deq" and steps <= m.pretrain_steps:  # mode(step) is "pretrain" up to pretrain_steps
             trainer.logger.write(
                 f"note: train.max_steps={steps} <= model.pretrain_steps={m.pretrain_steps}: each step trains "
-                f"the {m.pretrain_depth}-layer unrolled warm-up stack and the DEQ solver never runs; reports "
-                f"label this run warm-up only (raise train.max_steps or lower model.pretrain_steps)")
+                f"the {m.pretrain_depth}-layer unrolled pretraining stack and the DEQ solver never runs; "
+                f"reports label this run pretrain only (raise train.max_steps or lower model.pretrain_steps)")
     trainer.fit()
     return trainer

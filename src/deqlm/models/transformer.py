@@ -1,4 +1,5 @@
-"""A Transformer-XL layer written as a map z -> f(z; ctx), the DEQ-Transformer cell (Bai et al. 2019, §4).
+"""The Transformer-XL layer written as a map z -> f(z; ctx), and the DEQ-Transformer's cell: one such layer
+(the paper's, Bai et al. 2019, §4) or several in turn (`TransformerCell`).
 
 f(z) = LN2(h + FFN(h)), h = LN1(z + Attn(z; mem)) (post-LN, the paper's) or the pre-LN variant. Attention is
 Transformer-XL's relative positional attention (Dai et al. 2019, eq. in §3.3): over keys [mem ; z],
@@ -54,7 +55,7 @@ def sinusoid_RD(pos_R: torch.Tensor, d_model: int) -> torch.Tensor:
     return torch.cat([angles_RH.sin(), angles_RH.cos()], dim=-1)[:, :d_model]
 
 
-FFN_BLOCK_BYTES = 64 * 2**20  # the most bytes one d_inner-wide FFN tensor may take (see TransformerCell._ffn)
+FFN_BLOCK_BYTES = 64 * 2**20  # the most bytes one d_inner-wide FFN tensor may take (TransformerLayer._ffn)
 
 
 def ffn_block_rows(seq_len: int, d_inner: int, elem_bytes: int) -> int:
@@ -108,7 +109,9 @@ class GatherLast(torch.autograd.Function):
         return g.new_zeros(ctx.x_shape).scatter_add(-1, index, g), None
 
 
-class TransformerCell(nn.Module):
+class TransformerLayer(nn.Module):
+    """One Transformer-XL layer; alone it is the DEQ-Transformer's cell, the map f the solver works on."""
+
     def __init__(
         self,
         d_model: int,
@@ -173,7 +176,7 @@ class TransformerCell(nn.Module):
 
         An injected cell also keeps the embedded tokens next to the states (W = 2D), so the memory's keys and
         values carry the same injection they had when they were computed (as in the official DEQ-Transformer).
-        `ctx` (this segment's context) is not needed by one layer; a `TransformerBlock` needs it.
+        `ctx` (this segment's context) is not needed by one layer; a `TransformerCell` needs it.
         """
         if mem_len <= 0:
             return mem_BMW[:, :0].detach()
@@ -275,10 +278,10 @@ class TransformerCell(nn.Module):
         return self.ln2(h_BLD + self._ffn(h_BLD, ctx))
 
 
-class TransformerBlock(nn.Module):
+class TransformerCell(nn.Module):
     """Several Transformer-XL layers applied in turn as one map f (`model.cell_layers` > 1; our departure).
 
-    The paper's DEQ-Transformer solves one layer. A block of n untied layers keeps the DEQ's O(1) memory in
+    The paper's DEQ-Transformer solves one layer. A cell of n untied layers keeps the DEQ's O(1) memory in
     depth but gives the equilibrium n distinct attention patterns per head and n FFNs, which tests whether
     the DEQ's gap to an untied stack comes from weight tying (docs/models.md, "Layers per cell"). Only the
     first layer is injected (its input path applies); the others read the previous layer's output, as
@@ -287,10 +290,10 @@ class TransformerBlock(nn.Module):
     layer i at z*, so a segment split in two with memory is solved as one long segment.
     """
 
-    def __init__(self, layers: list[TransformerCell]):
+    def __init__(self, layers: list[TransformerLayer]):
         super().__init__()
         if layers[0].inject is None or any(layer.inject is not None for layer in layers[1:]):
-            raise ValueError("a TransformerBlock injects x into its first layer only")
+            raise ValueError("a TransformerCell injects x into its first layer only")
         self.layers = nn.ModuleList(layers)
         self.d_model = layers[0].d_model
 

@@ -120,7 +120,7 @@ def _set_row_norms(w_OIK: torch.Tensor, gain: float) -> None:
         w_OIK.mul_(gain / w_OIK.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1))
 
 
-class TrellisNetCell(nn.Module):
+class TrellisNetLayer(nn.Module):
     def __init__(
         self,
         d_in: int,
