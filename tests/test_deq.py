@@ -122,20 +122,21 @@ def test_stats_are_floats_and_backward_fills_b_stats_in_the_same_dict():
     assert W.grad is not None and x.grad is not None
 
 
-def test_eval_mode_uses_eval_f_max_iter_and_returns_no_graph():
+def test_the_layer_keeps_its_one_cap_in_eval_mode_and_a_call_can_set_its_own_without_a_graph():
     W, U, c, x = _params()
-    deq = DEQFixedPoint(f_max_iter=30, f_tol=1e-14, eval_f_max_iter=3).eval()
+    deq = DEQFixedPoint(f_max_iter=5, f_tol=1e-14).eval()
     z_star, stats = deq(_closure(W, U, c, x), torch.zeros(B, N, dtype=torch.float64))
-    assert stats["f_nstep"] == 3.0
+    assert stats["f_nstep"] == 5.0  # its training cap: an evaluation cap is the eval settings' to pass in
+    deq.f_max_iter = 30
     deq.train()
     with torch.no_grad():
-        z_star, stats = deq(_closure(W, U, c, x), torch.zeros(B, N, dtype=torch.float64))
+        z_star, stats = deq(_closure(W, U, c, x), torch.zeros(B, N, dtype=torch.float64), max_iter=3)
     assert stats["f_nstep"] == 3.0 and not z_star.requires_grad
     # one call's own cap and tolerance win over the layer's and leave it as it was
     with torch.no_grad():
         _, stats = deq(_closure(W, U, c, x), torch.zeros(B, N, dtype=torch.float64), max_iter=30, tol=1e-2)
     assert stats["f_nstep"] < 30
-    assert (deq.f_max_iter, deq.f_tol, deq.eval_f_max_iter) == (30, 1e-14, 3)
+    assert (deq.f_max_iter, deq.f_tol) == (30, 1e-14)
 
 
 def test_module_has_no_parameters_and_follows_eval():
@@ -153,10 +154,10 @@ def test_from_config_reads_deq_config():
         grad="3",
         anderson_m=4,
         broyden_rank=7,
-        eval_f_max_iter=12,
+        f_max_iter=12,
     )
     deq = DEQFixedPoint.from_config(cfg)
-    assert deq.grad == 3 and deq.f_solver == "anderson" and deq.eval_f_max_iter == 12
+    assert deq.grad == 3 and deq.f_solver == "anderson" and deq.f_max_iter == 12
     assert deq.solver_kwargs["anderson"]["m"] == 4 and deq.solver_kwargs["broyden"]["rank"] == 7
 
 

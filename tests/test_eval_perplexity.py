@@ -218,13 +218,11 @@ def test_word_perplexity_spreads_the_scored_nll_over_the_words_those_tokens_cove
 
 
 def test_eval_settings_resolve_each_not_set_marker_to_the_value_it_stands_for():
-    cfg = ExperimentConfig()  # eval.f_max_iter 0, eval.f_tol 0, eval.clamp_len -1, deq.eval_f_max_iter null
+    cfg = ExperimentConfig()  # eval.f_max_iter, eval.f_tol and eval.clamp_len null: not set
     cfg.model.core, cfg.model.clamp_len = "deq", 40
     cfg.deq.f_max_iter, cfg.deq.f_tol = 30, 1e-3
     s = resolve_eval_settings(cfg)
     assert (s.f_max_iter, s.f_tol, s.clamp_len) == (30, 1e-3, 40)
-    cfg.deq.eval_f_max_iter = 12
-    assert resolve_eval_settings(cfg).f_max_iter == 12
     cfg.eval.f_max_iter, cfg.eval.f_tol, cfg.eval.clamp_len = 5, 1e-2, 0
     s = resolve_eval_settings(cfg)
     assert (s.f_max_iter, s.f_tol, s.clamp_len) == (5, 1e-2, 0)

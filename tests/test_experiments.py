@@ -38,7 +38,7 @@ def _tiny_overrides(cfg) -> tuple[list[str], int]:
         "model.pretrain_depth=2",
         "deq.f_max_iter=4",
         "deq.b_max_iter=4",
-        "data.mem_len=4",
+        "model.mem_len=4",
         "model.aux_every=2",
     ]
     if m.arch == "transformer":
@@ -71,7 +71,6 @@ def test_every_paper_row_has_an_experiment_file():
 def test_experiment_loads_and_a_tiny_version_trains_one_step(path):
     cfg = load_config(path, env={})
     assert cfg.name and cfg.log.wandb_mode == "disabled"  # wandb only when asked (WANDB_MODE, log.wandb_mode)
-    assert cfg.model.mem_len == cfg.data.mem_len
     ov, vocab = _tiny_overrides(cfg)
     tiny = load_config(path, ov)
     torch.manual_seed(0)
@@ -148,7 +147,7 @@ GPU_PTB_DEQS = [p for p in PTB_PAIR_DEQS if p.parent.name == "gpu"]
 @pytest.mark.parametrize("path", GPU_PTB_DEQS, ids=lambda p: p.stem)
 def test_gpu_width_study_pairs_differ_only_in_core_depth_and_ffn(path):
     """No sweep on the GPU: a DEQ and its baselines share data, optimiser, training, evaluation, width and
-    every dropout, the settings of the CPU pair of record (issue 34, item 4)."""
+    every dropout, the settings of the CPU pair of record."""
     record = load_config(ROOT / "experiments/ptb/cpu/transformer_deq.yaml", env={})
     deq = PTB_PAIRS[path]
     assert deq.train.device == "cuda" and deq.pair.startswith("ptb_gpu_transformer_d")

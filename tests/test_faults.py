@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deqlm.config import ConfigError, load_config
+from deqlm.config import ConfigError, load_config, to_yaml
 from deqlm.eval.cli import main as eval_main
 from deqlm.infra.io import read_jsonl
 from deqlm.infra.run_folder import load_checkpoint
@@ -71,11 +71,12 @@ def test_an_experiment_file_without_settings_is_refused_naming_the_file(tmp_path
 
 @pytest.mark.parametrize("override", [
     "deq.f_tol=-1", "deq.b_tol=-0.5", "deq.f_tol=nan", "deq.b_tol=inf",
-    "deq.f_max_iter=0", "deq.b_max_iter=0", "deq.eval_f_max_iter=0",
+    "deq.f_max_iter=0", "deq.b_max_iter=0", "eval.f_max_iter=0", "eval.clamp_len=-1",
     "deq.broyden_rank=0", "deq.anderson_m=0", "deq.anderson_beta=0", "deq.anderson_beta=1.5",
     "deq.anderson_lam=-0.1", "deq.grad=0", "deq.grad=-3",
     "optim.lr=nan", "optim.lr=inf", "optim.lr=0", "optim.clip=nan", "optim.betas=[0.9,1.0]",
-    "train.threads=-1", "train.max_bad_steps=0", "eval.f_max_iter=-1", "eval.f_tol=-1",
+    "train.threads=-1", "train.threads=0", "train.max_bad_steps=0", "eval.f_max_iter=-1", "eval.f_tol=-1",
+    "model.rec_gain=0",
 ])
 def test_out_of_range_settings_are_refused_when_the_config_loads(override):
     key = override.split("=")[0]
@@ -83,18 +84,35 @@ def test_out_of_range_settings_are_refused_when_the_config_loads(override):
         load_config(DEBUG / "transformer_deq.yaml", [override])
 
 
-def test_the_edges_of_each_range_and_the_zero_defaults_are_accepted():
+def test_the_edges_of_each_range_and_null_for_not_set_are_accepted():
     cfg = load_config(DEBUG / "transformer_deq.yaml", [
         "deq.f_tol=0", "deq.b_tol=0", "deq.anderson_beta=1", "deq.anderson_lam=0", "deq.anderson_m=1",
-        "deq.broyden_rank=1", "deq.eval_f_max_iter=null", "deq.grad=2", "train.threads=0",
-        "eval.f_max_iter=0", "eval.f_tol=0", "optim.clip=0", "optim.betas=[0,0.999]"])
-    assert cfg.eval.f_max_iter == 0 and cfg.deq.eval_f_max_iter is None
+        "deq.broyden_rank=1", "deq.grad=2", "train.threads=null", "eval.f_max_iter=1", "eval.f_tol=0",
+        "eval.clamp_len=null", "optim.clip=0", "optim.betas=[0,0.999]"])
+    assert cfg.eval.f_max_iter == 1 and cfg.eval.clamp_len is None and cfg.train.threads is None
+
+
+def test_a_range_error_says_null_is_the_way_to_leave_an_optional_setting_unset():
+    with pytest.raises(ConfigError, match=r"eval\.f_max_iter=0 must lie in \[1, inf\) or null"):
+        load_config(DEBUG / "transformer_deq.yaml", ["eval.f_max_iter=0"])
+
+
+def test_a_saved_config_in_the_older_forms_loads_with_the_meaning_it_had(tmp_path):
+    old = load_config(DEBUG / "transformer_deq.yaml", ["eval.f_max_iter=7"])
+    text = to_yaml(old).replace("f_max_iter: 7", "f_max_iter: 0")  # the eval section's, the older "not set"
+    text = text.replace("  f_tol: null", "  f_tol: 0.0").replace("  clamp_len: null", "  clamp_len: -1")
+    text = text.replace("  threads: null\n", "  threads: 0\n")
+    text = text.replace("deq:\n", "deq:\n  eval_f_max_iter: 5\n")
+    text = text.replace("data:\n", "data:\n  mem_len: 99\n")
+    cfg = load_config(text=text)
+    assert (cfg.eval.f_max_iter, cfg.eval.f_tol, cfg.eval.clamp_len) == (5, None, None)
+    assert cfg.train.threads is None and cfg.deq.f_max_iter == old.deq.f_max_iter
 
 
 def test_eval_refuses_an_out_of_range_eval_setting_before_loading_anything(run, capsys):
     (run / "ckpt" / "best.pt").write_bytes(b"")  # would fail later, if the settings got that far
     assert eval_main([str(run), "eval.f_max_iter=-1"]) != 0
-    assert "eval.f_max_iter=-1 must lie in [0, inf)" in one_error_line(capsys)
+    assert "eval.f_max_iter=-1 must lie in [1, inf) or null" in one_error_line(capsys)
 
 
 # -- 8: damaged checkpoints ---------------------------------------------------------------------------------

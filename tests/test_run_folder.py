@@ -104,3 +104,23 @@ def test_no_module_but_the_run_folder_names_a_run_folder_file():
         offenders += [f"{path.relative_to(SRC)}: {name}" for name in FILE_NAMES if name in text]
     assert offenders == []
     assert {CONFIG, ENV, METRICS, EVAL, CAPS} <= set(FILE_NAMES)
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def test_every_committed_run_config_loads_and_resolves_to_the_settings_its_evaluation_recorded():
+    from deqlm.eval.settings import resolve_eval_settings
+
+    runs = run_folder.discover_runs(RESULTS)
+    assert runs, "no committed runs found"
+    checked = 0
+    for path in runs:
+        folder = RunFolder(path)
+        cfg = folder.config()  # raises on a config that no longer loads
+        record = folder.eval_record()
+        if record and record.get("settings"):
+            settings = record["settings"]
+            assert resolve_eval_settings(cfg).record(settings["max_tokens"]) == settings, path
+            checked += 1
+    assert checked >= len(runs) // 2

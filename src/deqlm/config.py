@@ -11,7 +11,10 @@ An experiment YAML holds only its differences from a base file:
 
 Unknown keys and values of the wrong type raise `ConfigError` with a one-line message naming the key. A
 setting that picks one of a fixed set is typed with its `Literal` from deqlm.choices, so OmegaConf itself
-refuses any other value; numeric settings are checked against `_RANGES` below.
+refuses any other value; a numeric setting carries the interval it must lie in next to its default
+(`ranged`). A setting left to another's value is None ("not set"), and only the code that uses it reads the
+fallback (the eval settings for `eval.*`). Run folders written before a setting changed meaning still load
+(`_upgrade`).
 """
 
 from __future__ import annotations
@@ -56,24 +59,33 @@ class ConfigError(ValueError):
     """A user-facing configuration problem (unknown key, bad value, missing file)."""
 
 
+def ranged(default: Any, interval: str) -> Any:
+    """A numeric field with its default and the interval it must lie in: "[" / "]" include the bound, "("
+    / ")" exclude it. Infinite ends are always open, so NaN and infinities are refused everywhere; None
+    passes (a setting left unset). A bad value would otherwise surface only deep inside a run."""
+    return field(default=default, metadata={"range": interval})
+
+
 @dataclass
 class DEQConfig:
     """The implicit layer and its solvers (deqlm.deq.DEQFixedPoint)."""
 
     f_solver: SolverName = "broyden"  # forward root solver
     b_solver: SolverName = "broyden"  # backward (adjoint) solver
-    f_max_iter: int = 30  # forward solver step cap ("f_thres" in the official scripts)
-    b_max_iter: int = 40  # backward solver step cap ("b_thres" in the official scripts)
-    f_tol: float = 1e-3  # forward stopping tolerance, per sample, in stop_mode units
-    b_tol: float = 1e-3  # backward stopping tolerance
+    f_max_iter: int = ranged(30, "[1, inf)")  # forward solver step cap ("f_thres" in the official scripts)
+    b_max_iter: int = ranged(40, "[1, inf)")  # backward solver step cap ("b_thres" in the official scripts)
+    # tolerance 0: the solver takes every step its cap allows (the benchmarks' "cap" setting)
+    f_tol: float = ranged(1e-3, "[0, inf)")  # forward stopping tolerance, per sample, in stop_mode units
+    b_tol: float = ranged(1e-3, "[0, inf)")  # backward stopping tolerance
     stop_mode: StopMode = "rel"  # rel: ||f(z)-z||/||f(z)||, abs: ||f(z)-z||
     # a string: OmegaConf types no "literal or int", so deqlm.choices.parse_grad reads it
     grad: str = "implicit"  # implicit (IFT adjoint solve) or an integer K: K phantom (unrolled) steps
-    eval_f_max_iter: int | None = None  # forward step cap in eval mode (None: f_max_iter)
-    broyden_rank: int = 30  # low-rank updates Broyden keeps (oldest dropped; see docs/solvers.md)
-    anderson_m: int = 6  # Anderson history size
-    anderson_beta: float = 1.0  # Anderson mixing
-    anderson_lam: float = 1e-2  # Anderson Tikhonov term, relative to the residual Gram matrix's scale
+    # low-rank updates Broyden keeps (oldest dropped; see docs/solvers.md)
+    broyden_rank: int = ranged(30, "[1, inf)")
+    anderson_m: int = ranged(6, "[1, inf)")  # Anderson history size
+    anderson_beta: float = ranged(1.0, "(0, 1]")  # Anderson mixing
+    # Anderson Tikhonov term, relative to the residual Gram matrix's scale
+    anderson_lam: float = ranged(1e-2, "[0, inf)")
     # reversible solver (f_solver=reversible with grad=reversible): f_max_iter counts its steps, 2 f each
     reversible_beta: float = 0.5  # relaxation; the reversal divides by |1 - beta| (the paper's LM: 0.5)
     reversible_dtype: StateDtype = "float64"  # its two states' dtype; f still computes in the model's
@@ -85,19 +97,22 @@ class ModelConfig:
 
     arch: Arch = "transformer"  # the cell
     core: Core = "deq"  # deq: equilibrium solve, unrolled: a fixed stack of n_layer cells (see weight_tied)
-    n_layer: int = 16  # depth of an unrolled core (ignored by deq)
+    n_layer: int = ranged(16, "[1, inf)")  # depth of an unrolled core (ignored by deq)
     weight_tied: bool = False  # unrolled core: one cell applied n_layer times (True) or n_layer cells
     grad_checkpoint: bool = False  # unrolled core: recompute each layer in backward (gradient checkpointing)
-    pretrain_steps: int = 0  # deq core: the first this many steps train an unrolled weight-tied stack
-    pretrain_depth: int = 2  # deq core: depth of that pretraining stack
+    # deq core: the first this many steps train an unrolled weight-tied stack
+    pretrain_steps: int = ranged(0, "[0, inf)")
+    pretrain_depth: int = ranged(2, "[1, inf)")  # deq core: depth of that pretraining stack
     # Transformer DEQ / weight-tied cores: untied layers inside one application of f (1: the paper's single
     # layer; more is our departure, docs/models.md "Layers per cell")
-    cell_layers: int = 1
-    mem_len: int = 150  # Transformer memory kept across segments in training (base YAMLs set ${data.mem_len})
+    cell_layers: int = ranged(1, "[1, inf)")
+    mem_len: int = ranged(150, "[0, inf)")  # Transformer memory kept across segments in training
     # sizes shared by both cells
-    d_embed: int = 410  # word embedding size (TrellisNet: emsize / ninp)
-    d_model: int = 410  # hidden size (Transformer d_model; TrellisNet nhid: h has nhid + nout channels)
-    init_std: float = 0.01  # N(0, std) of embeddings, injection, head (and every weight with init=normal)
+    d_embed: int = ranged(410, "[1, inf)")  # word embedding size (TrellisNet: emsize / ninp)
+    # hidden size (Transformer d_model; TrellisNet nhid: h has nhid + nout channels)
+    d_model: int = ranged(410, "[1, inf)")
+    # N(0, std) of embeddings, injection, head (and every weight with init=normal)
+    init_std: float = ranged(0.01, "(0, inf)")
     # Transformer weights: official (as the official code really ran: attention/FFN keep PyTorch's default
     # U(+-1/sqrt(fan_in)), the injection N(0, init_std)), normal (every weight N(0, init_std))
     init: Init = "official"
@@ -106,38 +121,45 @@ class ModelConfig:
     # z + x; our departure, docs/models.md)
     input_path: InputPath = "qkv"
     weight_norm: bool = True  # weight normalisation on attention/FFN/conv weights
-    dropout: float = 0.1  # variational dropout on hidden states (mask fixed across solver steps)
-    dropouti: float = 0.0  # dropout on the embedded input
-    dropout_out: float = 0.0  # dropout before the softmax
-    emb_dropout: float = 0.0  # word-level embedding dropout (whole rows), TrellisNet PTB recipe
+    # variational dropout on hidden states (mask fixed across solver steps)
+    dropout: float = ranged(0.1, "[0, 1)")
+    dropouti: float = ranged(0.0, "[0, 1)")  # dropout on the embedded input
+    dropout_out: float = ranged(0.0, "[0, 1)")  # dropout before the softmax
+    # word-level embedding dropout (whole rows), TrellisNet PTB recipe
+    emb_dropout: float = ranged(0.0, "[0, 1)")
     # Transformer cell
-    n_head: int = 10  # attention heads
-    d_head: int = 41  # size of one head
-    d_inner: int = 2100  # FFN inner size
-    dropatt: float = 0.0  # attention-probability dropout
+    n_head: int = ranged(10, "[1, inf)")  # attention heads
+    d_head: int = ranged(41, "[1, inf)")  # size of one head
+    d_inner: int = ranged(2100, "[1, inf)")  # FFN inner size
+    dropatt: float = ranged(0.0, "[0, 1)")  # attention-probability dropout
     pre_ln: bool = False  # pre-LayerNorm instead of the paper's post-LN
-    clamp_len: int = -1  # relative positions beyond this share one embedding (-1: no clamp)
+    # relative positions beyond this share one embedding (-1: no clamp)
+    clamp_len: int = ranged(-1, "[-1, inf)")
     same_length: bool = False  # every query attends to the same number of keys
     # TrellisNet cell
-    d_out: int = 410  # TrellisNet nout: the part of h fed to the softmax
-    dropouth: float = 0.0  # dropout between TrellisNet levels (variational)
-    wdrop: float = 0.0  # DropConnect on the TrellisNet conv weight
-    rec_gain: float = 0.0  # TrellisNet: row norm of the level-to-level conv at init (0: init_std as drawn)
-    inject_gain: float = 0.0  # TrellisNet: row norm of the injection conv at init (0: init_std as drawn)
+    d_out: int = ranged(410, "[1, inf)")  # TrellisNet nout: the part of h fed to the softmax
+    dropouth: float = ranged(0.0, "[0, 1)")  # dropout between TrellisNet layers (variational)
+    wdrop: float = ranged(0.0, "[0, 1)")  # DropConnect on the TrellisNet conv weight
+    # TrellisNet: row norm of the layer-to-layer conv at init (null: as drawn)
+    rec_gain: float | None = ranged(None, "(0, inf)")
+    # TrellisNet: row norm of the injection conv at init (null: as drawn)
+    inject_gain: float | None = ranged(None, "(0, inf)")
     emb_scale: bool = False  # TrellisNet: multiply embedded inputs by sqrt(d_embed), as the Transformer does
-    aux_weight: float = 0.0  # untied TrellisNet: weight of auxiliary losses
-    aux_every: int = 0  # untied TrellisNet: an auxiliary loss every k levels (0: none)
+    aux_weight: float = ranged(0.0, "[0, inf)")  # untied TrellisNet: weight of auxiliary losses
+    aux_every: int = ranged(0, "[0, inf)")  # untied TrellisNet: an auxiliary loss every k layers (0: none)
     # softmax
     adaptive: bool = False  # adaptive embedding + projected adaptive log-softmax
     cutoffs: list[int] = field(default_factory=list)  # adaptive cluster boundaries (vocab ids)
-    div_val: int = 1  # embedding size divisor per cluster
+    div_val: int = ranged(1, "[1, inf)")  # embedding size divisor per cluster
     tie_weight: bool = True  # tie input and output embeddings
     tie_projs: bool = True  # tie adaptive projections (except the head's, as in the official configs)
-    n_classes: int = 0  # >0: classifier head with this many classes (copy memory) instead of an LM softmax
+    # >0: classifier head with this many classes (copy memory) instead of an LM softmax
+    n_classes: int = ranged(0, "[0, inf)")
     # Jacobian regularisation (Bai et al. 2021)
-    jac_weight: float = 0.0  # weight of the Hutchinson ||J_f||_F^2 / numel term in the loss
-    jac_freq: float = 0.0  # probability of computing that term in a training step
-    jac_samples: int = 1  # Hutchinson probe vectors
+    # weight of the Hutchinson ||J_f||_F^2 / numel term in the loss
+    jac_weight: float = ranged(0.0, "[0, inf)")
+    jac_freq: float = ranged(0.0, "[0, 1]")  # probability of computing that term in a training step
+    jac_samples: int = ranged(1, "[1, inf)")  # Hutchinson probe vectors
 
 
 @dataclass
@@ -147,20 +169,21 @@ class DataConfig:
     dataset: DatasetName = "synthetic"  # the corpus (or copy memory), data/<name>/ under data_dir
     data_dir: str = "data"  # root holding data/<name>/ (a corpus folder of its own when it has the files)
     tokenizer: Tokenizer = "word"  # word-level vocabulary or a sentencepiece model trained on the train split
-    sp_vocab_size: int = 16000  # sentencepiece vocabulary size
-    batch_size: int = 16  # global training batch (split over DDP ranks)
-    tgt_len: int = 150  # training segment length
-    mem_len: int = 150  # training memory length (Transformer)
-    seq_splits: int = 1  # train a segment as this many subsequences (forward + backward each, memory passed)
+    sp_vocab_size: int = ranged(16000, "[1, inf)")  # sentencepiece vocabulary size
+    batch_size: int = ranged(16, "[1, inf)")  # global training batch (split over DDP ranks)
+    tgt_len: int = ranged(150, "[1, inf)")  # training segment length
+    # train a segment as this many subsequences (forward + backward each, memory passed)
+    seq_splits: int = ranged(1, "[1, inf)")
     # synthetic corpus (make demo / tests)
     synth_seed: int = 1234  # seed of the embedded stochastic language
-    synth_vocab: int = 200  # its vocabulary size (without <eos>)
-    synth_train_tokens: int = 200000  # words in its train split
+    synth_vocab: int = ranged(200, "[1, inf)")  # its vocabulary size (without <eos>)
+    synth_train_tokens: int = ranged(200000, "[1, inf)")  # words in its train split
     # copy memory (docs/paper.md §1)
     copy_T: int = 400  # blank length T (sequence length T+20)
-    copy_n_train: int = 20000  # training samples
-    copy_n_test: int = 2000  # test samples
-    copy_n_valid: int = 2000  # validation samples (own stream: checkpoints are chosen on them, not on test)
+    copy_n_train: int = ranged(20000, "[1, inf)")  # training samples
+    copy_n_test: int = ranged(2000, "[1, inf)")  # test samples
+    # validation samples (own stream: checkpoints are chosen on them, not on test)
+    copy_n_valid: int = ranged(2000, "[1, inf)")
     copy_seed: int = 1111  # data seed
 
 
@@ -169,32 +192,34 @@ class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
     name: OptimizerName = "adam"  # the optimizer
-    lr: float = 2.5e-4  # peak learning rate
-    weight_decay: float = 0.0  # L2 penalty added to the gradient (torch Adam / SGD weight_decay)
+    lr: float = ranged(2.5e-4, "(0, inf)")  # peak learning rate
+    # L2 penalty added to the gradient (torch Adam / SGD weight_decay)
+    weight_decay: float = ranged(0.0, "[0, inf)")
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam betas
     schedule: Schedule = "cosine"  # learning-rate schedule (docs/training.md)
-    warmup_steps: int = 0  # linear warm-up steps
-    min_lr: float = 0.0  # cosine floor
+    warmup_steps: int = ranged(0, "[0, inf)")  # linear warm-up steps
+    min_lr: float = ranged(0.0, "[0, inf)")  # cosine floor
     decay_steps: list[int] = field(default_factory=list)  # step schedule: divide lr by 10 at these steps
-    clip: float = 0.25  # gradient-norm clip (<=0: none)
+    clip: float = ranged(0.25, "(-inf, inf)")  # gradient-norm clip (<=0: none)
 
 
 @dataclass
 class TrainConfig:
     """The training loop (deqlm.train.trainer.Trainer)."""
 
-    max_steps: int = 1000  # optimizer steps
-    log_every: int = 50  # steps between train/* log events
-    eval_every: int = 500  # steps between validations (0: only at the end)
-    eval_max_tokens: int = 0  # cap validation during training at this many tokens (0: whole split)
-    ckpt_every: int = 500  # steps between checkpoints (0: only at the end)
+    max_steps: int = ranged(1000, "[1, inf)")  # optimizer steps
+    log_every: int = ranged(50, "[1, inf)")  # steps between train/* log events
+    eval_every: int = ranged(500, "[0, inf)")  # steps between validations (0: only at the end)
+    # cap validation during training at this many tokens (0: whole split)
+    eval_max_tokens: int = ranged(0, "[0, inf)")
+    ckpt_every: int = ranged(500, "[0, inf)")  # steps between checkpoints (0: only at the end)
     seed: int = 1111  # global seed
     run_dir: str = "results/runs"  # run directories go under <run_dir>/<corpus>/<name>/<stamp>/
     device: Device = "auto"  # auto: CUDA when present, else the CPU
     amp: Amp = "none"  # mixed-precision autocast (CUDA only)
     compile: bool = False  # torch.compile the cell
-    max_bad_steps: int = 10  # stop after this many non-finite steps in a row
-    threads: int = 0  # torch.set_num_threads (0: leave PyTorch's default)
+    max_bad_steps: int = ranged(10, "[1, inf)")  # stop after this many non-finite steps in a row
+    threads: int | None = ranged(None, "[1, inf)")  # torch.set_num_threads (null: leave PyTorch's default)
     grad_sync: GradSync = "ddp"  # gradient sync: ddp (DistributedDataParallel), allreduce (one flat buffer)
 
 
@@ -202,12 +227,13 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation settings (training-time validation and deqlm.eval)."""
 
-    batch_size: int = 10  # evaluation batch columns
-    tgt_len: int = 150  # evaluation segment length
-    mem_len: int = 150  # evaluation memory length
-    clamp_len: int = -1  # evaluation clamp_len (-1: the model's)
-    f_max_iter: int = 0  # forward solver cap in evaluation (0: deq.eval_f_max_iter or deq.f_max_iter)
-    f_tol: float = 0.0  # forward tolerance in evaluation (0: deq.f_tol)
+    batch_size: int = ranged(10, "[1, inf)")  # evaluation batch columns
+    tgt_len: int = ranged(150, "[1, inf)")  # evaluation segment length
+    mem_len: int = ranged(150, "[0, inf)")  # evaluation memory length
+    clamp_len: int | None = ranged(None, "[0, inf)")  # evaluation clamp_len (null: model.clamp_len)
+    # forward solver step cap in evaluation (null: deq.f_max_iter)
+    f_max_iter: int | None = ranged(None, "[1, inf)")
+    f_tol: float | None = ranged(None, "[0, inf)")  # forward tolerance in evaluation (null: deq.f_tol)
 
 
 @dataclass
@@ -239,91 +265,11 @@ class ExperimentConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-def _get(cfg: ExperimentConfig, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
-
-
-# The interval each numeric setting must lie in: "[" / "]" include the bound, "(" / ")" exclude it. Infinite
-# ends are always open, so NaN and infinities are refused everywhere; None passes (an optional setting unset).
-# A bad value here would otherwise surface only deep inside a run (a solver after the whole pretraining, say).
-_RANGES: dict[str, str] = {
-    "model.n_layer": "[1, inf)",
-    "model.pretrain_steps": "[0, inf)",
-    "model.pretrain_depth": "[1, inf)",
-    "model.cell_layers": "[1, inf)",
-    "model.mem_len": "[0, inf)",
-    "model.d_embed": "[1, inf)",
-    "model.d_model": "[1, inf)",
-    "model.init_std": "(0, inf)",
-    "model.dropout": "[0, 1)",
-    "model.dropouti": "[0, 1)",
-    "model.dropout_out": "[0, 1)",
-    "model.emb_dropout": "[0, 1)",
-    "model.dropatt": "[0, 1)",
-    "model.dropouth": "[0, 1)",
-    "model.wdrop": "[0, 1)",
-    "model.n_head": "[1, inf)",
-    "model.d_head": "[1, inf)",
-    "model.d_inner": "[1, inf)",
-    "model.clamp_len": "[-1, inf)",
-    "model.d_out": "[1, inf)",
-    "model.rec_gain": "[0, inf)",
-    "model.inject_gain": "[0, inf)",
-    "model.aux_weight": "[0, inf)",
-    "model.aux_every": "[0, inf)",
-    "model.div_val": "[1, inf)",
-    "model.n_classes": "[0, inf)",
-    "model.jac_weight": "[0, inf)",
-    "model.jac_freq": "[0, 1]",
-    "model.jac_samples": "[1, inf)",
-    "deq.f_max_iter": "[1, inf)",
-    "deq.b_max_iter": "[1, inf)",
-    # tolerance 0: the solver takes every step its cap allows (the benchmarks' "cap" setting)
-    "deq.f_tol": "[0, inf)",
-    "deq.b_tol": "[0, inf)",
-    "deq.eval_f_max_iter": "[1, inf)",
-    "deq.broyden_rank": "[1, inf)",
-    "deq.anderson_m": "[1, inf)",
-    "deq.anderson_beta": "(0, 1]",
-    "deq.anderson_lam": "[0, inf)",
-    "data.sp_vocab_size": "[1, inf)",
-    "data.batch_size": "[1, inf)",
-    "data.tgt_len": "[1, inf)",
-    "data.mem_len": "[0, inf)",
-    "data.seq_splits": "[1, inf)",
-    "data.synth_vocab": "[1, inf)",
-    "data.synth_train_tokens": "[1, inf)",
-    "data.copy_T": "[1, inf)",
-    "data.copy_n_train": "[1, inf)",
-    "data.copy_n_test": "[1, inf)",
-    "data.copy_n_valid": "[1, inf)",
-    "optim.lr": "(0, inf)",
-    "optim.weight_decay": "[0, inf)",
-    "optim.warmup_steps": "[0, inf)",
-    "optim.min_lr": "[0, inf)",
-    "optim.clip": "(-inf, inf)",
-    "train.max_steps": "[1, inf)",
-    "train.log_every": "[1, inf)",
-    "train.eval_every": "[0, inf)",
-    "train.eval_max_tokens": "[0, inf)",
-    "train.ckpt_every": "[0, inf)",
-    "train.max_bad_steps": "[1, inf)",
-    "train.threads": "[0, inf)",
-    "eval.batch_size": "[1, inf)",
-    "eval.tgt_len": "[1, inf)",
-    "eval.mem_len": "[0, inf)",
-    "eval.clamp_len": "[-1, inf)",
-    # 0 means "the model's own setting" (deq.eval_f_max_iter or deq.f_max_iter, deq.f_tol): every saved run
-    # stores 0 here, so 0 stays the documented default rather than a refused value
-    "eval.f_max_iter": "[0, inf)",
-    "eval.f_tol": "[0, inf)",
-}
 _BETA_RANGE = "[0, 1)"  # each of optim.betas
 
 
 def _in_range(value: float, interval: str) -> bool:
-    """Whether `value` lies in `interval`, written as in `_RANGES` ("[0, 1)", "(0, inf)")."""
+    """Whether `value` lies in `interval`, written as in `ranged` ("[0, 1)", "(0, inf)")."""
     low, high = (float(end) for end in interval[1:-1].split(","))
     above = value >= low if interval[0] == "[" else value > low
     below = value <= high if interval[-1] == "]" else value < high
@@ -332,10 +278,13 @@ def _in_range(value: float, interval: str) -> bool:
 
 def _validate(cfg: ExperimentConfig) -> None:
     """What the field types cannot say: numeric ranges, deq.grad, optim.betas (choices OmegaConf checks)."""
-    for key, interval in _RANGES.items():
-        value = _get(cfg, key)
-        if value is not None and not _in_range(value, interval):
-            raise ConfigError(f"{key}={value!r} must lie in {interval}")
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub) if dataclasses.is_dataclass(sub) else ():
+            value, interval = getattr(sub, f.name), f.metadata.get("range")
+            if interval and value is not None and not _in_range(value, interval):
+                unset = " or null" if "None" in str(f.type) else ""
+                raise ConfigError(f"{section.name}.{f.name}={value!r} must lie in {interval}{unset}")
     try:
         check_reversible_pair(cfg.deq.f_solver, parse_grad(cfg.deq.grad, "deq.grad"))
         check_beta(cfg.deq.reversible_beta)
@@ -349,6 +298,30 @@ def _validate(cfg: ExperimentConfig) -> None:
     betas = list(cfg.optim.betas)
     if len(betas) != 2 or not all(_in_range(b, _BETA_RANGE) for b in betas):
         raise ConfigError(f"optim.betas={betas!r} must hold two numbers in {_BETA_RANGE}")
+
+
+# What settings saved by older code mean now, so that every run folder's saved config loads and means what it
+# meant: a "not set" marker that is now None, a setting folded into another, a setting no code read.
+_UNSET_MARKERS = {("eval", "f_max_iter"): 0, ("eval", "f_tol"): 0, ("eval", "clamp_len"): -1,
+                  ("train", "threads"): 0, ("model", "rec_gain"): 0, ("model", "inject_gain"): 0}
+_FOLDED = {("deq", "eval_f_max_iter"): ("eval", "f_max_iter")}  # the old key's value, unless the new is set
+_REMOVED = (("data", "mem_len"),)  # model.mem_len is the training memory
+
+
+def _upgrade(node: DictConfig) -> DictConfig:
+    """`node` (one YAML layer) with the older forms above rewritten; a layer without them is unchanged."""
+    tree = OmegaConf.to_container(node, resolve=False)
+    for (section, key), marker in _UNSET_MARKERS.items():
+        if isinstance(tree.get(section), dict) and tree[section].get(key, None) == marker:
+            tree[section][key] = None
+    for (section, key), (new_section, new_key) in _FOLDED.items():
+        old = tree.get(section, {}).pop(key, None) if isinstance(tree.get(section), dict) else None
+        if old is not None and tree.setdefault(new_section, {}).get(new_key) is None:
+            tree[new_section][new_key] = old
+    for section, key in _REMOVED:
+        if isinstance(tree.get(section), dict):
+            tree[section].pop(key, None)
+    return OmegaConf.create(tree)
 
 
 def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -366,6 +339,7 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not node:  # empty, comments only or {}: training the dataclass defaults is never what was meant
         raise ConfigError(f"{path}: the file holds no settings (empty, comments only or {{}})")
     base = node.pop("base", None)
+    node = _upgrade(node)
     if base is None:
         return node
     parent = _read_yaml_chain((path.parent / str(base)), seen + (path,))
@@ -405,7 +379,7 @@ def _parse_saved(text: str) -> DictConfig:
         raise ConfigError(f"cannot parse YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(node, DictConfig) or not node:
         raise ConfigError("expected a mapping of settings at the top level")
-    return node
+    return _upgrade(node)
 
 
 def load_config(

@@ -76,10 +76,16 @@ def _meaning(comment: str, annotation: Any) -> str:
     return f"{{{' | '.join(choices)}}} {comment}".rstrip()
 
 
+def _within(f: dataclasses.Field) -> str:
+    """The field's allowed interval as the help shows it ("" for a field without one)."""
+    interval = f.metadata.get("range")
+    return f" (in {interval})" if interval else ""
+
+
 def _rows(cls: type, prefix: str) -> list[tuple[str, str]]:
     meanings, hints = field_comments(cls), typing.get_type_hints(cls)
     return [(f"{prefix}{f.name}={_as_override(_default(f))}",
-             _meaning(meanings.get(f.name, ""), hints[f.name]))
+             _meaning(meanings.get(f.name, ""), hints[f.name]) + _within(f))
             for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(_default(f))]
 
 

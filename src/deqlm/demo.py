@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="steps per model (0: the configs')")
     parser.add_argument("--out", default="results/demo", help="report folder (summary.md/csv, plots)")
     parser.add_argument("--runs", default="results/runs", help="root of the run directories")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: the configs')")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: as configured)")
     args = parser.parse_args(argv)
 
     root = _repo_root()
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         # a shortened demo keeps the schedule's shape: pretraining takes the same fraction of the steps
         overrides += [f"train.max_steps={args.steps}", f"train.log_every={max(1, args.steps // 10)}",
                       f"train.eval_every={args.steps}", f"train.ckpt_every={args.steps}"]
-    if args.threads > 0:
+    if args.threads is not None:
         overrides.append(f"train.threads={args.threads}")
 
     def log(text: str) -> None:
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # only after training: the demo's own process needs torch for evaluation alone
 
     # evaluate with the runs' thread count: more threads than cores makes OpenMP spin against itself
-    torch.set_num_threads(args.threads if args.threads > 0 else min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads if args.threads is not None else min(2, os.cpu_count() or 1))
     for run_dir in run_dirs:  # as `python -m deqlm.eval RUN_DIR split=valid,test force=true` does
         code = eval_cli.main([str(run_dir), "split=valid,test", "force=true"])
         if code != OK:

@@ -9,7 +9,7 @@ and checkpoint only at the end, a throw-away run directory). The variants of a c
 alternating, repetition after repetition, so that they share the machine's load. Variants:
   system  DEQLM_ALLOCATOR=system, no MALLOC_* variables: glibc's defaults;
   tuned   nothing set: what every deqlm entry point does by default (mallopt at start);
-  env     the settings measured in issue 23, set by hand as MALLOC_* variables (glibc applies them at start).
+  env     the same settings, set by hand as MALLOC_* variables (glibc applies them at start).
 Per child: tokens/s over the steps after the first quarter (first touches left out); the child's
 minor page faults, system and user CPU seconds (getrusage over the whole child: start-up, data, the final
 validation and checkpoint included); wall seconds; its peak RSS; the allocator mode its env record holds; its

@@ -84,7 +84,7 @@ def child_argv(args: argparse.Namespace, key: str, *, batch: int, tgt_len: int, 
     """The child's command line: row, protocol and `--set` overrides, plus the subcommand's `own` options."""
     out = ["--row", key, "--device", args.device, "--size", args.size, "--batch", str(batch),
            "--tgt-len", str(tgt_len), "--mem-len", str(mem_len), "--tol", args.tol,
-           "--threads", str(args.threads), *own]
+           *(["--threads", str(args.threads)] if args.threads is not None else []), *own]
     for item in extra:
         out += ["--set", item]
     return out

@@ -52,7 +52,7 @@ def _protocol_args(p: argparse.ArgumentParser, *, row_help: str, size_help: str)
                    help="DEQ rows: cap = tolerance 0, both solvers run to their step limits (worst case); "
                         "config = the YAML's tolerances")
     p.add_argument("--row-timeout", type=float, default=None, help="seconds per fresh process")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     p.add_argument("--inprocess", action="store_true",
                    help="run rows in this process, not fresh ones (implied by --quick; CI only)")
     p.add_argument("--out", default="results/bench", help="output folder")

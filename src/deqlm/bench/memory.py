@@ -162,7 +162,7 @@ def run_paper(args: argparse.Namespace, say) -> list[dict]:
 
 
 def project_depth(args: argparse.Namespace, r: P.PaperRow, say) -> dict:
-    """A row too big for this machine: measure it at two shallow depths and extrapolate linearly in depth
+    """A row too big for the host's memory: measure it at two shallow depths and extrapolate linearly in depth
     (unrolled-depth memory is affine in the number of layers). Reported as `projected_peak_gib`, never as a
     measurement."""
     depths = (2, 4)

@@ -157,7 +157,7 @@ def size_overrides(cfg, size: str) -> list[str]:
 
 def protocol_overrides(batch: int, tgt_len: int, mem_len: int) -> list[str]:
     """The paper's memory protocol on any row: DEQ mode from step 0 (no unrolled pretraining), B, L, M."""
-    return [f"data.batch_size={batch}", f"data.tgt_len={tgt_len}", f"data.mem_len={mem_len}",
+    return [f"data.batch_size={batch}", f"data.tgt_len={tgt_len}", f"model.mem_len={mem_len}",
             "data.seq_splits=1", "model.pretrain_steps=0"]
 
 

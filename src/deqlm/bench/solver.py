@@ -18,7 +18,7 @@ solver step outside f, as a fraction of one f-evaluation, measured inside the sa
 peak_step_mb (peak live CPU tensor bytes above the step's start, integrated from torch.profiler's memory
 events), saved_bytes (bytes packed for backward, via saved_tensors_hooks, unique storages, parameters
 excluded). Broyden and Anderson lines add history_mb_per_step (stored history a forward step reads or writes,
-from the buffer rule in `history_bytes_per_step`) and history_floor: that traffic at this machine's measured
+from the buffer rule in `history_bytes_per_step`) and history_floor: that traffic at the host's measured
 read bandwidth (`read_gbps`), as a fraction of one f-evaluation, i.e. the part of solver_overhead no
 implementation that keeps the history in float32 can avoid.
 """
@@ -269,7 +269,7 @@ def _ours(name: str, w: Workload, **solver_kw) -> dict:
         name, settings, line["f_evals"] - 1, w.f_max_iter, w.batch, w.seq_len * w.d_model
     )
     if hist is not None:
-        # what reading the stored history alone costs at this machine's memory bandwidth, in f-evaluations
+        # what reading the stored history alone costs at the host's memory bandwidth, in f-evaluations
         line["history_mb_per_step"] = round(hist / 2**20, 2)
         line["history_floor"] = round(hist / (read_gbps() * 1e9) / (line["f_ms"] / 1e3), 4)
     return line
@@ -301,7 +301,7 @@ _READ_GBPS: list[float] = []
 
 
 def read_gbps() -> float:
-    """This machine's memory read bandwidth as the solvers see it: a batched product reading 64 MB (larger
+    """The host's memory read bandwidth as the solvers see it: a batched product reading 64 MB (larger
     than common last-level caches), median of 5 (measured once per process)."""
     if not _READ_GBPS:
         S_BNF = torch.randn(8, 64, 32768)

@@ -31,6 +31,7 @@ from deqlm.bench import child, cli, report
 from deqlm.bench import protocol as P
 from deqlm.bench.core_step import CoreStep
 from deqlm.bench.rows import build_row
+from deqlm.eval.settings import resolve_eval_settings
 from deqlm.infra.exits import BAD_INPUT, OK, error
 from deqlm.infra.runtime import describe_device
 from deqlm.models.dropout import fill_parametrization_cache
@@ -65,7 +66,9 @@ def time_row(key: str, device: torch.device, size: str, *, batch: int, tgt_len: 
     train = _time_training(step, clock, steps)
     built.model.eval()
     # tol cap: inference solves run to their cap too, whatever the layer's own tolerance
-    solver = {"tol": 0.0} if tol == "cap" else None
+    cap = resolve_eval_settings(cfg)  # a DEQ's inference runs at its evaluation cap
+    solver = {"max_iter": cap.f_max_iter, "tol": 0.0 if tol == "cap" else cap.f_tol}
+    solver = solver if cfg.model.core == "deq" else None
     infer = _time_inference(step, clock, untimed_steps, steps, solver)
     med = statistics.median
     train_ms = med(f + b + o for f, b, o in zip(train["fwd"], train["bwd"], train["opt"]))
@@ -83,7 +86,7 @@ def time_row(key: str, device: torch.device, size: str, *, batch: int, tgt_len: 
         "fwd_share": round(fwd / (fwd + bwd), 3),
     }
     if cfg.model.core == "deq":
-        rec.update(_solver_figures(cfg.deq, train, infer, fwd, bwd))
+        rec.update(_solver_figures(cfg.deq, cap.f_max_iter, train, infer, fwd, bwd))
         with torch.no_grad():
             rec["f_eval_ms"] = round(time_f_eval(step, clock), 3)
         rec["ms_per_infer_step"] = report.infer_step_ms(rec)
@@ -126,13 +129,13 @@ def _time_inference(step: CoreStep, clock: Clock, untimed_steps: int, steps: int
     return {"ms": ms[untimed_steps:], "f_nstep": f_nstep[untimed_steps:]}
 
 
-def _solver_figures(d, train: dict, infer: dict, fwd_ms: float, bwd_ms: float) -> dict:
+def _solver_figures(d, eval_cap: int, train: dict, infer: dict, fwd_ms: float, bwd_ms: float) -> dict:
     """A DEQ row's solver settings, mean steps taken, and time per forward and backward solver step."""
     f_n, b_n = _mean(train["f_nstep"]), _mean(train["b_nstep"])
     return {
         "f_solver": d.f_solver, "b_solver": d.b_solver,
         "f_max_iter": d.f_max_iter, "b_max_iter": d.b_max_iter,
-        "eval_f_max_iter": d.eval_f_max_iter or d.f_max_iter, "f_nstep": f_n, "b_nstep": b_n,
+        "eval_f_max_iter": eval_cap, "f_nstep": f_n, "b_nstep": b_n,
         "infer_f_nstep": _mean(infer["f_nstep"]),
         "ms_per_f_step": round(fwd_ms / f_n, 3) if f_n else None,
         "ms_per_b_step": round(bwd_ms / b_n, 3) if b_n else None,

@@ -71,9 +71,10 @@ class DEQFixedPoint(nn.Module):
     """z_star, stats = deq(f, z0): the fixed point of the closure f, differentiable w.r.t. all that f
     captures.
 
-    No parameters of its own; a module so that `model.eval()` reaches it. In eval mode or without grad the
-    forward solve is capped at `eval_f_max_iter` when set (TorchDEQ's eval cap), else at `f_max_iter`. One
-    call can set its own forward cap and tolerance, `deq(f, z0, max_iter=..., tol=...)` (as TorchDEQ's
+    No parameters of its own; a module so that `model.eval()` reaches it. The forward solve is capped at
+    `f_max_iter` in training and evaluation alike; an evaluation cap (TorchDEQ's `eval_f_max_iter`) is the
+    evaluator's to decide (`deqlm.eval.settings`), and it hands it in per call. One call can set its own
+    forward cap and tolerance, `deq(f, z0, max_iter=..., tol=...)` (as TorchDEQ's
     per-call `solver_kwargs`) and leaves the layer as it was: the evaluator passes its settings this way
     rather than writing them into the module.
     `solver_kwargs` maps a solver name to its extra keyword arguments, e.g.
@@ -96,7 +97,6 @@ class DEQFixedPoint(nn.Module):
         b_tol: float = 1e-3,
         stop_mode: str = "rel",
         grad: str | int = IMPLICIT,
-        eval_f_max_iter: int | None = None,
         solver_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         super().__init__()
@@ -111,7 +111,6 @@ class DEQFixedPoint(nn.Module):
         self.f_tol, self.b_tol = float(f_tol), float(b_tol)
         self.stop_mode = stop_mode
         self.grad = parse_grad(grad)
-        self.eval_f_max_iter = eval_f_max_iter
         self.solver_kwargs = solver_kwargs
 
     @classmethod
@@ -126,7 +125,6 @@ class DEQFixedPoint(nn.Module):
             b_tol=cfg.b_tol,
             stop_mode=cfg.stop_mode,
             grad=cfg.grad,
-            eval_f_max_iter=cfg.eval_f_max_iter,
             solver_kwargs={
                 "broyden": {"rank": cfg.broyden_rank},
                 "anderson": {"m": cfg.anderson_m, "beta": cfg.anderson_beta, "lam": cfg.anderson_lam},
@@ -152,10 +150,7 @@ class DEQFixedPoint(nn.Module):
         returning them, called only by the reversible gradient (the other gradients follow f's own graph and
         need neither). `max_iter` / `tol`: this call's forward cap and tolerance (None: the layer's own)."""
         grad_on = torch.is_grad_enabled()
-        if max_iter is None:
-            eval_like = not (self.training and grad_on)
-            use_eval_cap = eval_like and self.eval_f_max_iter is not None
-            max_iter = self.eval_f_max_iter if use_eval_cap else self.f_max_iter
+        max_iter = self.f_max_iter if max_iter is None else max_iter
         tol = self.f_tol if tol is None else tol
         if grad_on and self.grad == REVERSIBLE:
             f_ctx = f if ctx is not None else (lambda z, _ctx: f(z))
@@ -209,5 +204,5 @@ class DEQFixedPoint(nn.Module):
             f"f_solver={self.f_solver}, b_solver={self.b_solver}, f_max_iter={self.f_max_iter}, "
             f"b_max_iter={self.b_max_iter}, f_tol={self.f_tol}, b_tol={self.b_tol}, "
             f"stop_mode={self.stop_mode}, "
-            f"grad={self.grad}, eval_f_max_iter={self.eval_f_max_iter}"
+            f"grad={self.grad}"
         )

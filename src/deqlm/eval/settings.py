@@ -1,10 +1,10 @@
 """What an evaluation asks for (`EvalRequest`, from the command line) and how it runs (`EvalSettings`,
 resolved from a run's config once, then handed to the loop, the solver and the eval record alike).
 
-The config keeps markers for "not set" so that every saved run config loads and means what it meant:
-`eval.f_max_iter` 0 and `eval.f_tol` 0 (the model's own), `deq.eval_f_max_iter` null (the training cap),
-`eval.clamp_len` -1 (the model's). `resolve_eval_settings` is the one place that reads them; what it returns
-holds the values really used.
+`eval.f_max_iter`, `eval.f_tol` and `eval.clamp_len` are null ("not set") unless an experiment or the
+command line sets them: then the model's own setting applies. `resolve_eval_settings` is the one place that
+reads them, and the one place the evaluation's solver cap is decided (the DEQ layer only ever uses the cap
+it is handed); what it returns holds the values really used.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class EvalSettings:
     batch_size: int  # batch columns the split is cut into
     tgt_len: int  # segment length
     mem_len: int  # memory carried from segment to segment
-    clamp_len: int  # relative positions beyond this share one embedding (-1: no clamp, the cell's meaning)
+    clamp_len: int  # relative positions beyond this share one embedding (-1: no clamp, the model's meaning)
     f_max_iter: int | None  # forward solver step cap
     f_tol: float | None  # forward solver tolerance
     f_solver: str | None  # forward solver (recorded: it changes the number)
@@ -61,17 +61,21 @@ class EvalSettings:
 def resolve_eval_settings(cfg: ExperimentConfig) -> EvalSettings:
     """The settings `cfg` asks for, every "not set" marker replaced by the value it stands for.
 
-    Forward cap: `eval.f_max_iter`, else `deq.eval_f_max_iter`, else `deq.f_max_iter`; tolerance:
-    `eval.f_tol`, else `deq.f_tol`; clamp: `eval.clamp_len`, else `model.clamp_len`."""
+    Forward cap: `eval.f_max_iter`, else `deq.f_max_iter`; tolerance: `eval.f_tol`, else `deq.f_tol`;
+    clamp: `eval.clamp_len`, else `model.clamp_len`."""
     e, d = cfg.eval, cfg.deq
+
+    def unless_unset(value, fallback):
+        return fallback if value is None else value
+
     is_deq = cfg.model.core == "deq"
     return EvalSettings(
         batch_size=e.batch_size,
         tgt_len=e.tgt_len,
         mem_len=e.mem_len,
-        clamp_len=e.clamp_len if e.clamp_len >= 0 else cfg.model.clamp_len,
-        f_max_iter=(e.f_max_iter or d.eval_f_max_iter or d.f_max_iter) if is_deq else None,
-        f_tol=(e.f_tol or d.f_tol) if is_deq else None,
+        clamp_len=unless_unset(e.clamp_len, cfg.model.clamp_len),
+        f_max_iter=unless_unset(e.f_max_iter, d.f_max_iter) if is_deq else None,
+        f_tol=unless_unset(e.f_tol, d.f_tol) if is_deq else None,
         f_solver=d.f_solver if is_deq else None,
         stop_mode=d.stop_mode if is_deq else None,
     )

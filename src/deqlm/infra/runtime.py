@@ -47,7 +47,8 @@ def describe_device(device: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def set_threads(n: int) -> None:
-    """`train.threads` > 0 pins the intra-op thread count (bitwise resume needs the same count)."""
-    if n > 0:
+def set_threads(n: int | None) -> None:
+    """`train.threads` pins the intra-op thread count (bitwise resume needs the same count); None leaves
+    PyTorch's own."""
+    if n is not None:
         torch.set_num_threads(n)

@@ -130,8 +130,8 @@ class TrellisNetLayer(nn.Module):
         wdrop: float = 0.0,
         init_std: float = 0.01,
         weight_norm: bool = True,
-        inject_gain: float = 0.0,
-        rec_gain: float = 0.0,
+        inject_gain: float | None = None,
+        rec_gain: float | None = None,
     ):
         super().__init__()
         if d_out <= 0 or d_hid <= 0:
@@ -143,7 +143,7 @@ class TrellisNetLayer(nn.Module):
         self.conv = nn.Conv1d(self.d_h, 4 * self.d_h, kernel_size=2, bias=False)
         for conv, gain in ((self.inject, inject_gain), (self.conv, rec_gain)):
             nn.init.normal_(conv.weight, 0.0, init_std)
-            if gain > 0:
+            if gain is not None:
                 _set_row_norms(conv.weight, gain)
             if weight_norm:
                 add_weight_norm(conv)
