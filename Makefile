@@ -21,7 +21,7 @@ else
 endif
 
 .PHONY: help venv test test-slow lint demo data-ptb data-wt103 data-wt2 train-wt103 train-ptb train-copy \
-        eval eval-caps compare bench-solver bench-memory bench-speed bench-allocator clean
+        eval eval-caps sample compare bench-solver bench-memory bench-speed bench-allocator clean
 
 help:
 	@echo "make venv         create .venv ($(TORCH_SPEC) first, then deqlm with test extras)"
@@ -33,6 +33,7 @@ help:
 	@echo "make train-ptb | train-copy [ARGS=...]"
 	@echo "make eval [RUN=dir]    evaluate runs (writes eval.json)"
 	@echo "make eval-caps [RUN=dir]   also each DEQ's test ppl at forward caps 1..30 (solver_caps.json)"
+	@echo "make sample RUN=dir [ARGS=\"--prompt TEXT --tokens N\"]   text from a trained LM, with its solver steps per token"
 	@echo "make compare [RUNS=...] [OUT=dir]  summary tables + plots under results/compare/<corpus>/"
 	@echo "make bench-solver | bench-memory | bench-speed"
 	@echo "make bench-allocator   glibc default vs tuned allocator: tokens/s, page faults, system time (PTB, copy)"
@@ -88,6 +89,10 @@ eval: $(STAMP)
 
 eval-caps: $(STAMP)
 	$(PY) -m deqlm.eval $(if $(RUN),$(RUN),results/runs) caps=default $(ARGS)
+
+sample: $(STAMP)
+	$(if $(RUN),,$(error give the run to sample from: make sample RUN=results/runs/<corpus>/<experiment>/<stamp>))
+	$(PY) -m deqlm.sample $(RUN) $(ARGS)
 
 compare: $(STAMP)
 	$(PY) -m deqlm.eval.report $(if $(RUNS),$(RUNS),results/runs) --out $(or $(OUT),results/compare)

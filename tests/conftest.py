@@ -1,5 +1,9 @@
-"""Shared test setup: a fixed thread count (CI machines are small and shared), a seed per test, and the
-record of the training steps a trainer applied (`history`)."""
+"""Shared test setup: a fixed thread count (CI machines are small and shared), a seed per test, the
+record of the training steps a trainer applied (`history`), and a private copy of a module's finished run
+(`run`)."""
+
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,3 +34,9 @@ def history(monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_step", recording_step)
     return lambda trainer: applied.get(trainer, [])
+
+
+@pytest.fixture
+def run(finished_run, tmp_path) -> Path:
+    """A private copy of the test module's `finished_run` folder, free to damage."""
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))

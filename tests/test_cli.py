@@ -24,7 +24,7 @@ ENTRY_POINTS = [
     ["-m", "deqlm.train"], ["-m", "deqlm.eval"], ["-m", "deqlm.eval.report"], ["-m", "deqlm.bench"],
     ["-m", "deqlm.bench", "solver"], ["-m", "deqlm.bench", "memory"], ["-m", "deqlm.bench", "speed"],
     ["-m", "deqlm.bench", "allocator"], ["-m", "deqlm.demo"], ["-m", "deqlm.params"], ["-m", "deqlm.data"],
-    ["-m", "deqlm.data", "inspect"],
+    ["-m", "deqlm.data", "inspect"], ["-m", "deqlm.sample"],
     *[[str(p.relative_to(ROOT))] for p in sorted((ROOT / "scripts").glob("*.py"))],
 ]
 

@@ -91,15 +91,69 @@ def test_data_dir_may_be_the_corpus_folder_itself(tmp_path):
     assert wt2(write_wikitext(tmp_path / "anywhere")).split_tokens("test") == 4
 
 
-def test_cache_vocabulary_mismatch_is_a_one_line_data_error(tmp_path):
+def _ids(ds) -> dict:
+    return {split: np.array(ds.ids(split)) for split in ("train", "valid", "test")}
+
+
+@pytest.mark.parametrize("damage", ["zeroed_ids", "edited_vocab", "missing_meta", "missing_ids"])
+def test_a_damaged_cache_is_rebuilt_with_one_line_and_never_used(tmp_path, capsys, damage):
     ds = wt2(write_wikitext(tmp_path / "wikitext-2"))
-    vocab_file = ds.corpus.cache_dir / "vocab.tsv"
-    vocab_file.write_text(vocab_file.read_text().replace("cat\t", "kat\t"))
-    with pytest.raises(DataError, match="does not match") as err:
-        wt2(tmp_path)
+    cache, good = ds.corpus.cache_dir, _ids(ds)
+    capsys.readouterr()
+    if damage == "zeroed_ids":  # a block of the id file zeroed out: same size, wrong tokens
+        data = bytearray((cache / "train.bin").read_bytes())
+        data[4:20] = bytes(16)
+        (cache / "train.bin").write_bytes(bytes(data))
+    elif damage == "edited_vocab":
+        vocab = cache / "vocab.tsv"
+        vocab.write_text(vocab.read_text().replace("cat\t", "kat\t"))
+    elif damage == "missing_meta":  # the rebuild must replace a folder that already has files in it
+        (cache / "meta.json").unlink()
+    else:
+        (cache / "valid.bin").unlink()
+    again = wt2(tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: token cache {cache} is ") and "rebuilding" in err[0]
+    assert again.corpus.cache_dir == cache and all((_ids(again)[k] == good[k]).all() for k in good)
+    assert not [p for p in cache.parent.iterdir() if p.name.startswith((".build-", ".damaged-"))]
+    wt2(tmp_path)  # now whole: loaded without a word
+    assert capsys.readouterr().err == ""
+
+
+def test_a_cache_built_without_checksums_is_rebuilt_once(tmp_path, capsys):
+    ds = wt2(write_wikitext(tmp_path / "wikitext-2"))
+    meta_path = ds.corpus.cache_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["checksums"]
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    wt2(tmp_path)
+    assert "unverifiable (built without checksums)" in capsys.readouterr().err
+    assert "checksums" in json.loads(meta_path.read_text())
+
+
+def test_temp_folders_of_killed_builds_are_removed_by_the_next_build(tmp_path):
+    folder = write_wikitext(tmp_path / "wikitext-2")
+    leftover = folder / "cache" / ".build-word-0123456789abcdef-killed"
+    leftover.mkdir(parents=True)
+    (leftover / "train.bin").write_bytes(b"half")
+    wt2(tmp_path)
+    assert not leftover.exists()
+
+
+def test_a_rebuild_that_cannot_be_written_is_refused_in_one_line_naming_the_folder(tmp_path, monkeypatch):
+    import errno
+
+    from deqlm.data import corpus
+
+    def full(new, target):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(corpus, "_replace_dir", full)
+    with pytest.raises(DataError, match="cannot build the token cache .*No space left on device") as err:
+        wt2(write_wikitext(tmp_path / "wikitext-2"))
     assert "\n" not in str(err.value)
-    with pytest.raises(DataError, match="vocabulary mismatch"):
-        ds.check_vocab_hash("0123456789abcdef")
+    assert not [p for p in (tmp_path / "wikitext-2" / "cache").iterdir() if p.name.startswith(".build-")]
 
 
 def test_missing_file_and_empty_split_are_data_errors(tmp_path):

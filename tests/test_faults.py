@@ -16,6 +16,7 @@ import pytest
 
 from deqlm.config import ConfigError, load_config, to_yaml
 from deqlm.eval.cli import main as eval_main
+from deqlm.infra import run_folder
 from deqlm.infra.io import read_jsonl
 from deqlm.infra.run_folder import load_checkpoint
 from deqlm.train.cli import main as train_main
@@ -27,23 +28,22 @@ TINY = ["log.wandb_mode=disabled", "log.progress=false", "train.threads=1", "tra
         "train.eval_every=2", "train.ckpt_every=2", "train.eval_max_tokens=200"]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """A debug Transformer-XL run trained to its end at step 2: best.pt and last.pt both at step 2."""
-    root = tmp_path_factory.mktemp("runs")
-    cfg = load_config(DEBUG / "transformer_xl.yaml", [f"train.run_dir={root}", "train.max_steps=2", *TINY])
+def train_debug_run(root: Path, tiny: list[str]) -> Path:
+    """A debug Transformer-XL run trained to its end at step 2 under `root`: its run folder."""
+    cfg = load_config(DEBUG / "transformer_xl.yaml", [f"train.run_dir={root}", "train.max_steps=2", *tiny])
     return train(cfg).run_dir
 
 
-@pytest.fixture
-def run(finished_run, tmp_path) -> Path:
-    """A private copy of the finished run, free to damage."""
-    return Path(shutil.copytree(finished_run, tmp_path / "run"))
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """best.pt and last.pt both at step 2."""
+    return train_debug_run(tmp_path_factory.mktemp("runs"), TINY)
 
 
 def snapshot(folder: Path) -> dict:
+    """Every file of a run folder with its mtime and bytes, but the lock (it names whoever last held it)."""
     return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != run_folder.LOCK}
 
 
 def one_error_line(capsys) -> str:

@@ -411,6 +411,14 @@ def load_config(
     return cfg
 
 
+def changed_settings(saved: Mapping[str, Any], cfg: ExperimentConfig, section: str) -> list[str]:
+    """'model.d_model 64 -> 128' for each setting of `section` whose value in `cfg` differs from `saved` (a
+    config as `to_dict` wrote it, e.g. into a checkpoint)."""
+    old, new = saved.get(section) or {}, to_dict(getattr(cfg, section))
+    return [f"{section}.{key} {old[key]!r} -> {value!r}" for key, value in new.items()
+            if key in old and old[key] != value]
+
+
 def to_dict(cfg: Any) -> dict:
     """A plain, YAML-safe dict of a config dataclass (or DictConfig)."""
     if dataclasses.is_dataclass(cfg):

@@ -7,17 +7,25 @@ Layout of a corpus folder (written by ``scripts/prepare_data.py``)::
 
 ``<key>`` hashes the sha256 of the three source files and the tokenizer settings, so editing a file or a
 setting builds a new cache (the stale one of that tokenizer is removed). Token ids are raw ``uint16`` (vocab
-up to 65,536) or ``uint32`` arrays opened as read-only numpy memmaps: loading WikiText-103 takes a second.
-Files are hashed once; the digests are remembered in ``cache/fingerprints.json`` by (size, mtime).
+up to 65,536) or ``uint32`` arrays opened as read-only numpy memmaps. Source files are hashed once; the
+digests are remembered in ``cache/fingerprints.json`` by (size, mtime).
+
+The cache is verified, never trusted: ``meta.json`` records the sha256 of each id file when it is built, and
+every load checks them (docs/data.md gives the cost). A damaged, partial or unverifiable cache is rebuilt from
+the source files with one line saying why; a rebuild that cannot be written is refused in one line naming the
+folder. Builds hold ``cache/.build.lock``, so the temp folders a killed build left behind are removed by the
+next build, and a damaged folder is moved aside before the new one takes its name.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +36,7 @@ from deqlm.config import DataConfig
 from deqlm.data.errors import DataError
 from deqlm.data.synthetic import ensure_synthetic
 from deqlm.data.tokenizers import SentencePieceVocab, WordVocab
+from deqlm.infra.exits import warn
 
 SPLITS = ("train", "valid", "test")
 CACHE_VERSION = 1  # bump when the cache layout or tokenisation changes
@@ -162,12 +171,61 @@ def load_corpus(corpus_dir: str | os.PathLike, names: dict, tokenizer: str = "wo
     key = hashlib.sha256(key_src.encode()).hexdigest()
     prefix = "word" if tokenizer == "word" else f"sp{sp_vocab_size}"
     cache_dir = cache_root / f"{prefix}-{key[:16]}"
-    if not (cache_dir / "meta.json").is_file():
-        _build_cache(files, settings, key, cache_dir)
-        for stale in cache_root.glob(f"{prefix}-*"):
-            if stale != cache_dir and stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
+    if cache_problem(cache_dir, key) is not None:
+        with _build_lock(cache_root):
+            problem = cache_problem(cache_dir, key)  # another process may have built it meanwhile
+            if problem is not None:
+                if cache_dir.exists():
+                    warn(f"token cache {cache_dir} is {problem}; rebuilding it from {corpus_dir}")
+                _clear_leftovers(cache_root)
+                _build_cache(files, settings, key, cache_dir)
+                for stale in cache_root.glob(f"{prefix}-*"):
+                    if stale != cache_dir and stale.is_dir():
+                        shutil.rmtree(stale, ignore_errors=True)
     return _load_cache(corpus_dir, cache_dir, key)
+
+
+def cache_problem(cache_dir: Path, key: str) -> str | None:
+    """What is wrong with a cache folder (None: whole and verified): absent, partial, from other sources,
+    or a file (ids or vocabulary) whose bytes are not those it was built with."""
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text())
+    except FileNotFoundError:
+        return "partial (no meta.json)" if cache_dir.exists() else "absent"
+    except (OSError, ValueError):
+        return "damaged (unreadable meta.json)"
+    if meta.get("key") != key:
+        return "stale (its key differs from the source files and tokenizer settings)"
+    sums = meta.get("checksums")
+    if not isinstance(sums, dict) or any(f"{split}.bin" not in sums for split in SPLITS):
+        return "unverifiable (built without checksums)"
+    for name, digest in sums.items():
+        path = cache_dir / name
+        if not path.is_file():
+            return f"partial ({name} is missing)"
+        if sha256_file(path) != digest:
+            return f"damaged ({name} does not match its checksum)"
+    return None
+
+
+@contextmanager
+def _build_lock(cache_root: Path):
+    """One builder per cache folder at a time, across processes (the kernel drops it if the holder dies)."""
+    try:
+        fh = open(cache_root / ".build.lock", "a")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise DataError(f"cannot build the token cache in {cache_root} ({exc.strerror})") from None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+    finally:
+        fh.close()
+
+
+def _clear_leftovers(cache_root: Path) -> None:
+    """Temp and set-aside folders of builds that were killed (safe: the caller holds the build lock)."""
+    for leftover in [*cache_root.glob(".build-*"), *cache_root.glob(".damaged-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _build_cache(files: dict[str, Path], settings: dict, key: str, cache_dir: Path) -> None:
@@ -183,15 +241,27 @@ def _build_cache(files: dict[str, Path], settings: dict, key: str, cache_dir: Pa
         stats = {split: vocab.encode_file(path, tmp / f"{split}.bin") for split, path in files.items()}
         meta = {"key": key, "tokenizer": settings, "vocab_size": vocab.vocab_size, "vocab_hash": vocab.hash,
                 "dtype": vocab.dtype.name, "splits": stats,
-                "files": {split: path.name for split, path in files.items()}}
+                "files": {split: path.name for split, path in files.items()},
+                "checksums": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}}  # ids and vocabulary
         _write_json(tmp / "meta.json", meta)
-        try:
-            os.rename(tmp, cache_dir)
-        except OSError:
-            if not (cache_dir / "meta.json").is_file():  # not a concurrent builder that won the race
-                raise
+        _replace_dir(tmp, cache_dir)
+    except OSError as exc:
+        raise DataError(f"cannot build the token cache {cache_dir} ({exc.strerror}); free space or fix "
+                        f"permissions in {cache_dir.parent}, then run again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put `new` at `target`; whatever was there (a damaged or partial cache) is moved aside first, then
+    removed, so no reader ever sees a mix of the two."""
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".damaged-{target.name}-"))
+        os.rename(target, aside / target.name)
+        os.rename(new, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(new, target)
 
 
 def _load_cache(corpus_dir: Path, cache_dir: Path, key: str) -> TokenizedCorpus:

@@ -34,6 +34,7 @@ from deqlm.infra.provenance import git_state, source_hash
 from deqlm.infra.run_folder import RunError, RunFolder
 from deqlm.infra.runtime import pick_device
 from deqlm.models import build_model, count_params
+from deqlm.models.weights import WeightsMismatch, load_weights
 
 SCHEMA_VERSION = 1
 
@@ -95,11 +96,9 @@ def _load_model(run_dir: Path, cfg: ExperimentConfig, ckpt: dict, vocab_size: in
     """The config's model holding the checkpoint's weights, on `device`, in eval mode."""
     model = build_model(cfg.model, cfg.deq, vocab_size=vocab_size)
     try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise RunError(
-            run_dir, f"checkpoint does not fit the config's model ({str(exc).splitlines()[0]})"
-        ) from None
+        load_weights(model, ckpt["model"])
+    except WeightsMismatch as exc:
+        raise RunError(run_dir, f"the checkpoint does not fit the config's model ({exc})") from None
     return model.to(device).eval()
 
 

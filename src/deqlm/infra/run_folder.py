@@ -12,6 +12,7 @@ atomically.
         ckpt/best.pt         the state with the best validation perplexity so far
         eval.json            the evaluator's record, the run's result (`deqlm.eval.perplexity`)
         solver_caps.json     a DEQ's test figures at several forward solver caps (`deqlm.eval.solver_caps`)
+        train.lock           held (flock) by the one process training the folder; holds its process id
 
 Every other module asks a `RunFolder` for a file's path or content and never spells a name. A `RunFolder`
 caches what it reads, so one evaluation reads the config and the eval record once however many of its steps
@@ -22,9 +23,11 @@ entry point's `--help` answers first); reading or writing a checkpoint does.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import os
 import pickle
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -45,6 +48,7 @@ METRICS = "metrics.jsonl"
 WANDB_ID = "wandb_id.txt"
 EVAL = "eval.json"
 CAPS = "solver_caps.json"
+LOCK = "train.lock"
 CKPT_DIR = "ckpt"
 LAST = "last.pt"  # the latest state: what a resume continues from
 BEST = "best.pt"  # the state with the best validation perplexity so far
@@ -60,6 +64,11 @@ class RunError(Exception):
         super().__init__(f"{run}: {what}")
         self.run = str(run)
         self.what = what
+
+
+class WriteFailed(RunError):
+    """A file of a run that could not be written mid-run (a full disk, a file-size limit): the run failed,
+    and what was written before is intact."""
 
 
 class CheckpointError(ValueError):
@@ -117,10 +126,15 @@ def discover_runs(root: Path) -> list[Path]:
 
 
 def make_run_dir(root: str | os.PathLike, corpus: str, experiment: str) -> Path:
-    """Create `<root>/<corpus>/<experiment>/<stamp>/`; a numeric suffix keeps same-second runs apart."""
+    """Create `<root>/<corpus>/<experiment>/<stamp>/`; a numeric suffix keeps same-second runs apart. A root
+    that cannot hold it (a file in the way, no permission, a read-only disk) is a RunError naming the root."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     parent = Path(root) / corpus / experiment
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = f"cannot create run folders under it ({exc.strerror}); set train.run_dir"
+        raise RunError(root, why) from None
     for i in range(1000):
         path = parent / (stamp if i == 0 else f"{stamp}-{i}")
         try:
@@ -128,6 +142,8 @@ def make_run_dir(root: str | os.PathLike, corpus: str, experiment: str) -> Path:
             return path
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise RunError(parent, f"cannot create a run folder in it ({exc.strerror})") from None
     raise RuntimeError(f"cannot create a fresh run directory under {parent}")
 
 
@@ -175,6 +191,7 @@ class RunFolder:
         self.path = Path(path)
         self.reads: Counter[str] = Counter()
         self._cache: dict[str, object] = {}
+        self._lock = None  # the open lock file while this process holds the folder
 
     def __str__(self) -> str:
         return str(self.path)
@@ -368,3 +385,54 @@ class RunFolder:
             kept = [e for e in read_jsonl(self.metrics_path) if int(e.get("step", 0)) <= max_step]
             atomic_write_text(self.metrics_path, "".join(json.dumps(e) + "\n" for e in kept))
         self._cache.pop(METRICS, None)
+
+    # -- one writer ------------------------------------------------------------------------------------------
+    def claim(self) -> None:
+        """Hold the folder for this training process (until `release` or the process ends) and check that it
+        and its checkpoint folder take a write, before anything is built or written. A second trainer is
+        refused in one line naming the holder's process id; a lock left by a killed process is no lock (the
+        kernel drops it with the process), so a resume after a crash goes ahead."""
+        try:
+            fh = open(self.path / LOCK, "a+")  # noqa: SIM115 (held open for the process's life)
+        except OSError as exc:
+            raise RunError(self.path, f"cannot write to the run folder ({exc.strerror})") from None
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            pid = fh.read().strip() or "unknown"
+            fh.close()
+            raise RunError(self.path, f"process {pid} is training this run folder; one writer at a time "
+                           "(wait for it to end, or stop it, then resume)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        self._lock = fh
+        for where in (self.path, self.ckpt_dir):
+            self._test_write(where)
+
+    def _test_write(self, where: Path) -> None:
+        probe = where / f".write-test-{os.getpid()}"
+        try:
+            where.mkdir(exist_ok=True)
+            probe.write_bytes(b"0" * 4096)
+            probe.unlink()
+        except OSError as exc:
+            self.release()
+            raise RunError(where, f"cannot write there ({exc.strerror})") from None
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def discard_if_unused(self) -> None:
+        """Remove a folder this process created but never wrote a run into (a start that failed before its
+        first file), so it does not pose as a run; a folder with anything else in it is left alone."""
+        if not self.path.is_dir():
+            return
+        extra = [p for p in self.path.iterdir() if p.name not in (LOCK, CKPT_DIR)]
+        if not extra and not any(self.ckpt_dir.glob("*")):
+            self.release()
+            shutil.rmtree(self.path, ignore_errors=True)

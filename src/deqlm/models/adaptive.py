@@ -147,12 +147,30 @@ class ProjectedAdaptiveLogSoftmax(nn.Module):
         k = self.proj_index[i]
         return h_NP if k < 0 else F.linear(h_NP, self.projs[k].t())
 
-    def forward(self, h_NP: torch.Tensor, y_N: torch.Tensor) -> torch.Tensor:
+    def log_prob(self, h_NP: torch.Tensor) -> torch.Tensor:
+        """log p(v | h) for every word v (N, V): the head's shortlist, then each tail cluster's words as the
+        cluster's head log-probability plus the word's within the cluster (what sampling needs)."""
+        head_logp_NV = F.log_softmax(at_least_float32(F.linear(self._hidden(h_NP, 0), *self._head())), dim=-1)
+        if self.n_clusters == 1:
+            return head_logp_NV
+        shortlist = self.bounds[1]
+        parts = [head_logp_NV[:, :shortlist]]
+        for i in range(1, self.n_clusters):
+            tail = F.linear(self._hidden(h_NP, i), self.weights[i], self.biases[i])
+            parts.append(head_logp_NV[:, shortlist + i - 1 : shortlist + i] + F.log_softmax(
+                at_least_float32(tail), dim=-1))
+        return torch.cat(parts, dim=1)
+
+    def _head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head softmax's weight and bias: the shortlist's words, then one row per tail cluster."""
         weight, bias = self.weights[0], self.biases[0]
         if self.n_clusters > 1:
             weight = torch.cat([weight, self.cluster_weight], 0)
             bias = torch.cat([bias, self.cluster_bias], 0)
-        head_logp_NV = F.log_softmax(at_least_float32(F.linear(self._hidden(h_NP, 0), weight, bias)), dim=-1)
+        return weight, bias
+
+    def forward(self, h_NP: torch.Tensor, y_N: torch.Tensor) -> torch.Tensor:
+        head_logp_NV = F.log_softmax(at_least_float32(F.linear(self._hidden(h_NP, 0), *self._head())), dim=-1)
         if self.n_clusters == 1:
             return -head_logp_NV.gather(1, y_N[:, None]).squeeze(1)
         nll_N = head_logp_NV.new_zeros(y_N.numel())

@@ -7,7 +7,8 @@
   forward root solve without a graph; implicit (IFT), phantom or reversible backward. ctx holds the
   injection, memory, positions and dropout masks, built once, so f is one fixed map. Memory: the previous
   segment's z* (one slot). `solver` holds this call's forward-solver overrides (`max_iter`, `tol`;
-  evaluation settings), handed to the layer's call; unrolled cores have no solver and ignore it.
+  evaluation settings) and, optionally, `z0`, the solve's initial guess (a sampler's warm start), handed to
+  the layer's call; unrolled cores have no solver and ignore it.
 * `UnrolledCore(weight_tied=True)` applies the one cell n_layer times from z0 with ordinary backprop:
   exactly the DEQ's f iterated (same ctx, same single memory slot: the final state). It is the pretraining
   stack of a DEQ model and the paper's weight-tied baselines, and the cell's parameters are the DEQ's.
@@ -72,8 +73,10 @@ class DEQCore(nn.Module):
         # f(z) = cell(z, ctx), its inputs handed over explicitly: the reversible gradient re-runs f in
         # backward and differentiates it with respect to ctx and the cell's weights as the forward read them
         # (listed only when that gradient asks)
-        z_star, stats = self.deq(cell, cell.init_state(x), ctx, weights=partial(weights_read, cell),
-                                 **(solver or {}))
+        solver = dict(solver or {})
+        z0 = solver.pop("z0", None)  # a warm start (the previous position's equilibrium), else the cell's own
+        z0 = cell.init_state(x) if z0 is None else z0
+        z_star, stats = self.deq(cell, z0, ctx, weights=partial(weights_read, cell), **solver)
         jac_loss = None
         if jac_samples > 0:
             z_leaf = z_star.detach().requires_grad_()

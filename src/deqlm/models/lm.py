@@ -113,28 +113,11 @@ class SequenceLM(nn.Module):
     ) -> LMOutput:
         """One segment. `mem_len` / `clamp_len` (None: the model's) and `solver` hold for this call only."""
         B = x_BL.size(0)
-        if mems is None or len(mems) == 0:
-            mems = self.init_mems(B)
-        # The one branch between DEQ and unrolled computation: the shallow weight-tied pretraining stack
-        # (Bai et al. 2019 §4, pretraining) or the model's own core (DEQ solve or unrolled stack).
-        core = self.pretrain_core if self.mode(step) == "pretrain" else self.core
-        mem_len = self.mem_len if mem_len is None else mem_len
-        clamp_len = self.clamp_len if clamp_len is None else clamp_len
+        core = self._core(step)
         jac_samples = self.jac_samples if self._jac_this_step(core) else 0
         with self.weight_cache(core):
-            x_BLE = self.embed(x_BL)
-            x_BLE = apply_mask(x_BLE, self.drop_in.mask((B, 1, x_BLE.size(-1)), x_BLE))
-            out: CoreOut = core(
-                self.cell_list,
-                x_BLE,
-                mems,
-                mem_len=mem_len,
-                clamp_len=clamp_len,
-                jac_samples=jac_samples,
-                solver=solver,
-            )
+            out, h_BLP = self._run(core, x_BL, mems, mem_len, clamp_len, solver, jac_samples)
             readout = self.cell_list[-1].readout
-            h_BLP = readout(out.z)
             m_out = self.drop_out.mask((B, 1, h_BLP.size(-1)), h_BLP)
             nll_sum = self._nll(h_BLP, y_BL, m_out).sum()
             loss = nll_sum / y_BL.numel()
@@ -153,6 +136,43 @@ class SequenceLM(nn.Module):
             mems=out.mems,
             stats=stats,
         )
+
+    def next_token_logp(
+        self, x_BL: torch.Tensor, mems: list[torch.Tensor] | None = None, step: int | None = None, *,
+        mem_len: int | None = None, clamp_len: int | None = None, solver: Mapping[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, CoreOut]:
+        """log p(next token) at every position (B, L, V) and the core's output (memory, solver figures, and
+        its state z, the warm start a sampler may hand to the next call as `solver={"z0": z}`)."""
+        core = self._core(step)
+        with self.weight_cache(core):
+            out, h_BLP = self._run(core, x_BL, mems, mem_len, clamp_len, solver, 0)
+            B, L, P = h_BLP.shape
+            return self.head.log_prob(h_BLP.reshape(B * L, P)).reshape(B, L, -1), out
+
+    def _core(self, step: int | None) -> nn.Module:
+        # The one branch between DEQ and unrolled computation: the shallow weight-tied pretraining stack
+        # (Bai et al. 2019 §4, pretraining) or the model's own core (DEQ solve or unrolled stack).
+        return self.pretrain_core if self.mode(step) == "pretrain" else self.core
+
+    def _run(self, core: nn.Module, x_BL: torch.Tensor, mems: list[torch.Tensor] | None, mem_len: int | None,
+             clamp_len: int | None, solver: Mapping[str, Any] | None, jac_samples: int
+             ) -> tuple[CoreOut, torch.Tensor]:
+        """Embedding, core and readout of one segment: (the core's output, the readout h_BLP)."""
+        B = x_BL.size(0)
+        if mems is None or len(mems) == 0:
+            mems = self.init_mems(B)
+        x_BLE = self.embed(x_BL)
+        x_BLE = apply_mask(x_BLE, self.drop_in.mask((B, 1, x_BLE.size(-1)), x_BLE))
+        out: CoreOut = core(
+            self.cell_list,
+            x_BLE,
+            mems,
+            mem_len=self.mem_len if mem_len is None else mem_len,
+            clamp_len=self.clamp_len if clamp_len is None else clamp_len,
+            jac_samples=jac_samples,
+            solver=solver,
+        )
+        return out, self.cell_list[-1].readout(out.z)
 
     # --- helpers --------------------------------------------------------------------------------------------
     def _nll(self, h_BLP: torch.Tensor, y_BL: torch.Tensor, m_out: torch.Tensor | None) -> torch.Tensor:

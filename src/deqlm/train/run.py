@@ -13,7 +13,7 @@ from deqlm.data.errors import DataError
 from deqlm.infra import distributed
 from deqlm.infra.exits import BAD_INPUT, FAILED, INTERRUPTED, OK, error
 from deqlm.infra.io import JsonlError
-from deqlm.infra.run_folder import CheckpointError
+from deqlm.infra.run_folder import CheckpointError, RunError, WriteFailed
 from deqlm.train.checkpoint import NothingToDo
 from deqlm.train.signals import Stopped
 from deqlm.train.trainer import TrainingDiverged, train
@@ -24,6 +24,10 @@ def main(cfg: ExperimentConfig, resume_dir: Path | None = None) -> int:
     try:
         train(cfg, resume_dir=resume_dir)
     except (ConfigError, DataError, CheckpointError, JsonlError) as exc:
+        return error(str(exc), BAD_INPUT)
+    except WriteFailed as exc:  # mid-run: a full disk, a file-size limit
+        return error(str(exc), FAILED)
+    except RunError as exc:  # before step one: an output folder that cannot take a file, a second writer
         return error(str(exc), BAD_INPUT)
     except NothingToDo as exc:
         print(exc)

@@ -21,11 +21,10 @@ import contextlib
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 
-from deqlm.config import ConfigError, ExperimentConfig, to_dict
+from deqlm.config import ConfigError, ExperimentConfig, changed_settings, to_dict
 from deqlm.data.dataset import build_dataset
 from deqlm.eval.loop import evaluate
 from deqlm.eval.settings import resolve_eval_settings
@@ -34,9 +33,10 @@ from deqlm.infra.allocator import summary_line as allocator_summary_line
 from deqlm.infra.memory import MemoryMeter, SavedTensorMeter
 from deqlm.infra.metrics import SOLVER_KEYS, MetricLogger, add_solver_stats, solver_means
 from deqlm.infra.provenance import env_record
-from deqlm.infra.run_folder import BEST, LAST, RunFolder, make_run_dir
+from deqlm.infra.run_folder import BEST, LAST, RunFolder, WriteFailed, make_run_dir
 from deqlm.infra.runtime import autocast_context, pick_device, seed_everything, set_threads
 from deqlm.models import build_model, count_params
+from deqlm.models.weights import WeightsMismatch, load_weights
 from deqlm.train import checkpoint as ckpt_lib
 from deqlm.train.optim import build_optimizer, build_scheduler, clip_grad_norm, optimizer_state_bytes
 from deqlm.train.signals import Stopped, StopRequest
@@ -64,9 +64,32 @@ class Trainer:
         self._is_lm = cfg.model.n_classes == 0  # False: a position classifier (copy memory)
         self.eval_settings = resolve_eval_settings(cfg)
         self.dist = dist_lib.init_distributed(t.device)
+        self.folder = self._claim_folder(resume_dir)  # before anything is built: one writer, a usable folder
+        self.run_dir = self.folder.path
+        try:
+            self._build(resume_dir, stream)
+        except BaseException:
+            if resume_dir is None and self.dist.is_main:
+                self.folder.discard_if_unused()
+            self.folder.release()
+            raise
+
+    def _claim_folder(self, resume_dir: str | os.PathLike | None) -> RunFolder:
+        """The run folder, made (a new run) and held by the main rank, its writes tried, before the model is
+        built: a second trainer, or an output folder that cannot take a file, stops the run at once."""
+        held = None
+        if self.dist.is_main:
+            cfg = self.cfg
+            held = RunFolder(resume_dir or make_run_dir(cfg.train.run_dir, cfg.data.dataset, cfg.name))
+            held.claim()
+        path = dist_lib.broadcast_object(None if held is None else str(held.path), self.dist)
+        return held if held is not None else RunFolder(path)
+
+    def _build(self, resume_dir: str | os.PathLike | None, stream) -> None:
+        t, cfg = self.cfg.train, self.cfg
         state = None
         if resume_dir is not None:  # read first: a damaged or finished run must be left as it was
-            state = ckpt_lib.open_for_resume(RunFolder(resume_dir), t.max_steps, self.dist.is_main, stream)
+            state = ckpt_lib.open_for_resume(self.folder, t.max_steps, self.dist.is_main, stream)
         set_threads(t.threads)
         self.device = pick_device(t.device, self.dist.local_rank)
         self.amp = t.amp if self.device.type == "cuda" else "none"
@@ -102,18 +125,10 @@ class Trainer:
         self._open_run_dir(resume_dir, state, stream)
 
     def _open_run_dir(self, resume_dir: str | os.PathLike | None, state: dict | None, stream) -> None:
-        """A new run directory, or the resumed one with its checkpoint's state restored; then its files and
-        the logger."""
+        """The resumed run's checkpoint state restored; then the run folder's files and the logger."""
         cfg = self.cfg
         if resume_dir is not None:
-            self.run_dir = Path(resume_dir)
             self._restore(state)
-        else:
-            path = None
-            if self.dist.is_main:
-                path = str(make_run_dir(cfg.train.run_dir, cfg.data.dataset, cfg.name))
-            self.run_dir = Path(dist_lib.broadcast_object(path, self.dist))
-        self.folder = RunFolder(self.run_dir)
         if self.dist.is_main:
             # first: a damaged log (deqlm.infra.io.JsonlError) must stop a resume before anything is written
             self.folder.truncate_metrics(self.step)
@@ -167,11 +182,11 @@ class Trainer:
             raise ConfigError(f"optim.name={self.cfg.optim.name!r} on resume, but the checkpoint's optimizer "
                               f"is {saved_optim!r}: its state cannot carry over")
         try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:  # "Error(s) in loading state_dict for ...:" then one line per mismatch
-            lines = str(exc).splitlines()
-            raise ConfigError("the checkpoint does not fit the configured model (a model.* override on "
-                              f"resume?): {(lines[1] if len(lines) > 1 else lines[0]).strip()}") from None
+            load_weights(self.model, state["model"])
+        except WeightsMismatch as exc:
+            changed = changed_settings(state.get("config", {}), self.cfg, "model")
+            because = f"changed on resume: {', '.join(changed)}; " if changed else ""
+            raise ConfigError(f"the checkpoint does not fit the configured model ({because}{exc})") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_optim_config()
@@ -212,7 +227,11 @@ class Trainer:
         state = self._state()
         if self.dist.is_main:
             for name in names:
-                self.folder.save_checkpoint(name, state)
+                try:
+                    self.folder.save_checkpoint(name, state)
+                except OSError as exc:  # a full disk or a file-size limit: the temp is gone, the old kept
+                    raise WriteFailed(self.folder.ckpt_dir, f"cannot write {name} ({exc.strerror}); the last "
+                                   "checkpoint written whole is kept; free space, then resume") from None
         dist_lib.barrier(self.dist)
 
     # ------------------------------------------------------------------------------------------------------
@@ -398,6 +417,7 @@ class Trainer:
         finally:
             stop.restore()
             self.logger.close()
+            self.folder.release()
         return last_valid
 
     def _validate_and_save(self, last: bool, stopping: bool) -> dict | None:
