@@ -3,7 +3,7 @@
     python scripts/profile_solver.py [--row wt103-deq-trellisnet] [--device cuda] [--size full|reduced]
 
 Builds a paper row's core as `python -m deqlm.bench speed` does (batch 15, sequence 150, random embedded
-inputs), runs the forward solve once to warm up, then once timed and once under torch.profiler, and prints
+inputs), runs the forward solve once untimed, then once timed and once under torch.profiler, and prints
 the solver steps taken, wall-clock per step beyond f (the solver's own share) and the operator table (sorted
 by device time on CUDA, by CPU time otherwise). A diagnostic for tuning, not a benchmark: one solve.
 """

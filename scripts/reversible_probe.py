@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-from deqlm.config import load_config
 from deqlm.infra.run_folder import RunFolder
 
 BETAS = (0.5, 0.8, 1.2)
@@ -34,7 +33,7 @@ STEPS = (2, 3, 4, 6, 8)
 def _model(run_dir: Path, overrides: list[str], vocab: int, state: dict):
     """The run's model with its weights, its deq settings changed by `overrides`, in training mode."""
     from deqlm.models import build_model  # noqa: PLC0415 - torch-side, after --help has answered
-    cfg = load_config(RunFolder(run_dir).config_path, overrides)
+    cfg = RunFolder(run_dir).resume_config(overrides)
     model = build_model(cfg.model, cfg.deq, vocab_size=vocab)
     model.load_state_dict(state)
     return model.train()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deqlm.config import ConfigError, load_config, to_yaml
+from deqlm.config import ConfigError, changed_settings, load_config, to_dict, to_yaml
 from deqlm.eval.cli import main as eval_main
 from deqlm.infra import run_folder
 from deqlm.infra.io import read_jsonl
@@ -90,6 +90,20 @@ def test_the_edges_of_each_range_and_null_for_not_set_are_accepted():
         "deq.broyden_rank=1", "deq.grad=2", "train.threads=null", "eval.f_max_iter=1", "eval.f_tol=0",
         "eval.clamp_len=null", "optim.clip=0", "optim.betas=[0,0.999]"])
     assert cfg.eval.f_max_iter == 1 and cfg.eval.clamp_len is None and cfg.train.threads is None
+
+
+def test_a_setting_that_is_legal_now_keeps_its_value_when_the_saved_config_is_read_back():
+    cfg = load_config(DEBUG / "transformer_deq.yaml", ["eval.f_tol=0", "eval.clamp_len=0"])
+    again = load_config(text=to_yaml(cfg))
+    assert (again.eval.f_tol, again.eval.clamp_len) == (0.0, 0)
+
+
+def test_a_resume_error_does_not_call_an_older_form_of_the_same_setting_a_change():
+    cfg = load_config(DEBUG / "transformer_deq.yaml", ["model.d_inner=40"])
+    saved = to_dict(load_config(DEBUG / "transformer_deq.yaml"))
+    saved["data"]["mem_len"], saved["model"]["rec_gain"] = 16, 0.0  # as older code saved it
+    changed = changed_settings(saved, cfg, "model")
+    assert len(changed) == 1 and changed[0].startswith("model.d_inner ") and changed[0].endswith(" -> 40")
 
 
 def test_a_range_error_says_null_is_the_way_to_leave_an_optional_setting_unset():

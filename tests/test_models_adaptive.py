@@ -26,6 +26,15 @@ def test_adaptive_softmax_is_a_normalised_distribution_over_the_vocab():
         torch.testing.assert_close(torch.exp(-nll_3V).sum(1), torch.ones(3))
 
 
+def test_full_log_probabilities_are_the_per_token_ones_for_every_cluster():
+    for div_val in (1, 2):
+        _, head = _pair(div_val)
+        h = torch.randn(3, 8)
+        logp_3V = head.log_prob(h)
+        nll_3V = torch.stack([head(h, torch.full((3,), v)) for v in range(30)], dim=1)
+        torch.testing.assert_close(logp_3V, -nll_3V)
+
+
 def test_tied_softmax_shares_tables_and_tail_projections_but_not_the_head_projection():
     emb, head = _pair(div_val=2)
     assert all(a is b for a, b in zip(emb.weights, head.weights))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,35 @@ def test_claiming_a_folder_twice_in_one_process_is_refused_too(tmp_path):
     finally:
         first.release()
     RunFolder(tmp_path).claim()  # released: free again
+
+
+def test_a_real_file_size_limit_during_a_checkpoint_is_the_os_error_and_the_old_checkpoint_stays(tmp_path):
+    """torch's writer reports a refused write as its own RuntimeError; the run folder hands on the OSError."""
+    child = f"""
+import errno, resource, torch
+from deqlm.infra.run_folder import RunFolder
+folder = RunFolder({str(tmp_path)!r})
+folder.ckpt_dir.mkdir()
+folder.save_checkpoint("last.pt", {{"model": {{"w": torch.ones(10)}}, "step": 1}})
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+try:
+    folder.save_checkpoint("last.pt", {{"model": {{"w": torch.ones(1 << 16)}}, "step": 2}})
+except OSError as exc:
+    print("errno", exc.errno == errno.EFBIG)
+"""
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "errno True", proc.stderr[-1000:]
+    assert RunFolder(tmp_path).load_resume_checkpoint()["step"] == 1
+    assert [p.name for p in (tmp_path / run_folder.CKPT_DIR).iterdir()] == [run_folder.LAST]
+
+
+def test_a_new_run_whose_folder_fails_its_write_test_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    def refuse(self, where):
+        raise RunError(where, "cannot write there (Read-only file system)")
+
+    monkeypatch.setattr(RunFolder, "_test_write", refuse)
+    args = [str(DEBUG / "transformer_xl.yaml"), f"train.run_dir={tmp_path / 'runs'}", "train.max_steps=2",
+            *TINY]
+    assert train_main(args) == 2
+    assert "Read-only file system" in one_error_line(capsys)
+    assert not run_folder.discover_runs(tmp_path / "runs")

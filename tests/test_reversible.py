@@ -89,7 +89,7 @@ def _step_peak(steps: int, grad: str) -> int:
     def step():
         model(x, y).loss.backward()
 
-    step()  # warm-up: lazily allocated buffers are not part of the step
+    step()  # a priming step: lazily allocated buffers are not part of the step
     return peak_live_bytes(step)
 
 

@@ -14,11 +14,12 @@ setting that picks one of a fixed set is typed with its `Literal` from deqlm.cho
 refuses any other value; a numeric setting carries the interval it must lie in next to its default
 (`ranged`). A setting left to another's value is None ("not set"), and only the code that uses it reads the
 fallback (the eval settings for `eval.*`). Run folders written before a setting changed meaning still load
-(`_upgrade`).
+(`upgrade_saved`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -301,16 +302,21 @@ def _validate(cfg: ExperimentConfig) -> None:
 
 
 # What settings saved by older code mean now, so that every run folder's saved config loads and means what it
-# meant: a "not set" marker that is now None, a setting folded into another, a setting no code read.
+# meant: a "not set" marker that is now None, a setting folded into another, a setting no code read. A saved
+# config is in the older form exactly when it holds data.mem_len (every older save has it, no newer one can),
+# so a value that is legal now (eval.f_tol 0) is never mistaken for an older marker.
 _UNSET_MARKERS = {("eval", "f_max_iter"): 0, ("eval", "f_tol"): 0, ("eval", "clamp_len"): -1,
                   ("train", "threads"): 0, ("model", "rec_gain"): 0, ("model", "inject_gain"): 0}
 _FOLDED = {("deq", "eval_f_max_iter"): ("eval", "f_max_iter")}  # the old key's value, unless the new is set
 _REMOVED = (("data", "mem_len"),)  # model.mem_len is the training memory
 
 
-def _upgrade(node: DictConfig) -> DictConfig:
-    """`node` (one YAML layer) with the older forms above rewritten; a layer without them is unchanged."""
-    tree = OmegaConf.to_container(node, resolve=False)
+def upgrade_saved(tree: dict) -> dict:
+    """A saved config (as `to_dict` wrote it) in today's form: an older one rewritten as above, a newer one
+    returned as it is."""
+    if "mem_len" not in (tree.get("data") or {}):
+        return tree
+    tree = copy.deepcopy(tree)
     for (section, key), marker in _UNSET_MARKERS.items():
         if isinstance(tree.get(section), dict) and tree[section].get(key, None) == marker:
             tree[section][key] = None
@@ -321,7 +327,7 @@ def _upgrade(node: DictConfig) -> DictConfig:
     for section, key in _REMOVED:
         if isinstance(tree.get(section), dict):
             tree[section].pop(key, None)
-    return OmegaConf.create(tree)
+    return tree
 
 
 def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -339,7 +345,6 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not node:  # empty, comments only or {}: training the dataclass defaults is never what was meant
         raise ConfigError(f"{path}: the file holds no settings (empty, comments only or {{}})")
     base = node.pop("base", None)
-    node = _upgrade(node)
     if base is None:
         return node
     parent = _read_yaml_chain((path.parent / str(base)), seen + (path,))
@@ -379,7 +384,7 @@ def _parse_saved(text: str) -> DictConfig:
         raise ConfigError(f"cannot parse YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(node, DictConfig) or not node:
         raise ConfigError("expected a mapping of settings at the top level")
-    return _upgrade(node)
+    return OmegaConf.create(upgrade_saved(OmegaConf.to_container(node, resolve=False)))
 
 
 def load_config(
@@ -414,7 +419,7 @@ def load_config(
 def changed_settings(saved: Mapping[str, Any], cfg: ExperimentConfig, section: str) -> list[str]:
     """'model.d_model 64 -> 128' for each setting of `section` whose value in `cfg` differs from `saved` (a
     config as `to_dict` wrote it, e.g. into a checkpoint)."""
-    old, new = saved.get(section) or {}, to_dict(getattr(cfg, section))
+    old, new = upgrade_saved(dict(saved)).get(section) or {}, to_dict(getattr(cfg, section))
     return [f"{section}.{key} {old[key]!r} -> {value!r}" for key, value in new.items()
             if key in old and old[key] != value]
 

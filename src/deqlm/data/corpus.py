@@ -10,11 +10,12 @@ setting builds a new cache (the stale one of that tokenizer is removed). Token i
 up to 65,536) or ``uint32`` arrays opened as read-only numpy memmaps. Source files are hashed once; the
 digests are remembered in ``cache/fingerprints.json`` by (size, mtime).
 
-The cache is verified, never trusted: ``meta.json`` records the sha256 of each id file when it is built, and
-every load checks them (docs/data.md gives the cost). A damaged, partial or unverifiable cache is rebuilt from
-the source files with one line saying why; a rebuild that cannot be written is refused in one line naming the
-folder. Builds hold ``cache/.build.lock``, so the temp folders a killed build left behind are removed by the
-next build, and a damaged folder is moved aside before the new one takes its name.
+The cache is verified, never trusted: ``meta.json`` records the sha256 of each of its files (ids and
+vocabulary) when it is built, and every load checks them (docs/data.md gives the cost). A damaged, partial or
+unverifiable cache is rebuilt from the source files with one line saying why; a rebuild that cannot be written
+is refused in one line naming the folder. Builds hold ``cache/.build.lock``, so the temp folders a killed
+build left behind are removed by the next build, and a damaged folder is moved aside before the new one takes
+its name.
 """
 
 from __future__ import annotations
@@ -105,16 +106,24 @@ def _fingerprints(files: dict[str, Path], cache_root: Path) -> dict[str, str]:
             memo[path.name] = entry
         out[split] = entry["sha256"]
     if changed:
-        _write_json(memo_path, memo)
+        try:
+            _write_json(memo_path, memo)
+        except OSError as exc:
+            raise DataError(f"cannot write {memo_path} ({exc.strerror}); free space or fix permissions in "
+                            f"{cache_root}, then run again") from None
     return out
 
 
 def _write_json(path: Path, obj: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @dataclass
@@ -194,6 +203,8 @@ def cache_problem(cache_dir: Path, key: str) -> str | None:
         return "partial (no meta.json)" if cache_dir.exists() else "absent"
     except (OSError, ValueError):
         return "damaged (unreadable meta.json)"
+    if not isinstance(meta, dict):
+        return "damaged (meta.json is not an object)"
     if meta.get("key") != key:
         return "stale (its key differs from the source files and tokenizer settings)"
     sums = meta.get("checksums")
@@ -230,9 +241,10 @@ def _clear_leftovers(cache_root: Path) -> None:
 
 def _build_cache(files: dict[str, Path], settings: dict, key: str, cache_dir: Path) -> None:
     """Tokenize into a temporary folder, then rename it into place (a killed build leaves no cache)."""
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f".build-{cache_dir.name}-"))
-    os.chmod(tmp, 0o755)
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f".build-{cache_dir.name}-"))
+        os.chmod(tmp, 0o755)
         if settings["kind"] == "word":
             vocab: WordVocab | SentencePieceVocab = WordVocab.build(files["train"])
             vocab.save(tmp / "vocab.tsv")
@@ -249,7 +261,8 @@ def _build_cache(files: dict[str, Path], settings: dict, key: str, cache_dir: Pa
         raise DataError(f"cannot build the token cache {cache_dir} ({exc.strerror}); free space or fix "
                         f"permissions in {cache_dir.parent}, then run again") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

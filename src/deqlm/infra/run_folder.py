@@ -198,10 +198,6 @@ class RunFolder:
 
     # -- where things are --------------------------------------------------------------------------------
     @property
-    def config_path(self) -> Path:
-        return self.path / CONFIG
-
-    @property
     def ckpt_dir(self) -> Path:
         return self.path / CKPT_DIR
 
@@ -242,6 +238,14 @@ class RunFolder:
             return load_config(text=text, overrides=[*overrides, *device_override])
         except ConfigError as exc:
             raise RunError(self.path, str(exc)) from None
+
+    def resume_config(self, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+        """The saved config with `overrides` of any setting (a resume may change any; the trainer then checks
+        that the checkpoint still fits the model); ConfigError, one line, when it is missing or bad."""
+        text = self._once(CONFIG, lambda p: p.read_text() if p.is_file() else None)
+        if text is None:
+            raise ConfigError(f"{self.path}: missing {CONFIG}")
+        return load_config(text=text, overrides=list(overrides))
 
     def has_config(self) -> bool:
         return (self.path / CONFIG).is_file()
@@ -344,7 +348,17 @@ class RunFolder:
         return old.get("step") if same else None
 
     def save_checkpoint(self, name: str, state: dict) -> None:
-        atomic_torch_save(state, self.checkpoint_path(name))
+        """Write a checkpoint atomically; a write the disk refused (full, or past a file-size limit) is the
+        OSError underneath, even when torch's writer reports it as its own RuntimeError."""
+        try:
+            atomic_torch_save(state, self.checkpoint_path(name))
+        except RuntimeError as exc:
+            cause = exc.__cause__ or exc.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
     def remove_checkpoint_temps(self) -> tuple[int, int]:
         """Temp files an interrupted checkpoint write left in ckpt/: (files, bytes) removed."""
@@ -417,10 +431,11 @@ class RunFolder:
         try:
             where.mkdir(exist_ok=True)
             probe.write_bytes(b"0" * 4096)
-            probe.unlink()
         except OSError as exc:
             self.release()
             raise RunError(where, f"cannot write there ({exc.strerror})") from None
+        finally:
+            probe.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self._lock is not None:

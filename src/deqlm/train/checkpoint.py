@@ -29,7 +29,8 @@ from deqlm.infra.run_folder import RunFolder
 
 
 class NothingToDo(Exception):
-    """A resume whose checkpoint is already at `train.max_steps`: not an error, and nothing gets written."""
+    """A resume whose checkpoint is already at `train.max_steps`: not an error, and nothing gets written
+    (the lock file aside)."""
 
 
 def rng_state() -> dict:

@@ -38,23 +38,22 @@ def main(argv: list[str] | None = None) -> int:
         return error(f"no experiment given ({USAGE[7:].splitlines()[0]}; --help lists every setting)",
                      BAD_INPUT)
 
-    resume_dir = None
+    resume_dir = folder = None
     if argv[0] == "--resume":
         if len(argv) < 2:
             return error("--resume needs a run directory", BAD_INPUT)
         resume_dir, overrides = Path(argv[1]), argv[2:]
         folder = RunFolder(resume_dir)
-        config_path = folder.config_path
         if not folder.checkpoint_path(LAST).is_file():
             return error(f"{resume_dir}: no checkpoint {folder.checkpoint_label(LAST)} to resume from",
                          BAD_INPUT)
     else:
-        config_path, overrides = Path(argv[0]), argv[1:]
+        overrides = argv[1:]
     flags = [a for a in overrides if a.startswith("-")]
     if flags:
         return error(f"unknown option {flags[0]!r} ({USAGE.splitlines()[0][7:]}; --help for more)", BAD_INPUT)
     try:
-        cfg = load_config(config_path, overrides)
+        cfg = folder.resume_config(overrides) if folder else load_config(Path(argv[0]), overrides)
     except ConfigError as exc:
         return error(str(exc), BAD_INPUT)
 

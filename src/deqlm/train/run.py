@@ -29,6 +29,8 @@ def main(cfg: ExperimentConfig, resume_dir: Path | None = None) -> int:
         return error(str(exc), FAILED)
     except RunError as exc:  # before step one: an output folder that cannot take a file, a second writer
         return error(str(exc), BAD_INPUT)
+    except OSError as exc:  # a log or config write the disk refused mid-run
+        return error(f"cannot write {exc.filename or 'a run file'} ({exc.strerror or exc})", FAILED)
     except NothingToDo as exc:
         print(exc)
         return OK

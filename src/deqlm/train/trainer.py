@@ -33,7 +33,7 @@ from deqlm.infra.allocator import summary_line as allocator_summary_line
 from deqlm.infra.memory import MemoryMeter, SavedTensorMeter
 from deqlm.infra.metrics import SOLVER_KEYS, MetricLogger, add_solver_stats, solver_means
 from deqlm.infra.provenance import env_record
-from deqlm.infra.run_folder import BEST, LAST, RunFolder, WriteFailed, make_run_dir
+from deqlm.infra.run_folder import BEST, LAST, RunError, RunFolder, WriteFailed, make_run_dir
 from deqlm.infra.runtime import autocast_context, pick_device, seed_everything, set_threads
 from deqlm.models import build_model, count_params
 from deqlm.models.weights import WeightsMismatch, load_weights
@@ -81,7 +81,12 @@ class Trainer:
         if self.dist.is_main:
             cfg = self.cfg
             held = RunFolder(resume_dir or make_run_dir(cfg.train.run_dir, cfg.data.dataset, cfg.name))
-            held.claim()
+            try:
+                held.claim()
+            except RunError:
+                if resume_dir is None:
+                    held.discard_if_unused()
+                raise
         path = dist_lib.broadcast_object(None if held is None else str(held.path), self.dist)
         return held if held is not None else RunFolder(path)
 
@@ -432,7 +437,7 @@ class Trainer:
                 self.best_valid_ppl = valid["ppl"]
                 names.append(BEST)
         if (t.ckpt_every and self.step % t.ckpt_every == 0) or last or stopping:
-            names.insert(0, LAST)
+            names.append(LAST)  # after the best: the last checkpoint's best figure is then always on disk
         self.elapsed_s += time.perf_counter() - t1
         self.save(names)
         return valid
