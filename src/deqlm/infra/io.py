@@ -76,10 +76,20 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save through a temp file + fsync + rename (a checkpoint survives a kill or a crash)."""
+    """torch.save through a temp file + fsync + rename (a checkpoint survives a kill or a crash). A write the
+    disk refused (full, or past a file-size limit) raises the OSError underneath, even when torch's writer
+    reports it as a RuntimeError of its own."""
     import torch
 
-    _atomic_write(path, lambda fh: torch.save(obj, fh))
+    try:
+        _atomic_write(path, lambda fh: torch.save(obj, fh))
+    except RuntimeError as exc:
+        cause = exc.__cause__ or exc.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> tuple[int, int]:

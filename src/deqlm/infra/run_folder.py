@@ -348,17 +348,8 @@ class RunFolder:
         return old.get("step") if same else None
 
     def save_checkpoint(self, name: str, state: dict) -> None:
-        """Write a checkpoint atomically; a write the disk refused (full, or past a file-size limit) is the
-        OSError underneath, even when torch's writer reports it as its own RuntimeError."""
-        try:
-            atomic_torch_save(state, self.checkpoint_path(name))
-        except RuntimeError as exc:
-            cause = exc.__cause__ or exc.__context__
-            while cause is not None and not isinstance(cause, OSError):
-                cause = cause.__cause__ or cause.__context__
-            if cause is None:
-                raise
-            raise cause from None
+        """Write a checkpoint atomically (a refused write is an OSError, `atomic_torch_save`)."""
+        atomic_torch_save(state, self.checkpoint_path(name))
 
     def remove_checkpoint_temps(self) -> tuple[int, int]:
         """Temp files an interrupted checkpoint write left in ckpt/: (files, bytes) removed."""
