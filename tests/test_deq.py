@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deqlm.config import DEQConfig
-from deqlm.deq import DEQFixedPoint, jac_reg_loss, spectral_radius
+from deqlm.deq import DEQFixedPoint, jac_reg_loss, spectral_radius, spectral_reg_loss
 
 B, N, D = 3, 6, 4
 
@@ -201,3 +201,21 @@ def test_spectral_radius_of_a_linear_map():
     rho = spectral_radius(lambda v: v @ A.T, z, n_iter=100)
     assert abs(rho - 0.9) < 1e-3
     assert spectral_radius(lambda v: v @ A.T, z, n_iter=100, per_sample=True).shape == (3,)
+
+
+def test_spectral_penalty_is_the_squared_radius_and_moves_the_dominant_eigenvalue_only():
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    eig = torch.tensor([0.8, 0.4, -0.3, 0.2, 0.1, 0.05], dtype=torch.float64, requires_grad=True)
+    z = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    A = Q @ torch.diag(eig) @ Q.T  # symmetric: power iteration on J^T finds the same direction
+    penalty = spectral_reg_loss(z @ A.T, z, n_iter=60)
+    torch.testing.assert_close(penalty.detach(), torch.tensor(0.64, dtype=torch.float64), rtol=1e-6, atol=0)
+    (g_eig,) = torch.autograd.grad(penalty, eig)
+    torch.testing.assert_close(g_eig, torch.tensor([1.6, 0, 0, 0, 0, 0], dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)  # d(rho^2)/d lambda_max = 2 rho; the rest untouched
+
+
+def test_spectral_penalty_refuses_zero_power_iterations():
+    z = torch.randn(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="n_iter"):
+        spectral_reg_loss(z * 2, z, n_iter=0)

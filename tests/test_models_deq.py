@@ -129,8 +129,10 @@ def test_changing_token_t_never_changes_deq_outputs_before_t_beyond_solver_toler
     assert not torch.allclose(h1[:, 4:], h2[:, 4:], atol=1e-3)
 
 
-def test_jacobian_term_is_added_to_the_training_loss_only():
-    model = tiny_model("transformer", "model.core=deq", "model.jac_weight=1.0", "model.jac_freq=1.0")
+@pytest.mark.parametrize("norm", ["frobenius", "spectral"])
+def test_jacobian_term_is_added_to_the_training_loss_only(norm):
+    model = tiny_model("transformer", "model.core=deq", "model.jac_weight=1.0", "model.jac_freq=1.0",
+                       f"model.jac_norm={norm}")
     x = torch.randint(0, VOCAB, (2, 6))
     out = model(x, x)
     assert out.stats["jac_loss"] > 0

@@ -24,6 +24,7 @@ StopMode = Literal["rel", "abs"]  # how a solver measures a residual (deqlm.solv
 Arch = Literal["transformer", "trellisnet"]  # registry: deqlm.models.build.ARCHS
 Core = Literal["deq", "unrolled"]  # registry: deqlm.models.build.CORES
 Init = Literal["official", "normal"]  # Transformer weight initialisation (deqlm.models.transformer)
+JacNorm = Literal["frobenius", "spectral"]  # norm of the Jacobian penalty (deqlm.deq.jacobian)
 InputPath = Literal["qkv", "residual"]  # where x enters an injected Transformer cell
 DatasetName = Literal["ptb", "wt103", "wt2", "synthetic", "copy"]  # registry: deqlm.data.dataset.BUILDERS
 Tokenizer = Literal["word", "sentencepiece"]  # deqlm.data.tokenizers

@@ -39,6 +39,7 @@ from deqlm.choices import (
     GradSync,
     Init,
     InputPath,
+    JacNorm,
     OptimizerName,
     Schedule,
     SolverName,
@@ -160,7 +161,11 @@ class ModelConfig:
     # weight of the Hutchinson ||J_f||_F^2 / numel term in the loss
     jac_weight: float = ranged(0.0, "[0, inf)")
     jac_freq: float = ranged(0.0, "[0, 1]")  # probability of computing that term in a training step
-    jac_samples: int = ranged(1, "[1, inf)")  # Hutchinson probe vectors
+    # which norm of J_f(z*) the term penalises: frobenius, the paper's ||J||_F^2 / numel (Hutchinson), or
+    # spectral, the squared spectral radius per sample (power iteration; deqlm.deq.jacobian)
+    jac_norm: JacNorm = "frobenius"
+    jac_samples: int = ranged(1, "[1, inf)")  # Hutchinson probe vectors (frobenius)
+    jac_power_iters: int = ranged(4, "[1, inf)")  # power-iteration steps, the last differentiated (spectral)
 
 
 @dataclass

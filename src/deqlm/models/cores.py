@@ -1,6 +1,6 @@
 """Cores: how a stack of cells turns the embedded input into the final state. One signature for all of them:
 
-    core(cells, x, mems, *, mem_len, clamp_len, jac_samples=0, solver=None)
+    core(cells, x, mems, *, mem_len, clamp_len, jac_penalty=None, solver=None)
         -> CoreOut(z, mems, stats, aux, jac_loss)
 
 * `DEQCore` finds z* = f(z*) with f(z) = cell(z, ctx) through `deqlm.deq.DEQFixedPoint` (Bai et al. 2019):
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from deqlm.deq import jac_reg_loss
+from deqlm.deq import JacPenalty
 from deqlm.models.dropout import weights_read
 
 
@@ -40,7 +40,7 @@ class CoreOut(NamedTuple):
     mems: list[torch.Tensor]  # memories for the next segment, detached
     stats: dict  # solver figures, floats (DEQ: the engine's dict, b_* filled by the implicit backward)
     aux: list[torch.Tensor]  # intermediate states for auxiliary losses (unrolled cores with aux_every > 0)
-    jac_loss: torch.Tensor | None  # Hutchinson ||J_f(z*)||_F^2 / numel (DEQ, when asked)
+    jac_loss: torch.Tensor | None  # the Jacobian penalty at z* (DEQ, when one was handed in)
 
 
 class DEQCore(nn.Module):
@@ -61,7 +61,7 @@ class DEQCore(nn.Module):
         *,
         mem_len: int,
         clamp_len: int = -1,
-        jac_samples: int = 0,
+        jac_penalty: JacPenalty | None = None,
         solver: Mapping[str, Any] | None = None,
     ) -> CoreOut:
         cell = cells[0]
@@ -78,9 +78,9 @@ class DEQCore(nn.Module):
         z0 = cell.init_state(x) if z0 is None else z0
         z_star, stats = self.deq(cell, z0, ctx, weights=partial(weights_read, cell), **solver)
         jac_loss = None
-        if jac_samples > 0:
+        if jac_penalty is not None:
             z_leaf = z_star.detach().requires_grad_()
-            jac_loss = jac_reg_loss(cell(z_leaf, ctx), z_leaf, jac_samples)
+            jac_loss = jac_penalty(cell(z_leaf, ctx), z_leaf)
         new_mems = [cell.update_mem(mems[0], z_star, x, mem_len, ctx)]
         return CoreOut(z_star, new_mems, stats, [], jac_loss)
 
@@ -114,7 +114,7 @@ class UnrolledCore(nn.Module):
         *,
         mem_len: int,
         clamp_len: int = -1,
-        jac_samples: int = 0,
+        jac_penalty: JacPenalty | None = None,
         solver: Mapping[str, Any] | None = None,
     ) -> CoreOut:
         aux: list[torch.Tensor] = []

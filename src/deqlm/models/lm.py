@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deqlm.config import ModelConfig
+from deqlm.deq import JacPenalty, jacobian_penalty
 from deqlm.infra.precision import at_least_float32
 from deqlm.models.adaptive import AdaptiveEmbedding, ProjectedAdaptiveLogSoftmax
 from deqlm.models.cores import CoreOut, DEQCore, UnrolledCore
@@ -67,7 +68,8 @@ class SequenceLM(nn.Module):
         self.drop_in = VariationalDropout(cfg.dropouti)
         self.drop_out = VariationalDropout(cfg.dropout_out)
         self.aux_weight = cfg.aux_weight
-        self.jac_weight, self.jac_freq, self.jac_samples = cfg.jac_weight, cfg.jac_freq, cfg.jac_samples
+        self.jac_weight, self.jac_freq = cfg.jac_weight, cfg.jac_freq
+        self.jac_penalty = jacobian_penalty(cfg.jac_norm, cfg.jac_samples, cfg.jac_power_iters)
 
     @property
     def cell_list(self) -> list[nn.Module]:
@@ -114,9 +116,9 @@ class SequenceLM(nn.Module):
         """One segment. `mem_len` / `clamp_len` (None: the model's) and `solver` hold for this call only."""
         B = x_BL.size(0)
         core = self._core(step)
-        jac_samples = self.jac_samples if self._jac_this_step(core) else 0
+        jac_penalty = self.jac_penalty if self._jac_this_step(core) else None
         with self.weight_cache(core):
-            out, h_BLP = self._run(core, x_BL, mems, mem_len, clamp_len, solver, jac_samples)
+            out, h_BLP = self._run(core, x_BL, mems, mem_len, clamp_len, solver, jac_penalty)
             readout = self.cell_list[-1].readout
             m_out = self.drop_out.mask((B, 1, h_BLP.size(-1)), h_BLP)
             nll_sum = self._nll(h_BLP, y_BL, m_out).sum()
@@ -145,7 +147,7 @@ class SequenceLM(nn.Module):
         its state z, the warm start a sampler may hand to the next call as `solver={"z0": z}`)."""
         core = self._core(step)
         with self.weight_cache(core):
-            out, h_BLP = self._run(core, x_BL, mems, mem_len, clamp_len, solver, 0)
+            out, h_BLP = self._run(core, x_BL, mems, mem_len, clamp_len, solver, None)
             B, L, P = h_BLP.shape
             return self.head.log_prob(h_BLP.reshape(B * L, P)).reshape(B, L, -1), out
 
@@ -155,7 +157,7 @@ class SequenceLM(nn.Module):
         return self.pretrain_core if self.mode(step) == "pretrain" else self.core
 
     def _run(self, core: nn.Module, x_BL: torch.Tensor, mems: list[torch.Tensor] | None, mem_len: int | None,
-             clamp_len: int | None, solver: Mapping[str, Any] | None, jac_samples: int
+             clamp_len: int | None, solver: Mapping[str, Any] | None, jac_penalty: JacPenalty | None
              ) -> tuple[CoreOut, torch.Tensor]:
         """Embedding, core and readout of one segment: (the core's output, the readout h_BLP)."""
         B = x_BL.size(0)
@@ -169,7 +171,7 @@ class SequenceLM(nn.Module):
             mems,
             mem_len=self.mem_len if mem_len is None else mem_len,
             clamp_len=self.clamp_len if clamp_len is None else clamp_len,
-            jac_samples=jac_samples,
+            jac_penalty=jac_penalty,
             solver=solver,
         )
         return out, self.cell_list[-1].readout(out.z)
