@@ -343,7 +343,9 @@ def plot_gap_by_width(means: list[dict], path: Path, title: str) -> bool:
 
 def plot_gap_by_residual(pairs: list[dict], path: Path, title: str) -> bool:
     """Does parity follow convergence? Each DEQ-Transformer pair's test gap against its DEQ's mean forward
-    relative residual at evaluation, the equilibrium threshold as a vertical line."""
+    relative residual at evaluation, the equilibrium threshold as a vertical line. One colour per DEQ
+    experiment and width (the variants differ by far more than convergence explains), a cross for a DEQ
+    not at equilibrium."""
     import matplotlib.pyplot as plt
 
     have = [p for p in pairs if p.get("arch") == "transformer" and p.get("corpus") != "copy"
@@ -351,13 +353,17 @@ def plot_gap_by_residual(pairs: list[dict], path: Path, title: str) -> bool:
             and as_number(p.get("deq_eval_f_rel_res")) is not None]  # same-budget language-model pairs
     if len(have) < 2:
         return False
-    widths = sorted({p["width"] for p in have})
+    groups = sorted({(p["deq_experiment"], p["width"]) for p in have}, key=lambda g: (g[1], g[0]))
     fig, ax = plt.subplots(figsize=(8, 4.8))
+    labelled: set[tuple] = set()
     for p in have:
+        group = (p["deq_experiment"], p["width"])
         at = p["deq_equilibrium"] != NOT_AT_EQUILIBRIUM
-        label = f"d_model {p['width']}, " + ("at equilibrium" if at else NOT_AT_EQUILIBRIUM)
+        label = f"{group[0]}, d_model {group[1]}" + ("" if at else f" ({NOT_AT_EQUILIBRIUM})")
         ax.plot([p["deq_eval_f_rel_res"]], [p["gap_pct"]], linestyle="", marker="o" if at else "X",
-                markersize=8, color=f"C{widths.index(p['width']) % 10}", label=label)
+                markersize=8, color=f"C{groups.index(group) % 10}",
+                label=None if (label in labelled) else label)
+        labelled.add(label)
     ax.axvline(EQUILIBRIUM_MAX_REL_RES, color="black", linewidth=1, linestyle="-.")
     ax.axhline(0.0, color="black", linewidth=1)
     ax.set_xscale("log")
