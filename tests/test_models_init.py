@@ -75,6 +75,27 @@ def test_residual_path_f_of_zero_is_an_unrolled_first_layer_applied_to_the_embed
     torch.testing.assert_close(f0, first_layer)
 
 
+def test_residual_input_scale_multiplies_the_embedding_on_the_residual_path_only():
+    """With the injection off, a cell reading s * x sees what an unscaled cell sees for the input s * x,
+    in the memory as in the current segment."""
+    torch.manual_seed(0)
+    scaled = TransformerLayer(D, H, K, I, input_path="residual", residual_input_scale=3.0, weight_norm=False)
+    plain = TransformerLayer(D, H, K, I, input_path="residual", weight_norm=False)
+    plain.load_state_dict(scaled.state_dict())
+    for cell in (scaled, plain):
+        torch.nn.init.zeros_(cell.inject.weight)
+        cell.eval()
+    x_BLD, z_BLD = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    mem_BMW = torch.randn(2, 4, 2 * D)
+    mem_scaled_BMW = torch.cat([mem_BMW[..., :D], 3.0 * mem_BMW[..., D:]], dim=-1)
+    with torch.no_grad():
+        out = scaled(z_BLD, scaled.context(x_BLD, mem_BMW))
+        expected = plain(z_BLD, plain.context(3.0 * x_BLD, mem_scaled_BMW))
+        unscaled = plain(z_BLD, plain.context(x_BLD, mem_BMW))
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, unscaled, atol=1e-3)
+
+
 def _own_state_change(input_path: str) -> float:
     """Relative change of z*_t when token t changes, at init (the token's reach into its own state)."""
     sizes = ["model.init_std=0.02", "model.d_model=32", "model.d_embed=32", "model.d_head=16"]

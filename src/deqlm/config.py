@@ -122,6 +122,9 @@ class ModelConfig:
     # injected Transformer cell: qkv (official: x enters only through q/k/v), residual (the layer's input is
     # z + x; our departure, docs/models.md)
     input_path: InputPath = "qkv"
+    # residual input path: the injected layer reads z + residual_input_scale * x. The embedding enters at a
+    # fraction of the post-LN state's unit scale; a larger factor weights the tokens more against the state
+    residual_input_scale: float = ranged(1.0, "(0, inf)")
     weight_norm: bool = True  # weight normalisation on attention/FFN/conv weights
     # variational dropout on hidden states (mask fixed across solver steps)
     dropout: float = ranged(0.1, "[0, 1)")

@@ -64,6 +64,7 @@ def transformer_parts(m: ModelConfig, vocab_size: int) -> ArchParts:
             m.d_model, m.n_head, m.d_head, m.d_inner, dropout=m.dropout, dropatt=m.dropatt, pre_ln=m.pre_ln,
             inject=inject, same_length=m.same_length, init_std=m.init_std, weight_norm=m.weight_norm,
             init=m.init, ln_affine=m.ln_affine, input_path=m.input_path,
+            residual_input_scale=m.residual_input_scale,
         )
 
     def make_cell(inject: bool) -> TransformerLayer | TransformerCell:

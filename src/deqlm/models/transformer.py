@@ -14,7 +14,8 @@ Transformer-XL layers use `inject=False` and take the embedding as their first i
 * `qkv` (the official cell): only through that projection. From z0 = 0 the token reaches the state through
   attention values alone, and with the official small injection the cell starts near the unigram plateau.
 * `residual` (our departure): the layer's input is z + x, as if x were the embedding an unrolled first layer
-  receives, so f(0) is one Transformer-XL layer applied to the embedding (plus the injection). Pre-LN feeds
+  receives, so f(0) is one Transformer-XL layer applied to the embedding (plus the injection).
+  `residual_input_scale` multiplies that x (1: as the embedding comes). Pre-LN feeds
   z + x to the attention branch and keeps z as the residual stream, as RevDEQ's cell does.
 
 `init` says how weights are drawn (docs/models.md, "Initialisation"):
@@ -128,11 +129,13 @@ class TransformerLayer(nn.Module):
         init: str = "official",
         ln_affine: bool = False,
         input_path: str = "qkv",
+        residual_input_scale: float = 1.0,
     ):
         super().__init__()
         self.d_model, self.n_head, self.d_head, self.d_inner = d_model, n_head, d_head, d_inner
         self.pre_ln, self.same_length = pre_ln, same_length
         self.input_residual = inject and input_path == "residual"
+        self.residual_input_scale = residual_input_scale
         hk = n_head * d_head
         self.qkv = nn.Linear(d_model, 3 * hk, bias=False)
         self.r_net = nn.Linear(d_model, hk, bias=False)
@@ -193,11 +196,11 @@ class TransformerLayer(nn.Module):
         dev = x_BLD.device
         ctx: dict = {}
         ctx["u_BL3"] = self.inject(x_BLD) if self.inject is not None else None
-        ctx["x_BLD"] = x_BLD if self.input_residual else None
+        ctx["x_BLD"] = self.residual_input_scale * x_BLD if self.input_residual else None
         if M > 0:
             z_mem_BMD = mem_BMW[..., : self.d_model]
             if self.input_residual:
-                z_mem_BMD = z_mem_BMD + mem_BMW[..., self.d_model :]
+                z_mem_BMD = z_mem_BMD + self.residual_input_scale * mem_BMW[..., self.d_model :]
             w_mem_BM3 = self.qkv(self.ln1(z_mem_BMD) if self.pre_ln else z_mem_BMD)
             if self.inject is not None:
                 w_mem_BM3 = w_mem_BM3 + self.inject(mem_BMW[..., self.d_model :])
