@@ -297,3 +297,20 @@ def test_solver_probe_reads_validation_only_and_refuses_an_unrolled_run(tmp_path
     flat, _ = make_trained_run(tmp_path / "u", "unrolled")
     with pytest.raises(SystemExit, match="not a DEQ run"):
         probe.probe(flat, ["broyden"], [4], 1e-3, 200)
+
+
+def test_jacobian_probe_measures_each_column_on_validation_and_refuses_an_unrolled_run(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jacobian_probe", ROOT / "scripts" / "jacobian_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    run, cfg = make_trained_run(tmp_path, "deq")
+    before = sorted(p.name for p in run.iterdir())
+    row = probe.probe(run, segments=2, power_iters=20)
+    assert row["segments"] == 2 and row["columns"] == 2 * cfg.eval.batch_size
+    assert 0 < row["rho_median"] <= row["rho_max"] and math.isfinite(row["rho_max"])
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing written into the run folder
+    flat, _ = make_trained_run(tmp_path / "u", "unrolled")
+    with pytest.raises(SystemExit, match="not a DEQ run"):
+        probe.probe(flat, segments=1, power_iters=5)
