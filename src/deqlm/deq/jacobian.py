@@ -1,10 +1,10 @@
 """Jacobian diagnostics and regularisation at the equilibrium (Bai, Koltun, Kolter, ICML 2021).
 
-Two penalties on J_f(z*), picked by `model.jac_norm`: the paper's Frobenius norm (every direction of J at
-once, estimated with Hutchinson probes) and the spectral radius (only the direction that decides whether
-the plain iteration contracts, estimated by power iteration), the alternative proposed for looped language
-models: a penalty on every singular value may cost the layer expressiveness that a penalty on the largest
-eigenvalue leaves alone.
+Two penalties on J_f(z*), picked by `model.jac_norm`: the Frobenius norm of the follow-up paper (every
+direction of J at once, estimated with Hutchinson probes) and the spectral radius (only the direction that
+decides whether the plain iteration contracts, estimated by power iteration), an alternative put forward for
+looped language models: a penalty on every singular value may cost the layer expressiveness that a penalty
+on the dominant eigenvalue leaves alone.
 """
 
 # B: batch (dim 0 of z)
@@ -50,7 +50,8 @@ def spectral_reg_loss(f_z: torch.Tensor, z: torch.Tensor, n_iter: int = 4) -> to
     `n_iter - 1` vector-Jacobian products without a graph turn a random probe towards the dominant direction,
     and a last one with create_graph=True gives rho_B = ||v J|| for that unit v. Gradients flow through J
     (the weights and z), not through the choice of v, as in any power-iteration penalty. Few steps leave v
-    short of the dominant direction, so the estimate is a lower bound of the radius.
+    short of the dominant direction: ||v J|| then lies anywhere up to J's largest singular value, which
+    bounds the radius from above, so the penalty is an estimate, not a bound.
     """
     if n_iter < 1:
         raise ValueError(f"n_iter={n_iter!r} must be >= 1")
