@@ -1,6 +1,6 @@
 """The spectral radius of a trained DEQ's Jacobian J_f(z*) at its equilibria, on validation segments.
 
-    python scripts/jacobian_probe.py RUN [--segments 20] [--power-iters 50]
+    python scripts/jacobian_probe.py RUN [--segments 20] [--power-iters 50] [--seed 0]
 
 Loads the run's evaluated checkpoint (as `python -m deqlm.eval` does), solves the first validation segments
 with the run's evaluation settings and memory carried, and estimates, for each column of each segment, the
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 
-def probe(run_dir: Path, segments: int, power_iters: int) -> dict:
+def probe(run_dir: Path, segments: int, power_iters: int, seed: int = 0) -> dict:
     import torch  # noqa: PLC0415 - after parsing: --help answers without torch
 
     from deqlm.deq import spectral_radius  # noqa: PLC0415
@@ -30,6 +30,7 @@ def probe(run_dir: Path, segments: int, power_iters: int) -> dict:
     from deqlm.infra.run_folder import RunFolder  # noqa: PLC0415
 
     run = load_run(RunFolder(run_dir), EvalRequest(splits=("valid",)))
+    torch.manual_seed(seed)  # the power iteration's random start vectors
     model, settings = run.model.eval(), run.settings
     if settings.f_max_iter is None or len(model.cell_list) != 1:
         raise SystemExit(f"error: {run_dir}: not a DEQ run (no forward solver in its evaluation settings)")
@@ -58,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="a trained DEQ run directory")
     parser.add_argument("--segments", type=int, default=20, help="validation segments to probe")
     parser.add_argument("--power-iters", type=int, default=50, help="power-iteration steps per segment")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the power iteration's start vectors")
     args = parser.parse_args(argv)
     if args.segments < 1 or args.power_iters < 1:
         parser.error("--segments and --power-iters take positive integers")
-    print(json.dumps(probe(args.run, args.segments, args.power_iters)))
+    print(json.dumps(probe(args.run, args.segments, args.power_iters, args.seed)))
     return 0
 
 
