@@ -161,11 +161,11 @@ class ModelConfig:
     # >0: classifier head with this many classes (copy memory) instead of an LM softmax
     n_classes: int = ranged(0, "[0, inf)")
     # Jacobian regularisation (Bai et al. 2021)
-    # weight of the Hutchinson ||J_f||_F^2 / numel term in the loss
+    # weight of the Jacobian penalty (jac_norm) in the loss
     jac_weight: float = ranged(0.0, "[0, inf)")
     jac_freq: float = ranged(0.0, "[0, 1]")  # probability of computing that term in a training step
-    # which norm of J_f(z*) the term penalises: frobenius, the paper's ||J||_F^2 / numel (Hutchinson), or
-    # spectral, the squared spectral radius per sample (power iteration; deqlm.deq.jacobian)
+    # which norm of J_f(z*) the term penalises: frobenius, the follow-up paper's ||J||_F^2 / numel
+    # (Hutchinson), or spectral, the squared spectral radius per sample (power iteration; deqlm.deq.jacobian)
     jac_norm: JacNorm = "frobenius"
     jac_samples: int = ranged(1, "[1, inf)")  # Hutchinson probe vectors (frobenius)
     jac_power_iters: int = ranged(4, "[1, inf)")  # power-iteration steps, the last differentiated (spectral)

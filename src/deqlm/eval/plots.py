@@ -355,7 +355,7 @@ def plot_gap_by_residual(pairs: list[dict], path: Path, title: str) -> bool:
         return False
     groups = sorted({(p["deq_experiment"], p["width"]) for p in have}, key=lambda g: (g[1], g[0]))
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    labelled: set[tuple] = set()
+    labelled: set[str] = set()
     for p in have:
         group = (p["deq_experiment"], p["width"])
         at = p["deq_equilibrium"] != NOT_AT_EQUILIBRIUM
